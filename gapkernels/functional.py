@@ -1,0 +1,176 @@
+"""The public functions: argument checks, the 3-D view, backend choice, the op call.
+
+Every check runs before any kernel does. See docs/DESIGN.md for the kernels' contract.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+from gapkernels import backends, reference
+from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
+
+Weight = Union[float, torch.Tensor]
+
+INPUT_FORMATS = ("NCHW", "NHWC")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
+    """Validates x and input_fmt; returns (N, C)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if input_fmt not in INPUT_FORMATS:
+        raise ValueError(f"{fn}: input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
+    if x.dim() < 3:
+        layout = "(N, C, *spatial)" if input_fmt == "NCHW" else "(N, *spatial, C)"
+        raise ValueError(f"{fn}: x must have rank >= 3, {layout}; got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    spatial = x.shape[2:] if input_fmt == "NCHW" else x.shape[1:-1]
+    if math.prod(spatial) == 0:
+        raise ValueError(f"{fn}: x has empty spatial dims {tuple(spatial)} (shape "
+                         f"{tuple(x.shape)}, input_fmt={input_fmt!r}); global pooling needs S >= 1")
+    return x.shape[0], x.shape[1] if input_fmt == "NCHW" else x.shape[-1]
+
+
+def _check_weight(w, name: str, channels: int, x: torch.Tensor, fn: str) -> None:
+    """alpha / p: a Python number, or a floating tensor of shape () or (C,) on x's device."""
+    if isinstance(w, torch.Tensor):
+        if not w.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {w.dtype}")
+        if w.shape not in ((), (channels,)):
+            raise ValueError(f"{fn}: {name} must have shape () or (C,) = ({channels},), "
+                             f"got {tuple(w.shape)}")
+        if w.device != x.device:
+            raise RuntimeError(f"{fn}: {name} is on {w.device} but x is on {x.device}; "
+                               "they must be on the same device")
+    elif isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float or a tensor of shape () or (C,), "
+                        f"got {type(w).__name__}")
+
+
+def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
+        raise ValueError(f"{fn}: eps must be a finite float > 0, got {eps!r}")
+    if isinstance(p, torch.Tensor):
+        # Reading a tensor's values is a host sync; it is skipped inside torch.compile graphs and
+        # by nn.GlobalPool, whose parametrization keeps p > 0.
+        if check_p_values and not torch.compiler.is_compiling() and bool((p <= 0).any()):
+            raise ValueError(f"{fn}: p must be > 0 everywhere, got {p.detach().cpu()}")
+    elif not (0 < p < math.inf):
+        raise ValueError(f"{fn}: p must be a finite number > 0, got {p!r}")
+
+
+def _as_3d(x: torch.Tensor, input_fmt: str) -> torch.Tensor:
+    """The (N, C, S) view of docs/DESIGN.md: NCS or NSC strides; a copy only for other strides."""
+    if input_fmt == "NHWC":
+        x = x.movedim(-1, 1)
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    if x.is_contiguous():
+        return x.view(n, c, s)
+    channels_inner = x.movedim(1, -1)
+    if channels_inner.is_contiguous():
+        return channels_inner.view(n, s, c).transpose(1, 2)
+    return x.contiguous().view(n, c, s)
+
+
+def _finish(out: torch.Tensor, x: torch.Tensor, keepdim: bool, input_fmt: str) -> torch.Tensor:
+    if not keepdim:
+        return out
+    ones = [1] * (x.dim() - 2)
+    if input_fmt == "NHWC":
+        return out.view(out.shape[0], *ones, out.shape[1])
+    return out.view(out.shape[0], out.shape[1], *ones)
+
+
+def _ops_for(backend: str):
+    if backend == "triton":
+        from gapkernels import triton as gk_triton
+        return gk_triton.pool_forward
+    return torch.ops.gapkernels.pool_forward.default
+
+
+def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_fmt: str,
+         backend: str, fn: str):
+    """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user."""
+    x3 = _as_3d(x, input_fmt)
+    name = backends.resolve(backend, x, not x3.is_contiguous(), fn)
+    if name == "reference":
+        return None
+    w_tensor, scalar, with_log = None, 0.5, False
+    if isinstance(weight, torch.Tensor):
+        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype))
+        with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
+    elif weight is not None:
+        scalar = float(weight)
+    out, _, indices = _ops_for(name)(x3, mode, w_tensor, scalar, eps, with_log)
+    out = _finish(out, x, keepdim, input_fmt)
+    if mode == MODE_MAX:
+        indices = indices.view(out.shape)
+    return out, indices
+
+
+def global_avg_pool(x: torch.Tensor, *, keepdim: bool = False, input_fmt: str = "NCHW",
+                    backend: str = "auto") -> torch.Tensor:
+    """Mean over every spatial dim: (N, C) (or (N, C, 1, ...) with keepdim)."""
+    fn = "global_avg_pool"
+    _check_input(x, input_fmt, fn)
+    result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn)
+    if result is None:
+        return reference.global_avg_pool(x, keepdim=keepdim, input_fmt=input_fmt)
+    return result[0]
+
+
+def global_max_pool(x: torch.Tensor, return_indices: bool = False, *, keepdim: bool = False,
+                    input_fmt: str = "NCHW", backend: str = "auto"):
+    """Max over every spatial dim, with `adaptive_max_pool2d`'s semantics (first max wins a tie,
+    NaN wins); with return_indices, also the int64 flat spatial offset of the max."""
+    fn = "global_max_pool"
+    _check_input(x, input_fmt, fn)
+    result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn)
+    if result is None:
+        return reference.global_max_pool(x, return_indices, keepdim=keepdim, input_fmt=input_fmt)
+    return result if return_indices else result[0]
+
+
+def global_mixed_pool(x: torch.Tensor, alpha: Weight = 0.5, *, keepdim: bool = False,
+                      input_fmt: str = "NCHW", backend: str = "auto") -> torch.Tensor:
+    """alpha * max + (1 - alpha) * avg; alpha a float or a () / (C,) tensor (learnable)."""
+    fn = "global_mixed_pool"
+    _, c = _check_input(x, input_fmt, fn)
+    _check_weight(alpha, "alpha", c, x, fn)
+    result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn)
+    if result is None:
+        return reference.global_mixed_pool(x, alpha, keepdim=keepdim, input_fmt=input_fmt)
+    return result[0]
+
+
+def global_avgmax_pool(x: torch.Tensor, concat: bool = False, *, keepdim: bool = False,
+                       input_fmt: str = "NCHW", backend: str = "auto") -> torch.Tensor:
+    """0.5 * (avg + max) (timm's avgmax); with concat=True, cat([avg, max], dim=1) (catavgmax)."""
+    fn = "global_avgmax_pool"
+    _check_input(x, input_fmt, fn)
+    mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
+    result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn)
+    if result is None:
+        return reference.global_avgmax_pool(x, concat, keepdim=keepdim, input_fmt=input_fmt)
+    return result[0]
+
+
+def global_gem_pool(x: torch.Tensor, p: Weight = 3.0, eps: float = 1e-6, *,
+                    keepdim: bool = False, input_fmt: str = "NCHW", backend: str = "auto",
+                    _check_p_values: bool = True) -> torch.Tensor:
+    """Generalized mean, mean(clamp(x, min=eps) ** p) ** (1 / p); p a float or a () / (C,)
+    tensor (learnable), > 0."""
+    fn = "global_gem_pool"
+    _, c = _check_input(x, input_fmt, fn)
+    _check_weight(p, "p", c, x, fn)
+    _check_gem_args(p, eps, fn, _check_p_values)
+    result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn)
+    if result is None:
+        return reference.global_gem_pool(x, p, eps, keepdim=keepdim, input_fmt=input_fmt)
+    return result[0]

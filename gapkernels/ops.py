@@ -1,0 +1,96 @@
+"""Fake kernels and autograd for the pool op pairs (see docs/DESIGN.md).
+
+`register_pool_ops(forward, backward)` serves every backend's pair: the C++ one
+(torch.ops.gapkernels.pool_forward / pool_backward, CPU and CUDA kernels) and the Triton one.
+"""
+from __future__ import annotations
+
+import torch
+
+from gapkernels import _ext
+
+MODE_AVG, MODE_MAX, MODE_MIXED, MODE_CAT, MODE_GEM = range(5)
+MAX_MODES = (MODE_MAX, MODE_MIXED, MODE_CAT)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def aux_columns(mode: int, with_log: bool) -> int:
+    if mode == MODE_MIXED:
+        return 1
+    if mode == MODE_GEM:
+        return 2 if with_log else 1
+    return 0
+
+
+def pool_forward_fake(x, mode, weight, scalar, eps, with_log):
+    n, c, _ = x.shape
+    out = x.new_empty((n, 2 * c if mode == MODE_CAT else c))
+    aux = x.new_empty((n, c, aux_columns(mode, with_log)), dtype=acc_dtype(x.dtype))
+    indices = x.new_empty((n, c) if mode in MAX_MODES else (0,), dtype=torch.int64)
+    return out, aux, indices
+
+
+def grad_input_like(x: torch.Tensor) -> torch.Tensor:
+    """grad_x as the kernels allocate it: NCS when x is contiguous, else NSC."""
+    n, c, s = x.shape
+    if x.is_contiguous():
+        return torch.empty((n, c, s), dtype=x.dtype, device=x.device)
+    return torch.empty_strided((n, c, s), (s * c, 1, c), dtype=x.dtype, device=x.device)
+
+
+def pool_backward_fake(grad_out, x, aux, indices, mode, weight, scalar, eps):
+    return grad_input_like(x)
+
+
+def _reduce_to(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, C) per-sample weight gradients summed over N, then to weight's 1 or C elements."""
+    grad = grad.sum(0)
+    return grad.sum().reshape(1) if weight.numel() == 1 else grad
+
+
+def weight_grad(mode, grad_out, aux, weight, scalar):
+    """Gradient to alpha (MIXED) or p (GEM), from the statistics the forward saved in aux."""
+    g = grad_out.to(aux.dtype)
+    if mode == MODE_MIXED:
+        return _reduce_to(g * aux[..., 0], weight)
+    if aux.shape[-1] < 2:
+        raise RuntimeError(
+            "gapkernels: the gradient to GeM's p needs the forward to run with with_log=True"
+        )
+    p = weight if weight.numel() == 1 else weight.view(1, -1)
+    m, lg = aux[..., 0], aux[..., 1]
+    out = m.pow(1.0 / p)
+    return _reduce_to(g * out * (lg / (p * m) - m.log() / (p * p)), weight)
+
+
+def register_pool_ops(forward_op, backward_op) -> None:
+    """Registers the fake kernels and autograd of one backend's (forward, backward) op pair."""
+    torch.library.register_fake(forward_op)(pool_forward_fake)
+    torch.library.register_fake(backward_op)(pool_backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        x, mode, weight, scalar, eps, _ = inputs
+        _, aux, indices = output
+        ctx.mode, ctx.scalar, ctx.eps = mode, scalar, eps
+        ctx.save_for_backward(x, aux, indices, weight)
+        ctx.mark_non_differentiable(aux, indices)
+
+    def backward(ctx, grad_out, _grad_aux, _grad_indices):
+        x, aux, indices, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = backward_op(grad_out, x, aux, indices, ctx.mode, weight, ctx.scalar, ctx.eps)
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_weight = weight_grad(ctx.mode, grad_out, aux, weight, ctx.scalar)
+        return grad_x, None, grad_weight, None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if _ext.loaded():
+    register_pool_ops(torch.ops.gapkernels.pool_forward.default,
+                      torch.ops.gapkernels.pool_backward.default)
