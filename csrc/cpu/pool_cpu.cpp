@@ -1,0 +1,965 @@
+// CPU kernels of gapkernels::pool_forward and gapkernels::pool_backward. The contract (modes,
+// outputs, max/NaN semantics, determinism) is docs/DESIGN.md.
+//
+// One kernel template per (mode, dtype). Forward reads x once and produces every statistic the
+// mode needs; backward writes grad_x once. Two layouts:
+//   NCS: each (n, c) row is a contiguous run of S elements, vectorized along the run.
+//   NSC: each (n, s) row holds C contiguous channels, vectorized over C with per-channel
+//        accumulators in a per-task buffer.
+// Reductions that must be split (few rows, long runs) are cut into pieces chosen from the shape
+// only, and the pieces' partial results are merged in a fixed order, so results do not depend on
+// the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "pool_common.h"
+
+namespace gapkernels {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splitting a reduction: aim for this many tasks (a constant, never the thread count) ...
+constexpr int64_t kTargetTasks = 64;
+// ... but never pieces smaller than this many elements.
+constexpr int64_t kMinTaskElements = 32768;
+// NCS pieces stay well below 2**24 elements, where float-encoded lane indices stop being exact.
+constexpr int64_t kMaxRunPiece = int64_t{1} << 22;
+// NSC pieces hold at most this many rows, which bounds each per-channel float sum's length.
+constexpr int64_t kMaxRowsPiece = 1024;
+// NCS: vector partial sums are folded into the running sums every this many elements.
+constexpr int64_t kSumBlock = 1024;
+// Rows finalized together (vectorized pow for GEM).
+constexpr int64_t kBatch = 16;
+// GEM uses repeated multiplication for integral p in [1, kMaxIntPower].
+constexpr int kMaxIntPower = 8;
+
+template <typename acc_t>
+inline bool is_nan(acc_t v) {
+  return v != v;
+}
+
+// Merges the max candidate (v, i) into (m, index) by the rule of docs/DESIGN.md, whatever the
+// order of the candidates: a NaN wins, the largest index among NaNs, else the largest value with
+// the smallest index.
+template <typename acc_t>
+inline void merge_max(acc_t v, int64_t i, acc_t& m, int64_t& index) {
+  const bool v_nan = is_nan(v);
+  const bool m_nan = is_nan(m);
+  bool take;
+  if (v_nan || m_nan) {
+    take = v_nan && (!m_nan || i > index);
+  } else {
+    take = v > m || (v == m && i < index);
+  }
+  if (take) {
+    m = v;
+    index = i;
+  }
+}
+
+// The sequential scan's step: (v, i) comes after every element already seen.
+template <typename acc_t>
+inline void scan_max(acc_t v, int64_t i, acc_t& m, int64_t& index) {
+  if (v > m || is_nan(v)) {
+    m = v;
+    index = i;
+  }
+}
+
+// The statistics of one row (or one piece of a row). `sum` is the sum of x for avg/mixed/cat
+// and the sum of clamp(x, eps)**p for GEM; `log_sum` is GEM's sum of x**p * log(x).
+template <typename acc_t>
+struct Partial {
+  acc_t sum;
+  acc_t log_sum;
+  acc_t max;
+  int64_t index;
+};
+
+template <typename acc_t>
+inline Partial<acc_t> empty_partial() {
+  return {acc_t(0), acc_t(0), -std::numeric_limits<acc_t>::infinity(), 0};
+}
+
+// p is an integer in [1, kMaxIntPower]: the exponent for repeated multiplication, else 0.
+template <typename acc_t>
+inline int small_integer_power(acc_t p) {
+  if (p >= acc_t(1) && p <= acc_t(kMaxIntPower) && p == std::floor(p)) return static_cast<int>(p);
+  return 0;
+}
+
+// Loads and stores a chunk: two accumulator vectors, 16 elements (8 for double).
+template <typename scalar_t>
+struct ChunkIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kVec = Vec::size();
+  static constexpr int64_t kWidth = 2 * kVec;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!kReduced || Vectorized<scalar_t>::size() == kWidth, "chunk of 16-bit floats");
+
+  static inline void load(const scalar_t* p, Vec& a, Vec& b) {
+    if constexpr (kReduced) {
+      at::vec::load_to_float(p, a, b);
+    } else {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + kVec);
+    }
+  }
+  static inline void store(scalar_t* p, const Vec& a, const Vec& b) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    } else {
+      a.store(p);
+      b.store(p + kVec);
+    }
+  }
+};
+
+// GEM's exponent for a chunk: repeated multiplication when `integer` > 0, else exp(p * log x).
+template <typename acc_t>
+struct ChunkPower {
+  int integer;
+  acc_t value;  // p, for scalar code; per-channel vectors may differ per lane
+  Vectorized<acc_t> p[2];
+};
+
+template <typename acc_t>
+inline Vectorized<acc_t> integer_pow(const Vectorized<acc_t>& x, int n) {
+  if (n == 0) return Vectorized<acc_t>(acc_t(1));
+  Vectorized<acc_t> y = x;
+  for (int k = 1; k < n; ++k) y = y * x;
+  return y;
+}
+
+template <typename acc_t>
+inline acc_t scalar_integer_pow(acc_t x, int n) {
+  acc_t y = acc_t(1);
+  for (int k = 0; k < n; ++k) y *= x;
+  return y;
+}
+
+template <typename acc_t>
+inline acc_t scalar_pow(acc_t x, int integer, acc_t p) {
+  return integer > 0 ? scalar_integer_pow(x, integer) : std::exp(p * std::log(x));
+}
+
+// Horizontal max + index over the lanes of two vectors.
+template <typename acc_t>
+inline void reduce_max_lanes(const Vectorized<acc_t> (&mx)[2], const Vectorized<acc_t> (&ix)[2],
+                             acc_t& out_max, int64_t& out_index) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec nan_lanes = mx[0].isnan() | mx[1].isnan();
+  if (nan_lanes.zero_mask() != (1 << V) - 1) {
+    __at_align__ acc_t m[2 * V];
+    __at_align__ acc_t id[2 * V];
+    mx[0].store(m);
+    mx[1].store(m + V);
+    ix[0].store(id);
+    ix[1].store(id + V);
+    for (int64_t j = 0; j < 2 * V; ++j) merge_max(m[j], static_cast<int64_t>(id[j]), out_max, out_index);
+    return;
+  }
+  const acc_t best = at::vec::vec_reduce_all<acc_t>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); },
+      at::vec::maximum(mx[0], mx[1]));
+  const Vec best_v(best);
+  const Vec no_index(std::numeric_limits<acc_t>::max());
+  const Vec candidates = at::vec::minimum(Vec::blendv(no_index, ix[0], mx[0] == best_v),
+                                          Vec::blendv(no_index, ix[1], mx[1] == best_v));
+  const acc_t index = at::vec::vec_reduce_all<acc_t>(
+      [](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }, candidates);
+  merge_max(best, static_cast<int64_t>(index), out_max, out_index);
+}
+
+template <Mode kMode, typename scalar_t>
+struct PoolKernel {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  using IO = ChunkIO<scalar_t>;
+  using Stats = Partial<acc_t>;
+  using Power = ChunkPower<acc_t>;
+  static constexpr int64_t V = IO::kVec;
+  static constexpr int64_t W = IO::kWidth;
+  static constexpr bool kSum = kMode == Mode::Avg || kMode == Mode::Mixed || kMode == Mode::Cat;
+  static constexpr bool kMax = kMode == Mode::Max || kMode == Mode::Mixed || kMode == Mode::Cat;
+  static constexpr bool kGem = kMode == Mode::Gem;
+
+  struct Args {
+    int64_t N, C, S;
+    const acc_t* weight;  // alpha (MIXED) or p (GEM); null: `scalar`
+    int64_t weight_numel;
+    acc_t scalar;
+    acc_t eps;
+    bool with_log;
+    // GEM with one p for every channel (scalar, 1-element weight, or all weights equal).
+    bool uniform_p;
+    acc_t param(int64_t c) const {
+      return weight ? weight[weight_numel == 1 ? 0 : c] : scalar;
+    }
+    Power power_of(int64_t c) const {
+      const acc_t p = param(c);
+      return {small_integer_power(p), p, {Vec(p), Vec(p)}};
+    }
+  };
+
+  // Lanes j of the chunk starting at `tail` elements before the end of a run that are not yet
+  // covered by the full chunks before it.
+  static inline void tail_mask(int64_t tail, Vec (&mask)[2]) {
+    const Vec first(static_cast<acc_t>(W - tail));
+    mask[0] = Vec::arange(acc_t(0), acc_t(1)) >= first;
+    mask[1] = Vec::arange(acc_t(V), acc_t(1)) >= first;
+  }
+
+  // Folds one chunk of x (lanes outside `mask` ignored when kMasked) into per-lane statistics.
+  template <bool kMasked>
+  static inline void update(const Vec (&v)[2], const Vec (&cur)[2], const Vec (&mask)[2],
+                            const Power& power, const Vec& eps, bool with_log, Vec* sum,
+                            Vec* log_sum, Vec* mx, Vec* ix) {
+    for (int k = 0; k < 2; ++k) {
+      if constexpr (kSum) {
+        sum[k] += kMasked ? (v[k] & mask[k]) : v[k];
+      }
+      if constexpr (kMax) {
+        const Vec value =
+            kMasked ? Vec::blendv(Vec(-std::numeric_limits<acc_t>::infinity()), v[k], mask[k])
+                    : v[k];
+        const Vec take = (value > mx[k]) | value.isnan();
+        mx[k] = Vec::blendv(mx[k], value, take);
+        ix[k] = Vec::blendv(ix[k], cur[k], take);
+      }
+      if constexpr (kGem) {
+        const Vec clamped = at::vec::clamp_min(v[k], eps);
+        if (with_log) {
+          const Vec lg = clamped.log();
+          Vec pw = power.integer > 0 ? integer_pow(clamped, power.integer) : (power.p[k] * lg).exp();
+          Vec pw_lg = pw * lg;
+          if (kMasked) {
+            pw = pw & mask[k];
+            pw_lg = pw_lg & mask[k];
+          }
+          sum[k] += pw;
+          log_sum[k] += pw_lg;
+        } else {
+          Vec pw = power.integer > 0 ? integer_pow(clamped, power.integer)
+                                     : (power.p[k] * clamped.log()).exp();
+          sum[k] += kMasked ? (pw & mask[k]) : pw;
+        }
+      }
+    }
+  }
+
+  static inline void update_scalar(acc_t v, int64_t i, int integer, acc_t p, acc_t eps,
+                                   bool with_log, acc_t& sum, acc_t& log_sum, acc_t& mx,
+                                   int64_t& index) {
+    if constexpr (kSum) sum += v;
+    if constexpr (kMax) scan_max(v, i, mx, index);
+    if constexpr (kGem) {
+      const acc_t clamped = is_nan(v) ? v : std::max(v, eps);
+      const acc_t pw = scalar_pow(clamped, integer, p);
+      sum += pw;
+      if (with_log) log_sum += pw * std::log(clamped);
+    }
+  }
+
+  // ---------------------------------------------------------------- forward, NCS
+
+  // Statistics of the contiguous run x[0, len); indices relative to x.
+  static Stats reduce_run(const scalar_t* x, int64_t len, const Power& power, const Args& a) {
+    Stats st = empty_partial<acc_t>();
+    if (len < W) {
+      const acc_t p = power.value;
+      for (int64_t i = 0; i < len; ++i) {
+        update_scalar(static_cast<acc_t>(x[i]), i, power.integer, p, a.eps, a.with_log, st.sum,
+                      st.log_sum, st.max, st.index);
+      }
+      return st;
+    }
+    const Vec eps(a.eps);
+    const Vec zero(acc_t(0));
+    Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
+    Vec block_sum[2] = {zero, zero}, block_log_sum[2] = {zero, zero};
+    Vec mx[2] = {Vec(-std::numeric_limits<acc_t>::infinity()),
+                 Vec(-std::numeric_limits<acc_t>::infinity())};
+    Vec ix[2] = {zero, zero};
+    const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
+    const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
+    const Vec step(static_cast<acc_t>(W));
+    Vec cur[2] = {lane0, lane1};
+    Vec no_mask[2];
+    const int64_t tail = len % W;
+    const int64_t full_end = len - tail;
+    auto fold_blocks = [&]() {
+      for (int k = 0; k < 2; ++k) {
+        sum[k] += block_sum[k];
+        log_sum[k] += block_log_sum[k];
+        block_sum[k] = zero;
+        block_log_sum[k] = zero;
+      }
+    };
+    int64_t i = 0;
+    while (i < full_end) {
+      const int64_t block_end = std::min(full_end, i + kSumBlock);
+      for (; i < block_end; i += W) {
+        Vec v[2];
+        IO::load(x + i, v[0], v[1]);
+        update<false>(v, cur, no_mask, power, eps, a.with_log, block_sum, block_log_sum, mx, ix);
+        cur[0] += step;
+        cur[1] += step;
+      }
+      fold_blocks();
+    }
+    if (tail) {
+      Vec mask[2];
+      tail_mask(tail, mask);
+      const Vec base(static_cast<acc_t>(len - W));
+      const Vec tail_cur[2] = {lane0 + base, lane1 + base};
+      Vec v[2];
+      IO::load(x + len - W, v[0], v[1]);
+      update<true>(v, tail_cur, mask, power, eps, a.with_log, block_sum, block_log_sum, mx, ix);
+      fold_blocks();
+    }
+    auto add = [](const Vec& p, const Vec& q) { return p + q; };
+    if constexpr (kSum || kGem) st.sum = at::vec::vec_reduce_all<acc_t>(add, sum[0] + sum[1]);
+    if constexpr (kGem) {
+      if (a.with_log) st.log_sum = at::vec::vec_reduce_all<acc_t>(add, log_sum[0] + log_sum[1]);
+    }
+    if constexpr (kMax) reduce_max_lanes(mx, ix, st.max, st.index);
+    return st;
+  }
+
+  // ---------------------------------------------------------------- finalize
+
+  struct Outputs {
+    scalar_t* out;
+    acc_t* aux;
+    int64_t aux_columns;
+    int64_t* indices;
+  };
+
+  // Writes the results of rows r0 .. r0+count-1 (r = n*C + c), count <= kBatch.
+  static void finalize(const Args& a, const Outputs& o, int64_t r0, int64_t count,
+                       const Stats* st) {
+    int64_t n = r0 / a.C;
+    int64_t c = r0 - n * a.C;
+    const acc_t S = static_cast<acc_t>(a.S);
+    __at_align__ acc_t root[kBatch];
+    if constexpr (kGem) {
+      __at_align__ acc_t m[kBatch];
+      __at_align__ acc_t inv_p[kBatch];
+      int64_t cc = c;
+      for (int64_t i = 0; i < kBatch; ++i) {
+        m[i] = i < count ? st[i].sum / S : acc_t(1);
+        inv_p[i] = i < count ? acc_t(1) / a.param(cc) : acc_t(1);
+        if (++cc == a.C) cc = 0;
+      }
+      for (int64_t i = 0; i < kBatch; i += V) {
+        (Vec::loadu(inv_p + i) * Vec::loadu(m + i).log()).exp().store(root + i);
+      }
+    }
+    for (int64_t i = 0; i < count; ++i, ++c) {
+      if (c == a.C) {
+        c = 0;
+        ++n;
+      }
+      const int64_t r = r0 + i;
+      const Stats& s = st[i];
+      if constexpr (kMax) o.indices[r] = s.index;
+      if constexpr (kMode == Mode::Avg) {
+        o.out[r] = static_cast<scalar_t>(s.sum / S);
+      } else if constexpr (kMode == Mode::Max) {
+        o.out[r] = static_cast<scalar_t>(s.max);
+      } else if constexpr (kMode == Mode::Mixed) {
+        const acc_t mean = s.sum / S;
+        const acc_t alpha = a.param(c);
+        o.out[r] = static_cast<scalar_t>(alpha * s.max + (acc_t(1) - alpha) * mean);
+        o.aux[r] = s.max - mean;
+      } else if constexpr (kMode == Mode::Cat) {
+        o.out[n * 2 * a.C + c] = static_cast<scalar_t>(s.sum / S);
+        o.out[n * 2 * a.C + a.C + c] = static_cast<scalar_t>(s.max);
+      } else {
+        const acc_t m = s.sum / S;
+        o.out[r] = static_cast<scalar_t>(root[i]);
+        o.aux[r * o.aux_columns] = m;
+        if (a.with_log) o.aux[r * o.aux_columns + 1] = s.log_sum / S;
+      }
+    }
+  }
+
+  static inline void merge(Stats& into, const Stats& later) {
+    into.sum += later.sum;
+    into.log_sum += later.log_sum;
+    if constexpr (kMax) merge_max(later.max, later.index, into.max, into.index);
+  }
+
+  // Merges pieces [r * P, r * P + P) of `parts` in order and finalizes rows [begin, end).
+  static void merge_and_finalize(const Args& a, const Outputs& o, const std::vector<Stats>& parts,
+                                 int64_t pieces, int64_t begin, int64_t end) {
+    Stats st[kBatch];
+    for (int64_t r0 = begin; r0 < end; r0 += kBatch) {
+      const int64_t count = std::min(kBatch, end - r0);
+      for (int64_t i = 0; i < count; ++i) {
+        const Stats* row = parts.data() + (r0 + i) * pieces;
+        st[i] = row[0];
+        for (int64_t k = 1; k < pieces; ++k) merge(st[i], row[k]);
+      }
+      finalize(a, o, r0, count, st);
+    }
+  }
+
+  static void forward_ncs(const scalar_t* x, const Args& a, const Outputs& o) {
+    const int64_t R = a.N * a.C;
+    const int64_t S = a.S;
+    int64_t pieces = ceil_div(S, kMaxRunPiece);
+    if (R < kTargetTasks) {
+      pieces = std::max(pieces, std::min(ceil_div(kTargetTasks, R), ceil_div(S, kMinTaskElements)));
+    }
+    const int64_t piece_len = ceil_div(ceil_div(S, pieces), 16) * 16;
+    pieces = ceil_div(S, piece_len);
+    if (pieces == 1) {
+      const int64_t grain = std::max<int64_t>(1, kMinTaskElements / S);
+      at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+        Stats st[kBatch];
+        for (int64_t r0 = begin; r0 < end; r0 += kBatch) {
+          const int64_t count = std::min(kBatch, end - r0);
+          int64_t c = r0 % a.C;
+          for (int64_t i = 0; i < count; ++i) {
+            const Power power = kGem ? a.power_of(c) : Power{};
+            st[i] = reduce_run(x + (r0 + i) * S, S, power, a);
+            if (++c == a.C) c = 0;
+          }
+          finalize(a, o, r0, count, st);
+        }
+      });
+      return;
+    }
+    std::vector<Stats> parts(R * pieces);
+    at::parallel_for(0, R * pieces, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / pieces;
+        const int64_t start = (t - r * pieces) * piece_len;
+        const int64_t len = std::min(S, start + piece_len) - start;
+        const Power power = kGem ? a.power_of(r % a.C) : Power{};
+        Stats st = reduce_run(x + r * S + start, len, power, a);
+        st.index += start;
+        parts[t] = st;
+      }
+    });
+    at::parallel_for(0, R, kBatch, [&](int64_t begin, int64_t end) {
+      merge_and_finalize(a, o, parts, pieces, begin, end);
+    });
+  }
+
+  // ---------------------------------------------------------------- forward, NSC
+
+  struct ChannelBuffers {
+    std::vector<acc_t> sum, log_sum, max, index;
+    explicit ChannelBuffers(int64_t C) : sum(C), log_sum(C), max(C), index(C) {}
+    void reset() {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(log_sum.begin(), log_sum.end(), acc_t(0));
+      std::fill(max.begin(), max.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(index.begin(), index.end(), acc_t(0));
+    }
+  };
+
+  // Folds the chunk of channels [c, c + W) of one row into the channel buffers.
+  template <bool kMasked>
+  static inline void update_channels(const scalar_t* row, int64_t c, const Vec (&cur)[2],
+                                     const Vec (&mask)[2], const Args& a, const Power& uniform,
+                                     const Vec& eps, ChannelBuffers& b) {
+    Vec v[2];
+    IO::load(row + c, v[0], v[1]);
+    Vec sum[2], log_sum[2], mx[2], ix[2];
+    if constexpr (kSum || kGem) {
+      sum[0] = Vec::loadu(b.sum.data() + c);
+      sum[1] = Vec::loadu(b.sum.data() + c + V);
+    }
+    if constexpr (kGem) {
+      if (a.with_log) {
+        log_sum[0] = Vec::loadu(b.log_sum.data() + c);
+        log_sum[1] = Vec::loadu(b.log_sum.data() + c + V);
+      }
+    }
+    if constexpr (kMax) {
+      mx[0] = Vec::loadu(b.max.data() + c);
+      mx[1] = Vec::loadu(b.max.data() + c + V);
+      ix[0] = Vec::loadu(b.index.data() + c);
+      ix[1] = Vec::loadu(b.index.data() + c + V);
+    }
+    if constexpr (kGem) {
+      if (a.uniform_p) {
+        update<kMasked>(v, cur, mask, uniform, eps, a.with_log, sum, log_sum, mx, ix);
+      } else {
+        const Power per_channel{0, acc_t(0), {Vec::loadu(a.weight + c), Vec::loadu(a.weight + c + V)}};
+        update<kMasked>(v, cur, mask, per_channel, eps, a.with_log, sum, log_sum, mx, ix);
+      }
+    } else {
+      update<kMasked>(v, cur, mask, uniform, eps, a.with_log, sum, log_sum, mx, ix);
+    }
+    if constexpr (kSum || kGem) {
+      sum[0].store(b.sum.data() + c);
+      sum[1].store(b.sum.data() + c + V);
+    }
+    if constexpr (kGem) {
+      if (a.with_log) {
+        log_sum[0].store(b.log_sum.data() + c);
+        log_sum[1].store(b.log_sum.data() + c + V);
+      }
+    }
+    if constexpr (kMax) {
+      mx[0].store(b.max.data() + c);
+      mx[1].store(b.max.data() + c + V);
+      ix[0].store(b.index.data() + c);
+      ix[1].store(b.index.data() + c + V);
+    }
+  }
+
+  // Accumulates rows [s0, s1) of sample xn (S x C, C contiguous) into the channel buffers;
+  // buffer indices are relative to s0.
+  static void reduce_rows(const scalar_t* xn, int64_t s0, int64_t s1, const Args& a,
+                          const Power& uniform, ChannelBuffers& b) {
+    const int64_t C = a.C;
+    b.reset();
+    if (C < W) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const scalar_t* row = xn + s * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t p = a.param(c);
+          int64_t index = static_cast<int64_t>(b.index[c]);
+          update_scalar(static_cast<acc_t>(row[c]), s - s0, small_integer_power(p), p, a.eps,
+                        a.with_log, b.sum[c], b.log_sum[c], b.max[c], index);
+          b.index[c] = static_cast<acc_t>(index);
+        }
+      }
+      return;
+    }
+    const Vec eps(a.eps);
+    const int64_t tail = C % W;
+    const int64_t full_end = C - tail;
+    Vec mask[2];
+    tail_mask(tail, mask);
+    for (int64_t s = s0; s < s1; ++s) {
+      const scalar_t* row = xn + s * C;
+      const Vec cur_s(static_cast<acc_t>(s - s0));
+      const Vec cur[2] = {cur_s, cur_s};
+      for (int64_t c = 0; c < full_end; c += W) {
+        update_channels<false>(row, c, cur, mask, a, uniform, eps, b);
+      }
+      if (tail) update_channels<true>(row, C - W, cur, mask, a, uniform, eps, b);
+    }
+  }
+
+  static inline Stats channel_stats(const ChannelBuffers& b, int64_t c, int64_t s0) {
+    return {b.sum[c], b.log_sum[c], b.max[c], s0 + static_cast<int64_t>(b.index[c])};
+  }
+
+  static void forward_nsc(const scalar_t* x, const Args& a, const Outputs& o) {
+    const int64_t N = a.N, C = a.C, S = a.S;
+    int64_t pieces = ceil_div(S, kMaxRowsPiece);
+    if (N < kTargetTasks) {
+      pieces = std::max(pieces,
+                        std::min(ceil_div(kTargetTasks, N), ceil_div(S * C, kMinTaskElements)));
+    }
+    pieces = std::min(pieces, S);
+    const int64_t rows = ceil_div(S, pieces);
+    pieces = ceil_div(S, rows);
+    const Power uniform = kGem ? a.power_of(0) : Power{};
+    std::vector<Stats> parts(pieces > 1 ? N * pieces * C : 0);
+    at::parallel_for(0, N * pieces, 1, [&](int64_t begin, int64_t end) {
+      ChannelBuffers b(C);
+      Stats st[kBatch];
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / pieces;
+        const int64_t s0 = (t - n * pieces) * rows;
+        reduce_rows(x + n * S * C, s0, std::min(S, s0 + rows), a, uniform, b);
+        if (pieces == 1) {
+          for (int64_t c0 = 0; c0 < C; c0 += kBatch) {
+            const int64_t count = std::min(kBatch, C - c0);
+            for (int64_t i = 0; i < count; ++i) st[i] = channel_stats(b, c0 + i, s0);
+            finalize(a, o, n * C + c0, count, st);
+          }
+        } else {
+          // parts is ordered (n, c, piece) so that merging reads each row's pieces in a run.
+          const int64_t k = t - n * pieces;
+          for (int64_t c = 0; c < C; ++c) parts[(n * C + c) * pieces + k] = channel_stats(b, c, s0);
+        }
+      }
+    });
+    if (pieces > 1) {
+      at::parallel_for(0, N * C, kBatch, [&](int64_t begin, int64_t end) {
+        merge_and_finalize(a, o, parts, pieces, begin, end);
+      });
+    }
+  }
+
+  // ---------------------------------------------------------------- backward
+
+  struct Grad {
+    const scalar_t* grad_out;
+    const acc_t* aux;
+    int64_t aux_columns;
+    const int64_t* indices;
+  };
+
+  // grad_x[r, s] = A[r] * f(x) + (s == index[r]) * B[r], f = 1 except for GEM, where
+  // f = x**(p-1) for x >= eps, else 0. Fills rows r0 .. r0+count-1, count <= kBatch.
+  static void row_coefficients(const Args& a, const Grad& g, int64_t r0, int64_t count, acc_t* A,
+                               acc_t* B, int64_t* index) {
+    int64_t n = r0 / a.C;
+    int64_t c = r0 - n * a.C;
+    const acc_t S = static_cast<acc_t>(a.S);
+    if constexpr (kGem) {
+      __at_align__ acc_t m[kBatch];
+      __at_align__ acc_t exponent[kBatch];
+      __at_align__ acc_t go[kBatch];
+      for (int64_t i = 0; i < kBatch; ++i) {
+        const int64_t r = r0 + i;
+        m[i] = i < count ? g.aux[r * g.aux_columns] : acc_t(1);
+        exponent[i] = i < count ? acc_t(1) / a.param(c) - acc_t(1) : acc_t(0);
+        go[i] = i < count ? static_cast<acc_t>(g.grad_out[r]) : acc_t(0);
+        if (++c == a.C) c = 0;
+      }
+      for (int64_t i = 0; i < kBatch; i += V) {
+        const Vec pw = (Vec::loadu(exponent + i) * Vec::loadu(m + i).log()).exp();
+        (Vec::loadu(go + i) * pw / Vec(S)).store(A + i);
+      }
+      return;
+    }
+    for (int64_t i = 0; i < count; ++i, ++c) {
+      if (c == a.C) {
+        c = 0;
+        ++n;
+      }
+      const int64_t r = r0 + i;
+      if constexpr (kMax) index[i] = g.indices[r];
+      if constexpr (kMode == Mode::Cat) {
+        A[i] = static_cast<acc_t>(g.grad_out[n * 2 * a.C + c]) / S;
+        B[i] = static_cast<acc_t>(g.grad_out[n * 2 * a.C + a.C + c]);
+      } else {
+        const acc_t go = static_cast<acc_t>(g.grad_out[r]);
+        if constexpr (kMode == Mode::Avg) {
+          A[i] = go / S;
+        } else if constexpr (kMode == Mode::Max) {
+          A[i] = acc_t(0);
+          B[i] = go;
+        } else {
+          const acc_t alpha = a.param(c);
+          A[i] = (acc_t(1) - alpha) * go / S;
+          B[i] = alpha * go;
+        }
+      }
+    }
+  }
+
+  // One chunk of grad_x: A + (cur == index) * B, or GEM's coef * x**(p-1) masked by x >= eps.
+  static inline void grad_chunk(const Vec (&A)[2], const Vec (&B)[2], const Vec (&index)[2],
+                                const Vec (&cur)[2], const scalar_t* x, const Power& power,
+                                const Vec& eps, Vec (&out)[2]) {
+    if constexpr (kGem) {
+      Vec v[2];
+      IO::load(x, v[0], v[1]);
+      for (int k = 0; k < 2; ++k) {
+        const Vec pw = power.integer > 0 ? integer_pow(v[k], power.integer - 1)
+                                         : ((power.p[k] - Vec(acc_t(1))) * v[k].log()).exp();
+        out[k] = (A[k] * pw) & (v[k] >= eps);
+      }
+    } else if constexpr (kMax) {
+      for (int k = 0; k < 2; ++k) out[k] = A[k] + ((cur[k] == index[k]) & B[k]);
+    } else {
+      out[0] = A[0];
+      out[1] = A[1];
+    }
+  }
+
+  static inline acc_t grad_scalar(acc_t A, acc_t B, int64_t index, int64_t s, acc_t x,
+                                  int integer, acc_t p, acc_t eps) {
+    if constexpr (kGem) {
+      if (!(x >= eps)) return acc_t(0);
+      const acc_t pw = integer > 0 ? scalar_integer_pow(x, integer - 1) : std::exp((p - 1) * std::log(x));
+      return A * pw;
+    } else if constexpr (kMax) {
+      return s == index ? A + B : A;
+    } else {
+      return A;
+    }
+  }
+
+  // Writes grad_x[start, end) of one NCS row.
+  static void grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end, acc_t A,
+                       acc_t B, int64_t index, const Power& power, const Args& a) {
+    const int64_t len = end - start;
+    gx += start;
+    x += start;
+    if (len < W) {
+      const acc_t p = power.value;
+      for (int64_t i = 0; i < len; ++i) {
+        gx[i] = static_cast<scalar_t>(grad_scalar(A, B, index, start + i,
+                                                  kGem ? static_cast<acc_t>(x[i]) : acc_t(0),
+                                                  power.integer, p, a.eps));
+      }
+      return;
+    }
+    const Vec eps(a.eps);
+    const Vec Av[2] = {Vec(A), Vec(A)};
+    const Vec Bv[2] = {Vec(B), Vec(B)};
+    const acc_t local_index = index >= start && index < end ? static_cast<acc_t>(index - start)
+                                                            : acc_t(-1);
+    const Vec iv[2] = {Vec(local_index), Vec(local_index)};
+    const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
+    const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
+    const Vec step(static_cast<acc_t>(W));
+    Vec cur[2] = {lane0, lane1};
+    Vec out[2];
+    int64_t i = 0;
+    for (; i + W <= len; i += W) {
+      grad_chunk(Av, Bv, iv, cur, x + i, power, eps, out);
+      IO::store(gx + i, out[0], out[1]);
+      cur[0] += step;
+      cur[1] += step;
+    }
+    if (i < len) {
+      // The last chunk overlaps the previous one; those lanes get the same values again.
+      const Vec base(static_cast<acc_t>(len - W));
+      const Vec tail_cur[2] = {lane0 + base, lane1 + base};
+      grad_chunk(Av, Bv, iv, tail_cur, x + len - W, power, eps, out);
+      IO::store(gx + len - W, out[0], out[1]);
+    }
+  }
+
+  static void backward_ncs(const scalar_t* x, scalar_t* gx, const Args& a, const Grad& g) {
+    const int64_t R = a.N * a.C;
+    const int64_t S = a.S;
+    // Every element is computed independently; pieces only spread long rows over threads and
+    // keep float-encoded indices exact.
+    const int64_t pieces = ceil_div(S, int64_t{1} << 18);
+    const int64_t piece_len = ceil_div(S, pieces);
+    if (pieces == 1) {
+      const int64_t grain = std::max<int64_t>(1, kMinTaskElements / S);
+      at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+        __at_align__ acc_t A[kBatch], B[kBatch];
+        int64_t index[kBatch];
+        for (int64_t r0 = begin; r0 < end; r0 += kBatch) {
+          const int64_t count = std::min(kBatch, end - r0);
+          row_coefficients(a, g, r0, count, A, B, index);
+          int64_t c = r0 % a.C;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t r = r0 + i;
+            const Power power = kGem ? a.power_of(c) : Power{};
+            grad_run(gx + r * S, x + r * S, 0, S, A[i], kGem ? acc_t(0) : B[i],
+                     kMax ? index[i] : -1, power, a);
+            if (++c == a.C) c = 0;
+          }
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, R * pieces, 1, [&](int64_t begin, int64_t end) {
+      __at_align__ acc_t A[kBatch], B[kBatch];
+      int64_t index[kBatch];
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / pieces;
+        const int64_t start = (t - r * pieces) * piece_len;
+        row_coefficients(a, g, r, 1, A, B, index);
+        const Power power = kGem ? a.power_of(r % a.C) : Power{};
+        grad_run(gx + r * S, x + r * S, start, std::min(S, start + piece_len), A[0],
+                 kGem ? acc_t(0) : B[0], kMax ? index[0] : -1, power, a);
+      }
+    });
+  }
+
+  static void backward_nsc(const scalar_t* x, scalar_t* gx, const Args& a, const Grad& g) {
+    const int64_t N = a.N, C = a.C, S = a.S;
+    // Rows per task: enough that the per-channel coefficients cost little next to the rows.
+    const int64_t rows = std::min(S, std::max<int64_t>(ceil_div(int64_t{1} << 20, C), 1));
+    const int64_t blocks = ceil_div(S, rows);
+    const Power uniform = kGem ? a.power_of(0) : Power{};
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> A(C + kBatch), B(C + kBatch), local_index(C), p(kGem ? C : 0);
+      std::vector<int64_t> index(C + kBatch);
+      int64_t coefficients_of = -1;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks;
+        const int64_t s0 = (t - n * blocks) * rows;
+        const int64_t s1 = std::min(S, s0 + rows);
+        if (coefficients_of != n) {
+          for (int64_t c0 = 0; c0 < C; c0 += kBatch) {
+            row_coefficients(a, g, n * C + c0, std::min(kBatch, C - c0), A.data() + c0,
+                             B.data() + c0, index.data() + c0);
+          }
+          coefficients_of = n;
+          if constexpr (kGem) {
+            for (int64_t c = 0; c < C; ++c) p[c] = a.param(c);
+          }
+        }
+        if constexpr (kMax) {
+          for (int64_t c = 0; c < C; ++c) {
+            local_index[c] = index[c] >= s0 && index[c] < s1 ? static_cast<acc_t>(index[c] - s0)
+                                                             : acc_t(-1);
+          }
+        }
+        const scalar_t* xn = x + n * S * C;
+        scalar_t* gn = gx + n * S * C;
+        if (C < W) {
+          for (int64_t s = s0; s < s1; ++s) {
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t pc = kGem ? p[c] : acc_t(0);
+              gn[s * C + c] = static_cast<scalar_t>(grad_scalar(
+                  A[c], kGem ? acc_t(0) : B[c], kMax ? index[c] : -1, s,
+                  kGem ? static_cast<acc_t>(xn[s * C + c]) : acc_t(0), small_integer_power(pc),
+                  pc, a.eps));
+            }
+          }
+          continue;
+        }
+        const Vec eps(a.eps);
+        const int64_t full_end = C - C % W;
+        auto chunk = [&](int64_t s, int64_t c, const Vec (&cur)[2]) {
+          const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
+          Vec Bv[2], iv[2];
+          if constexpr (kMax) {
+            Bv[0] = Vec::loadu(B.data() + c);
+            Bv[1] = Vec::loadu(B.data() + c + V);
+            iv[0] = Vec::loadu(local_index.data() + c);
+            iv[1] = Vec::loadu(local_index.data() + c + V);
+          }
+          Vec out[2];
+          if (kGem && !a.uniform_p) {
+            const Power per_channel{0, acc_t(0), {Vec::loadu(p.data() + c), Vec::loadu(p.data() + c + V)}};
+            grad_chunk(Av, Bv, iv, cur, xn + s * C + c, per_channel, eps, out);
+          } else {
+            grad_chunk(Av, Bv, iv, cur, xn + s * C + c, uniform, eps, out);
+          }
+          IO::store(gn + s * C + c, out[0], out[1]);
+        };
+        for (int64_t s = s0; s < s1; ++s) {
+          const Vec cur_s(static_cast<acc_t>(s - s0));
+          const Vec cur[2] = {cur_s, cur_s};
+          for (int64_t c = 0; c < full_end; c += W) chunk(s, c, cur);
+          // The last chunk overlaps the previous one; those lanes get the same values again.
+          if (full_end < C) chunk(s, C - W, cur);
+        }
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- entry points
+
+  static Args make_args(const PoolShape& shape, const std::optional<at::Tensor>& weight,
+                        double scalar, double eps, bool with_log) {
+    Args a{};
+    a.N = shape.N;
+    a.C = shape.C;
+    a.S = shape.S;
+    const bool uses_weight = kMode == Mode::Mixed || kMode == Mode::Gem;
+    a.weight = uses_weight && weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+    a.weight_numel = a.weight ? weight->numel() : 0;
+    a.scalar = static_cast<acc_t>(scalar);
+    a.eps = static_cast<acc_t>(eps);
+    a.with_log = kGem && with_log;
+    a.uniform_p = true;
+    if (a.weight && a.weight_numel > 1) {
+      a.uniform_p = std::all_of(a.weight, a.weight + a.weight_numel,
+                                [&](acc_t p) { return p == a.weight[0]; });
+    }
+    return a;
+  }
+
+  static void forward(const at::Tensor& x, const PoolShape& shape,
+                      const std::optional<at::Tensor>& weight, double scalar, double eps,
+                      bool with_log, at::Tensor& out, at::Tensor& aux, at::Tensor& indices) {
+    const Args a = make_args(shape, weight, scalar, eps, with_log);
+    const Outputs o{out.data_ptr<scalar_t>(), aux.numel() ? aux.data_ptr<acc_t>() : nullptr,
+                    aux.size(2), kMax ? indices.data_ptr<int64_t>() : nullptr};
+    if (shape.channels_last) {
+      forward_nsc(x.data_ptr<scalar_t>(), a, o);
+    } else {
+      forward_ncs(x.data_ptr<scalar_t>(), a, o);
+    }
+  }
+
+  static void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& aux,
+                       const at::Tensor& indices, const PoolShape& shape,
+                       const std::optional<at::Tensor>& weight, double scalar, double eps,
+                       at::Tensor& grad_x) {
+    const Args a = make_args(shape, weight, scalar, eps, false);
+    const Grad g{grad_out.data_ptr<scalar_t>(), kGem ? aux.data_ptr<acc_t>() : nullptr,
+                 kGem ? aux.size(2) : 0, kMax ? indices.data_ptr<int64_t>() : nullptr};
+    if (shape.channels_last) {
+      backward_nsc(x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), a, g);
+    } else {
+      backward_ncs(x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), a, g);
+    }
+  }
+};
+
+// Turns the runtime mode into the kernel's template parameter.
+template <typename F>
+void dispatch_mode(Mode mode, F&& f) {
+  switch (mode) {
+    case Mode::Avg:
+      return f(std::integral_constant<Mode, Mode::Avg>());
+    case Mode::Max:
+      return f(std::integral_constant<Mode, Mode::Max>());
+    case Mode::Mixed:
+      return f(std::integral_constant<Mode, Mode::Mixed>());
+    case Mode::Cat:
+      return f(std::integral_constant<Mode, Mode::Cat>());
+    case Mode::Gem:
+      return f(std::integral_constant<Mode, Mode::Gem>());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_forward_cpu(
+    const at::Tensor& x, int64_t mode, const std::optional<at::Tensor>& weight, double scalar,
+    double eps, bool with_log) {
+  const PoolShape shape = check_forward_inputs(x, mode, weight, "gapkernels::pool_forward");
+  const Mode m = static_cast<Mode>(mode);
+  auto [out, aux, indices] = allocate_forward_outputs(x, shape, m, with_log);
+  if (shape.N == 0 || shape.C == 0) return {out, aux, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_forward_cpu", [&] {
+    dispatch_mode(m, [&](auto mode_constant) {
+      PoolKernel<decltype(mode_constant)::value, scalar_t>::forward(x, shape, weight, scalar, eps,
+                                                                     with_log, out, aux, indices);
+    });
+  });
+  return {out, aux, indices};
+}
+
+at::Tensor pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& aux,
+                             const at::Tensor& indices, int64_t mode,
+                             const std::optional<at::Tensor>& weight, double scalar, double eps) {
+  const PoolShape shape = check_backward_inputs(grad_out, x, aux, indices, mode, weight);
+  at::Tensor grad_x = allocate_grad_input(x, shape);
+  if (shape.N == 0 || shape.C == 0) return grad_x;
+  const Mode m = static_cast<Mode>(mode);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_backward_cpu", [&] {
+    dispatch_mode(m, [&](auto mode_constant) {
+      PoolKernel<decltype(mode_constant)::value, scalar_t>::backward(
+          grad_out, x, aux, indices, shape, weight, scalar, eps, grad_x);
+    });
+  });
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace gapkernels
+
+TORCH_LIBRARY_IMPL(gapkernels, CPU, m) {
+  m.impl("pool_forward", &gapkernels::pool_forward_cpu);
+  m.impl("pool_backward", &gapkernels::pool_backward_cpu);
+}
