@@ -1,0 +1,293 @@
+"""The Triton backend against gapkernels.reference, run on the CPU in Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set before gapkernels.triton is first imported (the kernels are built
+interpreted or compiled when defined); this module sets it when it is the first to import them.
+`.ci/run` sets TRITON_INTERPRET=1 for the whole pytest run, so the order of test files does not
+matter. Without Triton, or with the kernels built for the GPU and no GPU, every test here skips
+and says why. Sizes are small: the interpreter runs each program in numpy.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import gapkernels  # noqa: E402
+from conftest import (  # noqa: E402
+    OP_CASES, assert_close, make_input, make_weight, run_op,
+)
+from gapkernels import auto_table, backends  # noqa: E402
+
+gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
+from gapkernels.triton import configs  # noqa: E402
+
+DEVICE = "cpu" if gk_triton.INTERPRETED else "cuda"
+_REASON = gk_triton.unavailable_reason(torch.empty(1, device="meta"))
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytestmark = [pytest.mark.skip(
+        reason="gapkernels.triton was imported without TRITON_INTERPRET=1 and there is no GPU; "
+               "run pytest with TRITON_INTERPRET=1 set")]
+
+# numpy's warnings from lanes the kernels mask out (log2(0), inf - inf); the GPU has none.
+pytestmark = [*globals().get("pytestmark", []),
+              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+
+TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "nhwc"]
+
+
+def _inputs(shape, dtype, layout, op, gen):
+    x, input_fmt = make_input(shape, dtype, layout, DEVICE, gen, positive=op == "gem")
+    return x.requires_grad_(), input_fmt
+
+
+def _forward_backward(op, kind, x, input_fmt, backend, gen, grad_seed_out=None):
+    """(out, grad_x, grad_weight) of `op` on `backend`, with a fixed random output gradient."""
+    channels = x.shape[1] if input_fmt == "NCHW" else x.shape[-1]
+    weight = make_weight(op, kind, channels, DEVICE, gen=torch.Generator().manual_seed(1))
+    out = run_op(op, x, weight, backend, input_fmt=input_fmt)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    inputs = [x] + ([weight] if weight is not None else [])
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, grads[0], grads[1] if weight is not None else None
+
+
+def _check_against_reference(op, kind, x, input_fmt, gen):
+    out, grad_x, grad_w = _forward_backward(op, kind, x, input_fmt, "triton", gen)
+    ref_out, ref_grad_x, ref_grad_w = _forward_backward(op, kind, x, input_fmt, "reference", gen)
+    dtype = x.dtype
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close(out, ref_out, dtype, msg=f"{op}/{kind} forward")
+    assert grad_x.stride() == x.stride(), "grad_x must have x's strides"
+    assert_close(grad_x, ref_grad_x, dtype, msg=f"{op}/{kind} grad_x")
+    if ref_grad_w is not None:
+        # A sum over N*C (N*C*S for GeM's statistics) float32 terms: a few float32 roundings.
+        torch.testing.assert_close(grad_w, ref_grad_w, rtol=1e-4, atol=1e-5,
+                                   msg=f"{op}/{kind} grad to weight")
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op,kind", OP_CASES)
+def test_forward_backward_rank4(op, kind, layout, dtype, gen):
+    x, input_fmt = _inputs((2, 5, 3, 4), dtype, layout, op, gen)
+    _check_against_reference(op, kind, x, input_fmt, gen)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 3, 2, 3, 2)], ids=["rank3", "rank5"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op,kind", OP_CASES)
+def test_forward_backward_rank3_rank5(op, kind, layout, shape, gen):
+    x, input_fmt = _inputs(shape, torch.float32, layout, op, gen)
+    _check_against_reference(op, kind, x, input_fmt, gen)
+
+
+# Shapes that take the other code paths: several loop steps over S, channel blocks with masked
+# channels, and S split over programs with the combine kernel.
+PATH_SHAPES = {
+    "ncs_loop": ((2, 3, 40, 50), "contiguous"),
+    "nsc_loop_masked_channels": ((2, 40, 10, 10), "channels_last"),
+    "ncs_split": ((1, 2, 96, 96), "contiguous"),
+    "nsc_split": ((1, 2, 128, 130), "channels_last"),
+}
+
+
+def test_path_shapes_take_their_paths():
+    loop = configs.forward_config(2, 3, 2000, False)
+    assert loop.s_programs == 1 and loop.block_s < 2000
+    masked = configs.forward_config(2, 40, 100, True)
+    assert 40 % masked.rows and masked.block_s < 100
+    assert configs.forward_config(1, 2, 96 * 96, False).s_programs > 1
+    assert configs.forward_config(1, 2, 128 * 130, True).s_programs > 1
+
+
+@pytest.mark.parametrize("op,kind", [("avg", "none"), ("max", "none"), ("mixed", "channel"),
+                                     ("catavgmax", "none"), ("gem", "scalar")])
+@pytest.mark.parametrize("path", PATH_SHAPES)
+def test_forward_backward_paths(path, op, kind, gen):
+    shape, layout = PATH_SHAPES[path]
+    x, input_fmt = _inputs(shape, torch.float32, layout, op, gen)
+    _check_against_reference(op, kind, x, input_fmt, gen)
+
+
+def _ties_and_nans(shape, layout):
+    """Rows of: ties of the maximum, one NaN, several NaNs, all -inf, +inf ties."""
+    n, c = shape[:2]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    flat = torch.randint(-3, 3, (n, c, s), generator=torch.Generator().manual_seed(3)).float()
+    rows = flat.view(n * c, s)
+    rows[0, :] = 1.0
+    rows[0, [5, s // 2, s - 1]] = 7.0
+    rows[1, s // 3] = float("nan")
+    rows[2, [1, s // 2, s - 2]] = float("nan")
+    rows[3, :] = float("-inf")
+    rows[4, [0, s - 1]] = float("inf")
+    rows[5, [s - 1, 0]] = float("nan")
+    x = flat.view(shape)
+    return make_input_like(x, layout)
+
+
+def make_input_like(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last), "NCHW"
+    if layout == "nhwc":
+        return x.movedim(1, -1).contiguous(), "NHWC"
+    return x, "NCHW"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 6, 96, 96), (1, 6, 128, 130)],
+                         ids=["small", "ncs_split", "nsc_split"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_max_ties_and_nan_follow_torch(shape, layout, dtype):
+    if shape[2] > 8 and layout == "nhwc":
+        pytest.skip("nhwc is the channels_last kernel, covered at this size by channels_last")
+    x, input_fmt = _ties_and_nans(shape, layout)
+    x = x.to(dtype)
+    values, indices = gapkernels.global_max_pool(x, True, input_fmt=input_fmt, backend="triton")
+    ref_values, ref_indices = gapkernels.reference.global_max_pool(x, True, input_fmt=input_fmt)
+    assert torch.equal(indices, ref_indices), (indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
+    for concat in (False, True):
+        out = gapkernels.global_avgmax_pool(x, concat, input_fmt=input_fmt, backend="triton")
+        ref = gapkernels.reference.global_avgmax_pool(x, concat, input_fmt=input_fmt)
+        assert_close(out, ref, dtype)
+
+
+def test_max_backward_sends_gradient_to_the_torch_index():
+    x, _ = _ties_and_nans((2, 3, 5, 7), "contiguous")
+    x.requires_grad_()
+    out = gapkernels.global_max_pool(x, backend="triton")
+    (grad,) = torch.autograd.grad(out.nansum(), x)
+    ref_x = x.detach().clone().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(
+        gapkernels.reference.global_max_pool(ref_x).nansum(), ref_x)
+    assert torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("path", ["small", "ncs_split", "nsc_split"])
+@pytest.mark.parametrize("op,kind", [("mixed", "channel"), ("gem", "channel")])
+def test_bitwise_deterministic(path, op, kind, gen):
+    shape, layout = {"small": ((2, 5, 3, 4), "channels_last"), **PATH_SHAPES}[path]
+    x, input_fmt = _inputs(shape, torch.float32, layout, op, gen)
+    first = _forward_backward(op, kind, x, input_fmt, "triton", gen)
+    second = _forward_backward(op, kind, x, input_fmt, "triton", gen)
+    for a, b in zip(first, second):
+        assert a.stride() == b.stride()
+        assert torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def test_keepdim_and_empty_batch():
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    out = gapkernels.global_gem_pool(x.abs(), keepdim=True, backend="triton")
+    assert out.shape == (2, 3, 1, 1)
+    assert_close(out, gapkernels.reference.global_gem_pool(x.abs(), keepdim=True), x.dtype)
+    empty = gapkernels.global_max_pool(torch.randn(0, 3, 4, 5), True, backend="triton")
+    assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)
+
+
+def test_unavailable_reasons():
+    assert gk_triton.unavailable_reason(torch.empty(1, 1, 1, device=DEVICE)) is None
+    reason = gk_triton.unavailable_reason(torch.empty(1, 1, 1, dtype=torch.float64))
+    assert "float64" in reason
+    with pytest.raises(RuntimeError, match="float64"):
+        gapkernels.global_avg_pool(torch.randn(1, 2, 3, dtype=torch.float64), backend="triton")
+    assert "triton" in backends.available_backends(DEVICE)
+    assert "CUDA" in _REASON
+
+
+def test_op_schema_and_fake_kernels():
+    schema = str(torch.ops.gapkernels_triton.pool_forward.default._schema)
+    assert "Tensor? weight, float scalar, float eps, bool with_log" in schema
+    x = torch.randn(2, 20, 3).transpose(1, 2)  # NSC view
+    samples = [
+        (x, 2, torch.full((3,), 0.3), 0.5, 0.0, False),
+        (x.abs(), 4, torch.tensor([3.0]), 3.0, 1e-6, True),
+        (x.contiguous(), 1, None, 0.5, 0.0, False),
+    ]
+    # test_aot_dispatch_* would run the interpreter on fake tensors (see test_torch_compile).
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for args in samples:
+        torch.library.opcheck(gk_triton.pool_forward, args, test_utils=checks)
+        out, aux, indices = gk_triton.pool_forward(*args)
+        grad_out = torch.randn_like(out)
+        torch.library.opcheck(gk_triton.pool_backward,
+                              (grad_out, args[0], aux, indices, args[1], args[2], args[3],
+                               args[4]), test_utils=checks[:2])
+
+
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.tensor(0.3))
+        self.p = torch.nn.Parameter(torch.full((4,), 3.0))
+
+    def forward(self, x):
+        mixed = gapkernels.global_mixed_pool(x, self.alpha, backend="triton")
+        gem = gapkernels.global_gem_pool(x.abs() + 0.1, self.p, backend="triton",
+                                         _check_p_values=False)
+        return mixed + gem + gapkernels.global_avgmax_pool(x, backend="triton")
+
+
+def test_torch_compile_fullgraph_traces_without_graph_breaks():
+    """Dynamo traces the model in one graph through the fake kernels (backend="eager" runs
+    the graph as traced; inductor is in test_torch_compile_inductor)."""
+    head = _Head()
+    x = torch.randn(2, 4, 3, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(head, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), head(x))
+    compiled(x).sum().backward()
+    assert head.alpha.grad is not None and head.p.grad is not None
+
+
+def test_torch_compile_inductor():
+    if gk_triton.INTERPRETED:
+        pytest.skip("under TRITON_INTERPRET=1, torch.library.wrap_triton returns the "
+                    "InterpretedFunction unwrapped, so AOTAutograd's decomposition of a triton_op "
+                    "runs the interpreter on fake tensors; this test runs on a GPU only")
+    head = _Head().to(DEVICE)
+    x = torch.randn(2, 4, 3, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(head, fullgraph=True)
+    torch.testing.assert_close(compiled(x), head(x))
+    compiled(x).sum().backward()
+
+
+def _fake_results():
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        for layout in ("contiguous", "channels_last"):
+            for size, cuda_s, triton_s in ((4096, 1.0, 2.0), (2**20, 1.0, 0.5), (2**26, 3.0, 1.0)):
+                for _op in ("avg", "max"):
+                    rows.append(dict(dtype=dtype, layout=layout, bytes=size, backend="cuda",
+                                     time_s=cuda_s))
+                    rows.append(dict(dtype=dtype, layout=layout, bytes=size, backend="triton",
+                                     time_s=triton_s))
+                    rows.append(dict(dtype=dtype, layout=layout, bytes=size, backend="eager",
+                                     time_s=0.1))
+    return rows
+
+
+def test_auto_table_from_fake_results():
+    source = auto_table.table_from_results(_fake_results(), measured_on="a fake GPU")
+    namespace: dict = {}
+    exec(compile(source, "auto_table_generated.py", "exec"), namespace)
+    table = namespace["CUDA_TABLE"]
+    assert namespace["MEASURED_ON"] == "a fake GPU"
+    assert "NOT MEASURED" not in namespace["__doc__"]
+    assert ("float32", "contiguous", 2**20, ("triton", "cuda")) in table
+    assert ("float32", "contiguous", 0, ("cuda", "triton")) in table
+    assert table[-1] == ("*", "*", 0, ("cuda", "triton"))
+    for dtype, layout, min_bytes, order in table:
+        assert isinstance(dtype, str) and isinstance(layout, str) and isinstance(min_bytes, int)
+        assert set(order) <= set(backends.BACKENDS) and "eager" not in order
+    for i, (dtype, layout, min_bytes, _) in enumerate(table[:-1]):
+        later = [r for r in table[i + 1:] if r[:2] == (dtype, layout)]
+        assert all(r[2] < min_bytes for r in later), "larger thresholds must come first"
+    regenerated = namespace["table_from_results"]
+    assert callable(regenerated)
+    assert auto_table.MEASURED_ON is None and "NOT MEASURED" in auto_table.__doc__
