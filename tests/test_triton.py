@@ -128,11 +128,7 @@ def _ties_and_nans(shape, layout):
     rows[3, :] = float("-inf")
     rows[4, [0, s - 1]] = float("inf")
     rows[5, [s - 1, 0]] = float("nan")
-    x = flat.view(shape)
-    return make_input_like(x, layout)
-
-
-def make_input_like(x, layout):
+    x = flat.view(shape).to(DEVICE)
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last), "NCHW"
     if layout == "nhwc":
@@ -183,11 +179,11 @@ def test_bitwise_deterministic(path, op, kind, gen):
 
 
 def test_keepdim_and_empty_batch():
-    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
     out = gapkernels.global_gem_pool(x.abs(), keepdim=True, backend="triton")
     assert out.shape == (2, 3, 1, 1)
     assert_close(out, gapkernels.reference.global_gem_pool(x.abs(), keepdim=True), x.dtype)
-    empty = gapkernels.global_max_pool(torch.randn(0, 3, 4, 5), True, backend="triton")
+    empty = gapkernels.global_max_pool(torch.randn(0, 3, 4, 5, device=DEVICE), True, backend="triton")
     assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)
 
 
@@ -204,10 +200,10 @@ def test_unavailable_reasons():
 def test_op_schema_and_fake_kernels():
     schema = str(torch.ops.gapkernels_triton.pool_forward.default._schema)
     assert "Tensor? weight, float scalar, float eps, bool with_log" in schema
-    x = torch.randn(2, 20, 3).transpose(1, 2)  # NSC view
+    x = torch.randn(2, 20, 3, device=DEVICE).transpose(1, 2)  # NSC view
     samples = [
-        (x, 2, torch.full((3,), 0.3), 0.5, 0.0, False),
-        (x.abs(), 4, torch.tensor([3.0]), 3.0, 1e-6, True),
+        (x, 2, torch.full((3,), 0.3, device=DEVICE), 0.5, 0.0, False),
+        (x.abs(), 4, torch.tensor([3.0], device=DEVICE), 3.0, 1e-6, True),
         (x.contiguous(), 1, None, 0.5, 0.0, False),
     ]
     # test_aot_dispatch_* would run the interpreter on fake tensors (see test_torch_compile).
@@ -237,7 +233,7 @@ class _Head(torch.nn.Module):
 def test_torch_compile_fullgraph_traces_without_graph_breaks():
     """Dynamo traces the model in one graph through the fake kernels (backend="eager" runs
     the graph as traced; inductor is in test_torch_compile_inductor)."""
-    head = _Head()
+    head = _Head().to(DEVICE)
     x = torch.randn(2, 4, 3, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(head, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), head(x))

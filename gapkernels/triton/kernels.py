@@ -201,13 +201,15 @@ def pool_combine_kernel(partial_stats_ptr, partial_index_ptr, weight_ptr,
     total_log = tl.zeros([ROWS], tl.float32)
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_index = tl.zeros([ROWS], tl.int64)
+    # int32 offsets suffice: S is split only when there are few rows (configs.forward_config),
+    # so the partial buffers hold a few million elements at most.
     for split in range(0, splits):
-        stats = partial_stats_ptr + split * 3 * rows_total.to(tl.int64) + row
+        stats = partial_stats_ptr + split * 3 * rows_total + row
         total += tl.load(stats, mask=row_mask, other=0.0)
         total_log += tl.load(stats + 2 * rows_total, mask=row_mask, other=0.0)
         if NEEDS_MAX:
             piece_max = tl.load(stats + rows_total, mask=row_mask, other=float("-inf"))
-            piece_index = tl.load(partial_index_ptr + split * rows_total.to(tl.int64) + row,
+            piece_index = tl.load(partial_index_ptr + split * rows_total + row,
                                   mask=row_mask, other=0)
             take = (piece_max > row_max) | (piece_max != piece_max)
             row_max = tl.where(take, piece_max, row_max)
