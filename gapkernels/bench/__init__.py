@@ -1,0 +1,1 @@
+"""The benchmark suite: `python -m gapkernels.bench` (see bench/README.md)."""
