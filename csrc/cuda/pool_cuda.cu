@@ -287,7 +287,8 @@ __device__ __forceinline__ void emit_piece(const ForwardArgs<scalar_t>& a, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// NCS forward: work item = (row, piece) handled by 2^group_log2 lanes.
+// NCS forward: work item = (row, piece) handled by 2^group_log2 lanes, enough lanes for each to
+// take about kUnroll vectors (S = 49 float32: 4 lanes, 8 rows per warp).
 struct NcsGeometry {
   int64_t split;  // pieces per row
   int64_t chunk;  // elements per piece (the last may be shorter)
@@ -343,24 +344,22 @@ __global__ void __launch_bounds__(kThreads)
     }
     const VecT* body = reinterpret_cast<const VecT*>(start + pl.head);
     const int64_t body_s = begin + pl.head;
-    int64_t v = lane;
-    for (; v + (kUnroll - 1) * group < pl.vectors; v += kUnroll * group) {
+    // Up to kUnroll vector loads in flight per lane, issued before any of them is used.
+    for (int64_t v = lane; v < pl.vectors; v += kUnroll * group) {
       VecT loaded[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) loaded[u] = body[v + u * group];
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v + u * group < pl.vectors) loaded[u] = body[v + u * group];
+      }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
+        if (v + u * group < pl.vectors) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          t.add(static_cast<acc_t>(loaded[u].v[j]), body_s + (v + u * group) * VEC + j, a.eps, e);
+          for (int j = 0; j < VEC; ++j) {
+            t.add(static_cast<acc_t>(loaded[u].v[j]), body_s + (v + u * group) * VEC + j, a.eps,
+                  e);
+          }
         }
-      }
-    }
-    for (; v < pl.vectors; v += group) {
-      const VecT loaded = body[v];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        t.add(static_cast<acc_t>(loaded.v[j]), body_s + v * VEC + j, a.eps, e);
       }
     }
     const int64_t tail_start = pl.head + pl.vectors * VEC;
@@ -721,7 +720,7 @@ NcsGeometry ncs_geometry(int64_t rows, int64_t S, int vec) {
     }
   }
   g.items = rows * g.split;
-  g.group_log2 = std::min(ceil_log2(ceil_div(g.chunk, vec)), 5);
+  g.group_log2 = std::min(ceil_log2(ceil_div(ceil_div(g.chunk, vec), kUnroll)), 5);
   g.blocks = checked_grid(ceil_div(g.items, kThreads >> g.group_log2));
   return g;
 }
