@@ -25,8 +25,16 @@ DEADLINE=$((START + ${GK_BUDGET_S:-570}))
 SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then
+        CUDA_HOME=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then
+        CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+    fi
+fi
+export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
+SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/compute-sanitizer/compute-sanitizer")
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 STAGES=("$@")
@@ -36,18 +44,23 @@ fi
 
 seconds_left() { echo $((DEADLINE - $(date +%s))); }
 
-# run_logged NAME LOG COMMAND...: runs COMMAND under the remaining time, logs to LOG, records rc.
+# run_logged NAME LOG CAP COMMAND...: runs COMMAND for at most CAP seconds (0: no cap) and never
+# past the call's deadline, logs to LOG, records the verdict in the summary.
 run_logged() {
-    local name=$1 log=$2
-    shift 2
+    local name=$1 log=$2 cap=$3
+    shift 3
     local left
     left=$(seconds_left)
+    if [ "$cap" -gt 0 ] && [ "$cap" -lt "$left" ]; then
+        left=$cap
+    fi
     if [ "$left" -le 15 ]; then
         echo "$name: SKIPPED (no time left in this call)" | tee -a "$SUMMARY"
         return 1
     fi
     local begin=$(date +%s)
-    timeout -s INT -k 20 "$left" "$@" >"$log" 2>&1
+    # bash -c: COMMAND may be one of the exported functions below.
+    timeout -s INT -k 20 "$left" bash -c '"$@"' "$name" "$@" >"$log" 2>&1
     local rc=$?
     local verdict=ok
     [ $rc -ne 0 ] && verdict="FAILED rc=$rc"
@@ -74,13 +87,15 @@ if _ext.unavailable_reason("CUDA"):
     raise SystemExit(_ext.unavailable_reason("CUDA"))
 PYEOF
 }
-if ! run_logged build "$OUT/build.log" build; then
+export -f build
+export PY OUT SANITIZER
+if ! run_logged build "$OUT/build.log" 0 build; then
     tail -40 "$OUT/build.log"
     exit 1
 fi
 
 pytest_workers() {
-    if "$PY" -c "import xdist" 2>/dev/null && [ "${GK_PYTEST_WORKERS:-4}" -gt 1 ]; then
+    if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "${GK_PYTEST_WORKERS:-4}" -gt 1 ]; then
         echo "-n ${GK_PYTEST_WORKERS:-4}"
     fi
 }
@@ -91,12 +106,12 @@ RACECHECK_SELECTION="bitwise and channels_last and (subwarp_rows or nsc_odd_c_sp
 
 sanitize() {
     local tool=$1 selection=$2
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
         --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$selection"
 }
 
 bench() {
-    if ! "$PY" -c "import gapkernels.bench" 2>/dev/null; then
+    if ! "$PY" -c "import gapkernels.bench" >/dev/null 2>&1; then
         echo "gapkernels.bench is not there: nothing to run"
         return 0
     fi
@@ -105,23 +120,27 @@ bench() {
     "$PY" -m gapkernels.bench --device cuda --out "$OUT/bench" ${GK_BENCH_ARGS:-}
 }
 
+export -f sanitize bench
+
 status=0
 for stage in "${STAGES[@]}"; do
     case $stage in
         test)
             # shellcheck disable=SC2046,SC2086
-            run_logged pytest "$OUT/pytest.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+            run_logged pytest "$OUT/pytest.log" 0 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
                 --durations=15 $(pytest_workers) ${GK_PYTEST_ARGS:-} tests || status=1
             tail -15 "$OUT/pytest.log"
             ;;
         sanitize)
-            run_logged memcheck "$OUT/memcheck.log" sanitize memcheck "$SANITIZE_SELECTION" || status=1
+            # memcheck gets at most 60% of what is left, so that racecheck runs too.
+            run_logged memcheck "$OUT/memcheck.log" $(($(seconds_left) * 6 / 10)) \
+                sanitize memcheck "$SANITIZE_SELECTION" || status=1
             tail -6 "$OUT/memcheck.log"
-            run_logged racecheck "$OUT/racecheck.log" sanitize racecheck "$RACECHECK_SELECTION" || status=1
+            run_logged racecheck "$OUT/racecheck.log" 0 sanitize racecheck "$RACECHECK_SELECTION" || status=1
             tail -6 "$OUT/racecheck.log"
             ;;
         bench)
-            run_logged bench "$OUT/bench.log" bench || status=1
+            run_logged bench "$OUT/bench.log" 0 bench || status=1
             tail -30 "$OUT/bench.log"
             ;;
         *)
