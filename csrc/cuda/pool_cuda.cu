@@ -297,8 +297,8 @@ struct NcsGeometry {
   int group_log2;
 };
 
-// Where the 16-byte-aligned body of [begin, end) starts within a piece, for elements of size
-// elem_size at address `start`: head elements before it, `vectors` aligned vectors, tail after.
+// A piece of `length` elements at `start`, cut at 16-byte boundaries: `head` elements before the
+// first boundary, `vectors` aligned 16-byte vectors, `tail` elements after the last one.
 struct Peel {
   int64_t head;
   int64_t vectors;
