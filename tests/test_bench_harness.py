@@ -80,3 +80,28 @@ def test_bytes_moved():
     assert case.bytes_moved() == (x_bytes + out_bytes) + (2 * x_bytes + out_bytes)
     cat = bench_cases.Case("catavgmax", "x", (2, 3, 4, 5), "float32", "channels_last", "fwd")
     assert cat.bytes_moved() == 2 * 3 * 4 * 5 * 4 + 2 * 6 * 4
+
+
+def test_merge_keeps_earlier_cases(tmp_path):
+    common = [*TINY, "--passes", "fwd", "--no-compile", "--no-plots", "--out", str(tmp_path)]
+    bench_cli.main([*common, "--ops", "avg,max"])
+    result = bench_cli.main([*common, "--ops", "max,gem", "--merge"])
+    rows = json.loads(result["files"]["json"].read_text())["rows"]
+    assert sorted(r["op"] for r in rows) == ["avg", "gem", "max"]
+    assert len(json.loads(result["files"]["json"].read_text())["header"]["merged_runs"]) == 1
+
+
+def test_a_failing_backend_is_reported_not_fatal(tmp_path, monkeypatch):
+    def broken(op, backend):
+        def run(x, w):
+            raise RuntimeError("kernel exploded")
+        return run
+
+    monkeypatch.setattr(bench_cases, "gapkernels_op", broken)
+    result = bench_cli.main([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile",
+                             "--out", str(tmp_path)])
+    (row,) = result["rows"]
+    assert row["check"].startswith("error: RuntimeError: kernel exploded")
+    assert row["time_us"] is None and row["speedup_eager"] is None
+    assert _filled(row["eager_us"])
+    assert "kernel exploded" in result["files"]["md"].read_text()

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--no-timm", action="store_true", help="skip the timm peer")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's rows to today's files for this device, replacing "
+                             "the cases measured again (a long run split over several commands)")
     parser.add_argument("--write-auto-table", action="store_true",
                         help="regenerate gapkernels/auto_table.py from this run (GPU only)")
     return parser
@@ -67,7 +70,8 @@ def _write_auto_table(rows: list[dict], header: dict, console) -> None:
                       "auto_table.py left as it is")
         return
     # The table is keyed by the input's size, and ranks backends by their summed times.
-    measured = [{**r, "bytes": r["input_bytes"], "time_s": r["time_us"] * 1e-6} for r in rows]
+    measured = [{**r, "bytes": r["input_bytes"], "time_s": r["time_us"] * 1e-6}
+                for r in rows if r["time_us"] is not None]
     source = table_from_results(measured, measured_on=header["device_name"])
     Path(auto_table.__file__).write_text(source)
     console.print(f"wrote {auto_table.__file__}")
@@ -124,11 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
     header["wall_seconds"] = round(time.perf_counter() - start, 1)
     for row in rows:
         row["device_name"] = header["device_name"]
+        row["measured_at"] = header["date"]
     report.print_table(rows, header, console)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = report.result_stem(args.out, header)
     files = {ext: stem.with_name(f"{stem.name}.{ext}") for ext in ("json", "csv", "md")}
+    if args.merge and files["json"].exists():
+        header, rows = report.merge_runs(report.read_json(files["json"]), header, rows)
     report.write_json(files["json"], header, rows)
     report.write_csv(files["csv"], rows)
     report.write_markdown(files["md"], header, rows)

@@ -147,26 +147,34 @@ def measure_case(case: bench_cases.Case, backend_names: list[str], config: Timin
     device = config.device
     inputs = bench_cases.make_inputs(case, device, buffer_count(case, device))
 
-    def time_op(op) -> float:
-        return median_seconds(rotating([bench_cases.step(op, i, case.pass_) for i in inputs]),
-                              config)
+    notes: list[str] = []
 
-    peers: dict[str, float | None] = {"eager": time_op(bench_cases.EAGER_OPS[case.op])}
-    notes = []
-    peers["compile"] = None
-    if with_compile:
+    def time_op(name: str, op) -> float | None:
+        """Median seconds, or None (with a note) when the implementation fails on this case: one
+        failure must not cost a whole run."""
         try:
-            peers["compile"] = time_op(bench_cases.compiled_op(case.op))
-        except Exception as exc:  # a peer that cannot compile leaves its column empty
-            notes.append(f"torch.compile failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            calls = [bench_cases.step(op, i, case.pass_) for i in inputs]
+            return median_seconds(rotating(calls), config)
+        except Exception as exc:
+            notes.append(f"{name} failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            return None
+
+    peers: dict[str, float | None] = {p: None for p in bench_cases.PEERS}
+    peers["eager"] = time_op("eager", bench_cases.EAGER_OPS[case.op])
+    if with_compile:
+        peers["compile"] = time_op("torch.compile", bench_cases.compiled_op(case.op))
     timm_op = bench_cases.timm_op(case.op, device) if with_timm else None
-    peers["timm"] = time_op(timm_op) if timm_op is not None else None
+    if timm_op is not None:
+        peers["timm"] = time_op("timm", timm_op)
 
     rows = []
     for backend in backend_names:
         op = bench_cases.gapkernels_op(case.op, backend)
-        check = check_forward(op, inputs[0], case)
-        seconds = time_op(op)
+        try:
+            check = check_forward(op, inputs[0], case)
+        except Exception as exc:
+            check = f"error: {type(exc).__name__}: {exc}".splitlines()[0]
+        seconds = time_op(backend, op) if check == "ok" or check.startswith("mismatch") else None
         row = {
             "op": case.op,
             "shape_name": case.shape_name,
@@ -175,19 +183,24 @@ def measure_case(case: bench_cases.Case, backend_names: list[str], config: Timin
             "layout": case.layout,
             "pass": case.pass_,
             "backend": backend,
-            "time_us": seconds * 1e6,
+            "time_us": _scaled(seconds, 1e6),
             "input_bytes": case.input_bytes,
             "bytes_moved": case.bytes_moved(),
-            "gbps": case.bytes_moved() / seconds / 1e9,
+            "gbps": None if seconds is None else case.bytes_moved() / seconds / 1e9,
             "check": check,
             "buffers": len(inputs),
             "notes": "; ".join(notes),
         }
         for peer, peer_seconds in peers.items():
-            row[f"{peer}_us"] = None if peer_seconds is None else peer_seconds * 1e6
-            row[f"speedup_{peer}"] = None if peer_seconds is None else peer_seconds / seconds
+            row[f"{peer}_us"] = _scaled(peer_seconds, 1e6)
+            row[f"speedup_{peer}"] = (None if peer_seconds is None or seconds is None
+                                      else peer_seconds / seconds)
         rows.append(row)
     return rows
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 def add_probe_fractions(row: dict, probes: dict[str, dict[str, float]], device: str) -> dict:
@@ -195,10 +208,10 @@ def add_probe_fractions(row: dict, probes: dict[str, dict[str, float]], device: 
     the same dtype's copy on a GPU, the float32 sum on the CPU."""
     same = probes[row["dtype"]]
     row["sum_gbps"] = same["sum"]
-    row["frac_sum"] = row["gbps"] / same["sum"]
     row["sum_f32_gbps"] = probes["float32"]["sum"]
-    row["frac_sum_f32"] = row["gbps"] / probes["float32"]["sum"]
     row["copy_gbps"] = same.get("copy")
-    row["frac_copy"] = row["gbps"] / same["copy"] if "copy" in same else None
+    for kind in ("sum", "sum_f32", "copy"):
+        probe, gbps = row[f"{kind}_gbps"], row["gbps"]
+        row[f"frac_{kind}"] = None if probe is None or gbps is None else gbps / probe
     row["frac_target"] = row["frac_copy"] if device == "cuda" else row["frac_sum_f32"]
     return row

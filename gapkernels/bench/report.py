@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import math
 import platform
 import re
 import subprocess
@@ -23,18 +22,18 @@ TABLE_COLUMNS = [
     ("layout", lambda r: "CL" if r["layout"] == "channels_last" else "NCHW"),
     ("pass", lambda r: r["pass"]),
     ("backend", lambda r: r["backend"]),
-    ("time us", lambda r: f"{r['time_us']:.1f}"),
-    ("GB/s", lambda r: f"{r['gbps']:.1f}"),
-    ("% probe", lambda r: f"{100 * r['frac_target']:.0f}%"),
-    ("x eager", lambda r: _ratio(r["speedup_eager"])),
-    ("x compile", lambda r: _ratio(r["speedup_compile"])),
-    ("x timm", lambda r: _ratio(r["speedup_timm"])),
-    ("check", lambda r: r["check"] if r["check"] == "ok" else "MISMATCH"),
+    ("time us", lambda r: _number(r["time_us"], "{:.1f}")),
+    ("GB/s", lambda r: _number(r["gbps"], "{:.1f}")),
+    ("% probe", lambda r: _number(r["frac_target"], "{:.0%}")),
+    ("x eager", lambda r: _number(r["speedup_eager"], "{:.2f}")),
+    ("x compile", lambda r: _number(r["speedup_compile"], "{:.2f}")),
+    ("x timm", lambda r: _number(r["speedup_timm"], "{:.2f}")),
+    ("check", lambda r: r["check"].split(":")[0]),
 ]
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def cpu_model() -> str:
@@ -135,6 +134,27 @@ def write_json(path: Path, header: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+ROW_KEY = ("op", "shape_name", "dtype", "layout", "pass", "backend")
+
+
+def merge_runs(previous: dict, header: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """An earlier run's rows plus this run's, a case measured again replaced by its new row.
+    Each row keeps its own probe values; the header lists the earlier runs."""
+    if previous["header"]["device_name"] != header["device_name"]:
+        raise SystemExit(f"--merge: the existing results are from "
+                         f"{previous['header']['device_name']}, not {header['device_name']}")
+    fresh = {tuple(r[k] for k in ROW_KEY) for r in rows}
+    kept = [r for r in previous["rows"] if tuple(r[k] for k in ROW_KEY) not in fresh]
+    earlier = previous["header"].get("merged_runs", [])
+    earlier.append({k: previous["header"].get(k) for k in ("date", "git_commit", "mode",
+                                                            "wall_seconds", "probes_gbps")})
+    return {**header, "merged_runs": earlier}, kept + rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:
@@ -154,10 +174,12 @@ def write_markdown(path: Path, header: dict, rows: list[dict]) -> None:
     lines += [f"- {_probe_line(header)}", ""]
     lines += ["| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
     lines += ["| " + " | ".join(line) + " |" for line in cells]
-    mismatches = [r for r in rows if r["check"] != "ok"]
-    for r in mismatches:
-        lines.append(f"\nMISMATCH {r['op']} {r['shape_name']} {r['dtype']} {r['layout']} "
-                     f"{r['backend']}: {r['check']}")
+    problems = [r for r in rows if r["check"] != "ok" or r["notes"]]
+    if problems:
+        lines.append("")
+    for r in problems:
+        lines.append(f"- {r['op']} {r['shape_name']} {r['dtype']} {r['layout']} {r['pass']} "
+                     f"{r['backend']}: {'; '.join(t for t in (r['check'], r['notes']) if t)}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -211,7 +233,8 @@ def plot_gbps(path: Path, header: dict, rows: list[dict]) -> None:
         ax = axes[i][j]
         series: dict[str, dict[str, float]] = {}
         for r in panel:
-            series.setdefault(r["backend"], {})[_case_label(r)] = r["gbps"]
+            if r["gbps"] is not None:
+                series.setdefault(r["backend"], {})[_case_label(r)] = r["gbps"]
         _bars(ax, labels, series)
         probes = header["probes_gbps"]
         target = probes[dtype].get("copy") if header["device"] == "cuda" else probes["float32"]["sum"]
@@ -236,14 +259,15 @@ def plot_speedup(path: Path, header: dict, rows: list[dict]) -> None:
         for r in panel:
             for peer in ("eager", "compile", "timm"):
                 value = r[f"speedup_{peer}"]
-                if value is not None and math.isfinite(value):
+                if value is not None:
                     series.setdefault(f"{r['backend']} / {peer}", {})[_case_label(r)] = value
         _bars(ax, labels, series)
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_title(f"{dtype}, {pass_}", fontsize=9)
         ax.set_ylabel("speed-up (x)")
-        ax.legend(fontsize=7)
+        if series:
+            ax.legend(fontsize=7)
     fig.suptitle(_title(header), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
