@@ -21,9 +21,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 DTYPES = list(TOLERANCES)
 # (N, C, H, W): the batch-1 head (one launch), NCS rows split over blocks with a combine pass,
-# NSC with an odd C (scalar channel loads) and S split over blocks, sub-warp rows (S = 49, 13*17).
+# NSC with an odd C (scalar channel loads) and S split over blocks, sub-warp rows (S = 13*17),
+# rows shorter than a vector (S = 6: one lane per row, head and tail only).
 SHAPES = {
     "head_b1": (1, 2048, 7, 7),
+    "tiny_rows": (5, 33, 2, 3),
     "ncs_split": (2, 3, 70, 70),
     "nsc_odd_c_split": (2, 5, 96, 97),
     "subwarp_rows": (3, 40, 13, 17),
