@@ -22,6 +22,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "pool_common.h"
 
 namespace gapkernels {
@@ -39,12 +43,30 @@ constexpr int64_t kMinTaskElements = 32768;
 constexpr int64_t kMaxRunPiece = int64_t{1} << 22;
 // NSC pieces hold at most this many rows, which bounds each per-channel float sum's length.
 constexpr int64_t kMaxRowsPiece = 1024;
-// NCS: vector partial sums are folded into the running sums every this many elements.
-constexpr int64_t kSumBlock = 1024;
+// NCS: chunks per block. A block's vector sums are folded into the running sums after it, and
+// its max is checked against the running max before the exact max scan is run on it.
+constexpr int64_t kBlockChunks = 16;
+// NSC: rows per block, for the same max check.
+constexpr int64_t kRowBlock = 8;
 // Rows finalized together (vectorized pow for GEM).
 constexpr int64_t kBatch = 16;
 // GEM uses repeated multiplication for integral p in [1, kMaxIntPower].
 constexpr int kMaxIntPower = 8;
+
+// grad_x is a fresh allocation that the kernel touches first; with 4 KiB pages the page faults
+// cost more than writing it. Transparent huge pages (the same thing torch's THP_MEM_ALLOC_ENABLE
+// asks for) cut them 512-fold. Only the 2 MiB-aligned interior of large buffers is advised.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  if (bytes < 4 * kHugePage) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (start + bytes) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
 
 template <typename acc_t>
 inline bool is_nan(acc_t v) {
@@ -225,22 +247,13 @@ struct PoolKernel {
     mask[1] = Vec::arange(acc_t(V), acc_t(1)) >= first;
   }
 
-  // Folds one chunk of x (lanes outside `mask` ignored when kMasked) into per-lane statistics.
+  // Adds one chunk of x (lanes outside `mask` ignored when kMasked) to the per-lane sums.
   template <bool kMasked>
-  static inline void update(const Vec (&v)[2], const Vec (&cur)[2], const Vec (&mask)[2],
-                            const Power& power, const Vec& eps, bool with_log, Vec* sum,
-                            Vec* log_sum, Vec* mx, Vec* ix) {
+  static inline void update_sums(const Vec (&v)[2], const Vec (&mask)[2], const Power& power,
+                                 const Vec& eps, bool with_log, Vec* sum, Vec* log_sum) {
     for (int k = 0; k < 2; ++k) {
       if constexpr (kSum) {
         sum[k] += kMasked ? (v[k] & mask[k]) : v[k];
-      }
-      if constexpr (kMax) {
-        const Vec value =
-            kMasked ? Vec::blendv(Vec(-std::numeric_limits<acc_t>::infinity()), v[k], mask[k])
-                    : v[k];
-        const Vec take = (value > mx[k]) | value.isnan();
-        mx[k] = Vec::blendv(mx[k], value, take);
-        ix[k] = Vec::blendv(ix[k], cur[k], take);
       }
       if constexpr (kGem) {
         const Vec clamped = at::vec::clamp_min(v[k], eps);
@@ -261,6 +274,41 @@ struct PoolKernel {
         }
       }
     }
+  }
+
+  static inline Vec masked_for_max(const Vec& v, const Vec& mask) {
+    return Vec::blendv(Vec(-std::numeric_limits<acc_t>::infinity()), v, mask);
+  }
+
+  // The exact per-lane scan step of the max rule; cur holds each lane's element index.
+  template <bool kMasked>
+  static inline void update_max(const Vec (&v)[2], const Vec (&cur)[2], const Vec (&mask)[2],
+                                Vec* mx, Vec* ix) {
+    for (int k = 0; k < 2; ++k) {
+      const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
+      const Vec take = (value > mx[k]) | value.isnan();
+      mx[k] = Vec::blendv(mx[k], value, take);
+      ix[k] = Vec::blendv(ix[k], cur[k], take);
+    }
+  }
+
+  // Cheap pass over a block: the block's lane maxima and whether it holds a NaN. Only a block
+  // that could change (max, index) is scanned again with update_max.
+  template <bool kMasked>
+  static inline void track_max(const Vec (&v)[2], const Vec (&mask)[2], Vec* block_max,
+                               Vec* block_nan) {
+    for (int k = 0; k < 2; ++k) {
+      const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
+      block_max[k] = at::vec::clamp_min(value, block_max[k]);
+      block_nan[k] = block_nan[k] | value.isnan();
+    }
+  }
+
+  static inline bool block_may_change_max(const Vec* block_max, const Vec* block_nan,
+                                          const Vec* mx) {
+    const Vec candidates =
+        (block_max[0] > mx[0]) | (block_max[1] > mx[1]) | block_nan[0] | block_nan[1];
+    return candidates.zero_mask() != (1 << V) - 1;
   }
 
   static inline void update_scalar(acc_t v, int64_t i, int integer, acc_t p, acc_t eps,
@@ -291,19 +339,22 @@ struct PoolKernel {
     }
     const Vec eps(a.eps);
     const Vec zero(acc_t(0));
+    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
     Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
     Vec block_sum[2] = {zero, zero}, block_log_sum[2] = {zero, zero};
-    Vec mx[2] = {Vec(-std::numeric_limits<acc_t>::infinity()),
-                 Vec(-std::numeric_limits<acc_t>::infinity())};
+    Vec mx[2] = {neg_inf, neg_inf};
     Vec ix[2] = {zero, zero};
     const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
     const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
-    const Vec step(static_cast<acc_t>(W));
-    Vec cur[2] = {lane0, lane1};
+    auto lane_index = [&](int64_t i, Vec (&cur)[2]) {
+      const Vec base(static_cast<acc_t>(i));
+      cur[0] = lane0 + base;
+      cur[1] = lane1 + base;
+    };
     Vec no_mask[2];
     const int64_t tail = len % W;
     const int64_t full_end = len - tail;
-    auto fold_blocks = [&]() {
+    auto fold_block = [&]() {
       for (int k = 0; k < 2; ++k) {
         sum[k] += block_sum[k];
         log_sum[k] += block_log_sum[k];
@@ -311,27 +362,45 @@ struct PoolKernel {
         block_log_sum[k] = zero;
       }
     };
-    int64_t i = 0;
-    while (i < full_end) {
-      const int64_t block_end = std::min(full_end, i + kSumBlock);
-      for (; i < block_end; i += W) {
-        Vec v[2];
-        IO::load(x + i, v[0], v[1]);
-        update<false>(v, cur, no_mask, power, eps, a.with_log, block_sum, block_log_sum, mx, ix);
-        cur[0] += step;
-        cur[1] += step;
+    Vec v[2], cur[2];
+    for (int64_t i = 0; i < full_end;) {
+      const int64_t block_end = std::min(full_end, i + kBlockChunks * W);
+      if (kMax && i == 0) {
+        // The first block always sets the max: scan it exactly right away.
+        for (int64_t j = i; j < block_end; j += W) {
+          IO::load(x + j, v[0], v[1]);
+          update_sums<false>(v, no_mask, power, eps, a.with_log, block_sum, block_log_sum);
+          lane_index(j, cur);
+          update_max<false>(v, cur, no_mask, mx, ix);
+        }
+      } else {
+        Vec block_max[2] = {neg_inf, neg_inf}, block_nan[2] = {zero, zero};
+        for (int64_t j = i; j < block_end; j += W) {
+          IO::load(x + j, v[0], v[1]);
+          update_sums<false>(v, no_mask, power, eps, a.with_log, block_sum, block_log_sum);
+          if constexpr (kMax) track_max<false>(v, no_mask, block_max, block_nan);
+        }
+        if (kMax && block_may_change_max(block_max, block_nan, mx)) {
+          for (int64_t j = i; j < block_end; j += W) {
+            IO::load(x + j, v[0], v[1]);
+            lane_index(j, cur);
+            update_max<false>(v, cur, no_mask, mx, ix);
+          }
+        }
       }
-      fold_blocks();
+      fold_block();
+      i = block_end;
     }
     if (tail) {
       Vec mask[2];
       tail_mask(tail, mask);
-      const Vec base(static_cast<acc_t>(len - W));
-      const Vec tail_cur[2] = {lane0 + base, lane1 + base};
-      Vec v[2];
       IO::load(x + len - W, v[0], v[1]);
-      update<true>(v, tail_cur, mask, power, eps, a.with_log, block_sum, block_log_sum, mx, ix);
-      fold_blocks();
+      update_sums<true>(v, mask, power, eps, a.with_log, block_sum, block_log_sum);
+      if constexpr (kMax) {
+        lane_index(len - W, cur);
+        update_max<true>(v, cur, mask, mx, ix);
+      }
+      fold_block();
     }
     auto add = [](const Vec& p, const Vec& q) { return p + q; };
     if constexpr (kSum || kGem) st.sum = at::vec::vec_reduce_all<acc_t>(add, sum[0] + sum[1]);
@@ -477,13 +546,12 @@ struct PoolKernel {
     }
   };
 
-  // Folds the chunk of channels [c, c + W) of one row into the channel buffers.
+  // Folds channels [c, c + W) of rows [s, s_end) into the channel buffers.
   template <bool kMasked>
-  static inline void update_channels(const scalar_t* row, int64_t c, const Vec (&cur)[2],
-                                     const Vec (&mask)[2], const Args& a, const Power& uniform,
-                                     const Vec& eps, ChannelBuffers& b) {
-    Vec v[2];
-    IO::load(row + c, v[0], v[1]);
+  static inline void update_channels(const scalar_t* xn, int64_t s, int64_t s_end, int64_t s0,
+                                     int64_t c, const Vec (&mask)[2], const Args& a,
+                                     const Power& uniform, const Vec& eps, ChannelBuffers& b) {
+    const int64_t C = a.C;
     Vec sum[2], log_sum[2], mx[2], ix[2];
     if constexpr (kSum || kGem) {
       sum[0] = Vec::loadu(b.sum.data() + c);
@@ -501,15 +569,25 @@ struct PoolKernel {
       ix[0] = Vec::loadu(b.index.data() + c);
       ix[1] = Vec::loadu(b.index.data() + c + V);
     }
-    if constexpr (kGem) {
-      if (a.uniform_p) {
-        update<kMasked>(v, cur, mask, uniform, eps, a.with_log, sum, log_sum, mx, ix);
-      } else {
-        const Power per_channel{0, acc_t(0), {Vec::loadu(a.weight + c), Vec::loadu(a.weight + c + V)}};
-        update<kMasked>(v, cur, mask, per_channel, eps, a.with_log, sum, log_sum, mx, ix);
+    const Power power = kGem && !a.uniform_p
+                            ? Power{0, acc_t(0), {Vec::loadu(a.weight + c), Vec::loadu(a.weight + c + V)}}
+                            : uniform;
+    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+    const Vec zero(acc_t(0));
+    Vec block_max[2] = {neg_inf, neg_inf}, block_nan[2] = {zero, zero};
+    Vec v[2];
+    for (int64_t r = s; r < s_end; ++r) {
+      IO::load(xn + r * C + c, v[0], v[1]);
+      update_sums<kMasked>(v, mask, power, eps, a.with_log, sum, log_sum);
+      if constexpr (kMax) track_max<kMasked>(v, mask, block_max, block_nan);
+    }
+    if (kMax && block_may_change_max(block_max, block_nan, mx)) {
+      for (int64_t r = s; r < s_end; ++r) {
+        IO::load(xn + r * C + c, v[0], v[1]);
+        const Vec cur_r(static_cast<acc_t>(r - s0));
+        const Vec cur[2] = {cur_r, cur_r};
+        update_max<kMasked>(v, cur, mask, mx, ix);
       }
-    } else {
-      update<kMasked>(v, cur, mask, uniform, eps, a.with_log, sum, log_sum, mx, ix);
     }
     if constexpr (kSum || kGem) {
       sum[0].store(b.sum.data() + c);
@@ -553,14 +631,12 @@ struct PoolKernel {
     const int64_t full_end = C - tail;
     Vec mask[2];
     tail_mask(tail, mask);
-    for (int64_t s = s0; s < s1; ++s) {
-      const scalar_t* row = xn + s * C;
-      const Vec cur_s(static_cast<acc_t>(s - s0));
-      const Vec cur[2] = {cur_s, cur_s};
+    for (int64_t s = s0; s < s1; s += kRowBlock) {
+      const int64_t s_end = std::min(s1, s + kRowBlock);
       for (int64_t c = 0; c < full_end; c += W) {
-        update_channels<false>(row, c, cur, mask, a, uniform, eps, b);
+        update_channels<false>(xn, s, s_end, s0, c, mask, a, uniform, eps, b);
       }
-      if (tail) update_channels<true>(row, C - W, cur, mask, a, uniform, eps, b);
+      if (tail) update_channels<true>(xn, s, s_end, s0, C - W, mask, a, uniform, eps, b);
     }
   }
 
@@ -946,6 +1022,7 @@ at::Tensor pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
   const PoolShape shape = check_backward_inputs(grad_out, x, aux, indices, mode, weight);
   at::Tensor grad_x = allocate_grad_input(x, shape);
   if (shape.N == 0 || shape.C == 0) return grad_x;
+  advise_huge_pages(grad_x);
   const Mode m = static_cast<Mode>(mode);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_backward_cpu", [&] {
     dispatch_mode(m, [&](auto mode_constant) {
