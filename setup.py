@@ -30,7 +30,7 @@ def with_cuda() -> bool:
 
 
 def cpu_flags() -> list[str]:
-    flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    flags = ["-O3", "-fno-math-errno"]  # the C++ standard: cpp_extension picks the one torch needs
     isa = os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
     if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
         # at::vec picks its implementation from these macros; AVX2 + FMA is every x86-64 CPU since 2013.
@@ -50,7 +50,7 @@ def extension():
             sources,
             include_dirs=include_dirs,
             define_macros=[("GAPKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-lineinfo"]},
         )
     return CppExtension("gapkernels._C", sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cpu_flags()})

@@ -36,11 +36,17 @@ def loaded() -> bool:
     return _C is not None
 
 
+# Read once here: the public functions consult it on every call, also inside torch.compile graphs.
+KERNEL_KEYS = frozenset(
+    key for key in ("CPU", "CUDA")
+    if _C is not None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("gapkernels::pool_forward", key)
+)
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the extension registered kernels for a dispatch key ("CPU" or "CUDA")."""
-    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "gapkernels::pool_forward", dispatch_key
-    )
+    return dispatch_key in KERNEL_KEYS
 
 
 def unavailable_reason(dispatch_key: str) -> str | None:

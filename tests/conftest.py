@@ -107,9 +107,9 @@ def assert_close(actual, expected, dtype, scale=1.0, msg=""):
 
 
 def assert_bitwise_equal(a, b):
+    """Same dtype, shape, strides and bits (NaN payloads and signed zeros included)."""
     assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    assert torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a,
-                       b.view(torch.uint8) if b.dtype != torch.bool else b)
+    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def spatial_size(x, input_fmt):
