@@ -119,7 +119,7 @@ def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, aux: torch.Tensor,
         weight if weight is not None else x, grad_x,
         n, c, s, config.s_per_program, scalar, eps,
         MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=_weight_kind(weight, mode),
-        AUX_COLUMNS=max(1, aux.shape[-1]) if aux.dim() == 3 else 1,
+        AUX_COLUMNS=max(1, aux.shape[-1]),
         ROWS=config.rows, BLOCK_S=config.block_s, num_warps=config.num_warps,
     )
     return grad_x
