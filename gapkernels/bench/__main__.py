@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     backend_names = harness.benchmark_backends(device, args.backends)
     cases = bench_cases.make_cases(device, mode, args.ops, args.shapes, args.dtypes, args.layouts,
                                    args.passes)
-    config = harness.TimingConfig(device, cpu_min_run_time=0.05 if mode == "quick" else 0.3)
+    config = harness.TimingConfig(device, cpu_min_run_time=0.05 if mode == "quick" else 0.3,
+                                  cpu_probe_bytes=bench_cases.CPU_MAX_INPUT_BYTES[mode])
     with_timm = not args.no_timm and bench_cases.timm_available()
     if not args.no_timm and not with_timm:
         console.print("[yellow]timm is not installed: no timm column")
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     header = report.make_header(device, mode, backend_names, probes)
     header["wall_seconds"] = round(time.perf_counter() - start, 1)
+    header["probe_bytes"] = harness.GPU_PROBE_BYTES if device == "cuda" else config.cpu_probe_bytes
     for row in rows:
         row["device_name"] = header["device_name"]
         row["measured_at"] = header["date"]

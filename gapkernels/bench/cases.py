@@ -6,6 +6,7 @@ the same math, and timm's `SelectAdaptivePool2d`.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -63,7 +64,8 @@ class Case:
     @property
     def label(self) -> str:
         n, c, h, w = self.shape
-        return f"{self.op}/{self.shape_name}[{n}x{c}x{h}x{w}]/{self.dtype}/{self.layout}/{self.pass_}"
+        shape = f"{self.shape_name}[{n}x{c}x{h}x{w}]"
+        return f"{self.op}/{shape}/{self.dtype}/{self.layout}/{self.pass_}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -125,7 +127,8 @@ class Inputs:
 def make_inputs(case: Case, device: str, count: int = 1) -> list[Inputs]:
     """`count` independent random inputs (for rotating past the cache); they share the weight."""
     needs_grad = case.pass_ == "fwdbwd"
-    memory_format = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    channels_last = case.layout == "channels_last"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     weight = None
     if case.op in ("mixed", "gem"):
         value = MIXED_ALPHA if case.op == "mixed" else GEM_P
@@ -136,7 +139,9 @@ def make_inputs(case: Case, device: str, count: int = 1) -> list[Inputs]:
     for _ in range(count):
         x = torch.randn(case.shape, dtype=case.torch_dtype, device=device)
         x = x.contiguous(memory_format=memory_format).requires_grad_(needs_grad)
-        grad_out = torch.randn((n, out_c), dtype=case.torch_dtype, device=device) if needs_grad else None
+        grad_out = None
+        if needs_grad:
+            grad_out = torch.randn((n, out_c), dtype=case.torch_dtype, device=device)
         inputs.append(Inputs(x, weight, grad_out))
     return inputs
 
@@ -205,11 +210,7 @@ def compiled_op(op: str) -> Op:
 
 
 def timm_available() -> bool:
-    try:
-        import timm.layers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("timm") is not None
 
 
 def timm_op(op: str, device: str) -> Op | None:

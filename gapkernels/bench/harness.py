@@ -24,7 +24,7 @@ CHECK_TOLERANCES = {
     torch.float16: (1e-2, 1e-3),
     torch.bfloat16: (2e-2, 1e-2),
 }
-CPU_WARMUP_CALLS = 3
+CPU_WARMUP_CALLS = 2
 GPU_MAX_ROTATING_BUFFERS = 32
 
 
@@ -32,8 +32,12 @@ GPU_MAX_ROTATING_BUFFERS = 32
 class TimingConfig:
     device: str
     cpu_min_run_time: float = 0.1  # seconds per blocked_autorange measurement
-    gpu_warmup_ms: int = 25
-    gpu_rep_ms: int = 100
+    # The CPU probe's size: the cases' largest input, so that both see the same cache level
+    # (this project's CPU has a 504 MB L3).
+    cpu_probe_bytes: int = 64 << 20
+    # do_bench's budget per measurement; 50 ms is hundreds of calls even for the largest case.
+    gpu_warmup_ms: int = 10
+    gpu_rep_ms: int = 50
 
 
 def use_all_cores() -> int:
@@ -95,7 +99,6 @@ def benchmark_backends(device: str, requested: list[str] | None = None) -> list[
 
 # --- bandwidth probes --------------------------------------------------------------------------
 
-CPU_PROBE_BYTES = 64 << 20
 GPU_PROBE_BYTES = 1 << 30
 
 
@@ -103,7 +106,7 @@ def probe_bandwidth(dtypes: list[str], config: TimingConfig) -> dict[str, dict[s
     """GB/s of the probes per dtype name, float32 always included: {"sum": ...} on every device,
     plus {"copy": ...} (bytes read + written) on a GPU."""
     device = config.device
-    probe_bytes = GPU_PROBE_BYTES if device == "cuda" else CPU_PROBE_BYTES
+    probe_bytes = GPU_PROBE_BYTES if device == "cuda" else config.cpu_probe_bytes
     results = {}
     for name in dict.fromkeys([*dtypes, "float32"]):
         dtype = bench_cases.DTYPES[name]
@@ -112,10 +115,8 @@ def probe_bandwidth(dtypes: list[str], config: TimingConfig) -> dict[str, dict[s
         nbytes = x.numel() * x.element_size()
         results[name] = {"sum": nbytes / median_seconds(x.sum, config) / 1e9}
         if device == "cuda":
-            y = torch.empty_like(x)
-            results[name]["copy"] = 2 * nbytes / median_seconds(lambda: y.copy_(x), config) / 1e9
-            del y
-        del x
+            copy = torch.empty_like(x).copy_
+            results[name]["copy"] = 2 * nbytes / median_seconds(lambda: copy(x), config) / 1e9
     return results
 
 

@@ -219,7 +219,8 @@ def _bars(ax, labels, series: dict[str, dict[str, float]]) -> None:
     count = max(1, len(series))
     width = 0.8 / count
     for k, (name, values) in enumerate(series.items()):
-        xs = [i + (k - (count - 1) / 2) * width for i, label in enumerate(labels) if label in values]
+        offset = (k - (count - 1) / 2) * width
+        xs = [i + offset for i, label in enumerate(labels) if label in values]
         ys = [values[label] for label in labels if label in values]
         ax.bar(xs, ys, width=width, label=name)
     ax.set_xticks(range(len(labels)))
@@ -237,7 +238,8 @@ def plot_gbps(path: Path, header: dict, rows: list[dict]) -> None:
                 series.setdefault(r["backend"], {})[_case_label(r)] = r["gbps"]
         _bars(ax, labels, series)
         probes = header["probes_gbps"]
-        target = probes[dtype].get("copy") if header["device"] == "cuda" else probes["float32"]["sum"]
+        on_gpu = header["device"] == "cuda"
+        target = probes[dtype]["copy"] if on_gpu else probes["float32"]["sum"]
         ax.axhline(target, color="k", linestyle="--", label=f"probe: {header['target_probe']}")
         if probes[dtype]["sum"] != target:
             ax.axhline(probes[dtype]["sum"], color="gray", linestyle=":", label=f"sum ({dtype})")
