@@ -43,9 +43,10 @@ constexpr int64_t kMinTaskElements = 32768;
 constexpr int64_t kMaxRunPiece = int64_t{1} << 22;
 // NSC pieces hold at most this many rows, which bounds each per-channel float sum's length.
 constexpr int64_t kMaxRowsPiece = 1024;
-// NCS: chunks per block. A block's vector sums are folded into the running sums after it, and
-// its max is checked against the running max before the exact max scan is run on it.
-constexpr int64_t kBlockChunks = 16;
+// NCS: a block's vector sums are folded into the running sums after every this many chunks ...
+constexpr int64_t kSumBlockChunks = 16;
+// ... and the max (value, index) is settled after every this many (an L1-sized block).
+constexpr int64_t kMaxBlockChunks = 256;
 // NSC: rows per block, for the same max check.
 constexpr int64_t kRowBlock = 8;
 // Rows finalized together (vectorized pow for GEM).
@@ -179,35 +180,6 @@ inline acc_t scalar_pow(acc_t x, int integer, acc_t p) {
   return integer > 0 ? scalar_integer_pow(x, integer) : std::exp(p * std::log(x));
 }
 
-// Horizontal max + index over the lanes of two vectors.
-template <typename acc_t>
-inline void reduce_max_lanes(const Vectorized<acc_t> (&mx)[2], const Vectorized<acc_t> (&ix)[2],
-                             acc_t& out_max, int64_t& out_index) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec nan_lanes = mx[0].isnan() | mx[1].isnan();
-  if (nan_lanes.zero_mask() != (1 << V) - 1) {
-    __at_align__ acc_t m[2 * V];
-    __at_align__ acc_t id[2 * V];
-    mx[0].store(m);
-    mx[1].store(m + V);
-    ix[0].store(id);
-    ix[1].store(id + V);
-    for (int64_t j = 0; j < 2 * V; ++j) merge_max(m[j], static_cast<int64_t>(id[j]), out_max, out_index);
-    return;
-  }
-  const acc_t best = at::vec::vec_reduce_all<acc_t>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); },
-      at::vec::maximum(mx[0], mx[1]));
-  const Vec best_v(best);
-  const Vec no_index(std::numeric_limits<acc_t>::max());
-  const Vec candidates = at::vec::minimum(Vec::blendv(no_index, ix[0], mx[0] == best_v),
-                                          Vec::blendv(no_index, ix[1], mx[1] == best_v));
-  const acc_t index = at::vec::vec_reduce_all<acc_t>(
-      [](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }, candidates);
-  merge_max(best, static_cast<int64_t>(index), out_max, out_index);
-}
-
 template <Mode kMode, typename scalar_t>
 struct PoolKernel {
   using acc_t = at::opmath_type<scalar_t>;
@@ -281,12 +253,13 @@ struct PoolKernel {
   }
 
   // The exact per-lane scan step of the max rule; cur holds each lane's element index.
-  template <bool kMasked>
+  // kNoNaN: the caller knows v holds no NaN.
+  template <bool kMasked, bool kNoNaN>
   static inline void update_max(const Vec (&v)[2], const Vec (&cur)[2], const Vec (&mask)[2],
                                 Vec* mx, Vec* ix) {
     for (int k = 0; k < 2; ++k) {
       const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
-      const Vec take = (value > mx[k]) | value.isnan();
+      const Vec take = kNoNaN ? (value > mx[k]) : ((value > mx[k]) | value.isnan());
       mx[k] = Vec::blendv(mx[k], value, take);
       ix[k] = Vec::blendv(ix[k], cur[k], take);
     }
@@ -326,6 +299,42 @@ struct PoolKernel {
 
   // ---------------------------------------------------------------- forward, NCS
 
+  // Moves the running (max, index) of a run past x[b, e) (a multiple of W long), given the
+  // block's lane maxima and NaN flags from track_max: a NaN block hands over its last NaN;
+  // otherwise a block whose max beats the running one hands over its first occurrence of it.
+  static inline void resolve_block(const scalar_t* x, int64_t b, int64_t e,
+                                   const Vec (&block_max)[2], const Vec (&block_nan)[2],
+                                   acc_t& run_max, int64_t& run_index) {
+    if ((block_nan[0] | block_nan[1]).zero_mask() != (1 << V) - 1) {
+      for (int64_t k = e - 1; k >= b; --k) {
+        if (is_nan(static_cast<acc_t>(x[k]))) {
+          run_max = static_cast<acc_t>(x[k]);
+          run_index = k;
+          return;
+        }
+      }
+    }
+    if (is_nan(run_max)) return;
+    const acc_t m = at::vec::vec_reduce_all<acc_t>(
+        [](const Vec& p, const Vec& q) { return at::vec::clamp_min(p, q); },
+        at::vec::clamp_min(block_max[0], block_max[1]));
+    if (!(m > run_max)) return;
+    run_max = m;
+    const Vec target(m);
+    for (int64_t j = b; j < e; j += W) {
+      Vec v[2];
+      IO::load(x + j, v[0], v[1]);
+      if (((v[0] == target) | (v[1] == target)).zero_mask() != (1 << V) - 1) {
+        for (int64_t k = j;; ++k) {
+          if (static_cast<acc_t>(x[k]) == m) {
+            run_index = k;
+            return;
+          }
+        }
+      }
+    }
+  }
+
   // Statistics of the contiguous run x[0, len); indices relative to x.
   static Stats reduce_run(const scalar_t* x, int64_t len, const Power& power, const Args& a) {
     Stats st = empty_partial<acc_t>();
@@ -341,73 +350,58 @@ struct PoolKernel {
     const Vec zero(acc_t(0));
     const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
     Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
-    Vec block_sum[2] = {zero, zero}, block_log_sum[2] = {zero, zero};
-    Vec mx[2] = {neg_inf, neg_inf};
-    Vec ix[2] = {zero, zero};
-    const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
-    const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
-    auto lane_index = [&](int64_t i, Vec (&cur)[2]) {
-      const Vec base(static_cast<acc_t>(i));
-      cur[0] = lane0 + base;
-      cur[1] = lane1 + base;
-    };
+    Vec block_sum[2], block_log_sum[2];
+    Vec block_max[2], block_nan[2];
     Vec no_mask[2];
-    const int64_t tail = len % W;
-    const int64_t full_end = len - tail;
-    auto fold_block = [&]() {
+    Vec v[2];
+    auto fold_sums = [&]() {
       for (int k = 0; k < 2; ++k) {
         sum[k] += block_sum[k];
         log_sum[k] += block_log_sum[k];
-        block_sum[k] = zero;
-        block_log_sum[k] = zero;
       }
     };
-    Vec v[2], cur[2];
+    const int64_t tail = len % W;
+    const int64_t full_end = len - tail;
+    // Max blocks fit in L1, where resolve_block finds the index again.
     for (int64_t i = 0; i < full_end;) {
-      const int64_t block_end = std::min(full_end, i + kBlockChunks * W);
-      if (kMax && i == 0) {
-        // The first block always sets the max: scan it exactly right away.
-        for (int64_t j = i; j < block_end; j += W) {
-          IO::load(x + j, v[0], v[1]);
-          update_sums<false>(v, no_mask, power, eps, a.with_log, block_sum, block_log_sum);
-          lane_index(j, cur);
-          update_max<false>(v, cur, no_mask, mx, ix);
-        }
-      } else {
-        Vec block_max[2] = {neg_inf, neg_inf}, block_nan[2] = {zero, zero};
-        for (int64_t j = i; j < block_end; j += W) {
-          IO::load(x + j, v[0], v[1]);
+      const int64_t max_block_end = std::min(full_end, i + kMaxBlockChunks * W);
+      block_max[0] = block_max[1] = neg_inf;
+      block_nan[0] = block_nan[1] = zero;
+      const int64_t max_block_begin = i;
+      while (i < max_block_end) {
+        const int64_t sum_block_end = std::min(max_block_end, i + kSumBlockChunks * W);
+        block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
+        for (; i < sum_block_end; i += W) {
+          IO::load(x + i, v[0], v[1]);
           update_sums<false>(v, no_mask, power, eps, a.with_log, block_sum, block_log_sum);
           if constexpr (kMax) track_max<false>(v, no_mask, block_max, block_nan);
         }
-        if (kMax && block_may_change_max(block_max, block_nan, mx)) {
-          for (int64_t j = i; j < block_end; j += W) {
-            IO::load(x + j, v[0], v[1]);
-            lane_index(j, cur);
-            update_max<false>(v, cur, no_mask, mx, ix);
-          }
-        }
+        fold_sums();
       }
-      fold_block();
-      i = block_end;
+      if constexpr (kMax) {
+        resolve_block(x, max_block_begin, max_block_end, block_max, block_nan, st.max, st.index);
+      }
     }
     if (tail) {
+      // The last chunk overlaps the previous one; the mask drops the lanes already counted.
       Vec mask[2];
       tail_mask(tail, mask);
+      block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
+      block_max[0] = block_max[1] = neg_inf;
+      block_nan[0] = block_nan[1] = zero;
       IO::load(x + len - W, v[0], v[1]);
       update_sums<true>(v, mask, power, eps, a.with_log, block_sum, block_log_sum);
+      fold_sums();
       if constexpr (kMax) {
-        lane_index(len - W, cur);
-        update_max<true>(v, cur, mask, mx, ix);
+        track_max<true>(v, mask, block_max, block_nan);
+        resolve_block(x, len - W, len, block_max, block_nan, st.max, st.index);
       }
-      fold_block();
     }
     auto add = [](const Vec& p, const Vec& q) { return p + q; };
     if constexpr (kSum || kGem) st.sum = at::vec::vec_reduce_all<acc_t>(add, sum[0] + sum[1]);
     if constexpr (kGem) {
       if (a.with_log) st.log_sum = at::vec::vec_reduce_all<acc_t>(add, log_sum[0] + log_sum[1]);
     }
-    if constexpr (kMax) reduce_max_lanes(mx, ix, st.max, st.index);
     return st;
   }
 
@@ -582,11 +576,16 @@ struct PoolKernel {
       if constexpr (kMax) track_max<kMasked>(v, mask, block_max, block_nan);
     }
     if (kMax && block_may_change_max(block_max, block_nan, mx)) {
+      const bool no_nan = (block_nan[0] | block_nan[1]).zero_mask() == (1 << V) - 1;
       for (int64_t r = s; r < s_end; ++r) {
         IO::load(xn + r * C + c, v[0], v[1]);
         const Vec cur_r(static_cast<acc_t>(r - s0));
         const Vec cur[2] = {cur_r, cur_r};
-        update_max<kMasked>(v, cur, mask, mx, ix);
+        if (no_nan) {
+          update_max<kMasked, true>(v, cur, mask, mx, ix);
+        } else {
+          update_max<kMasked, false>(v, cur, mask, mx, ix);
+        }
       }
     }
     if constexpr (kSum || kGem) {
