@@ -35,7 +35,8 @@ class TimingConfig:
     # The CPU probe's size: the cases' largest input, so that both see the same cache level
     # (this project's CPU has a 504 MB L3).
     cpu_probe_bytes: int = 64 << 20
-    # do_bench's budget per measurement; 50 ms is hundreds of calls even for the largest case.
+    # do_bench's budget per measurement: 50 ms is tens of calls of the slowest peer on the
+    # largest case, thousands on the batch-1 head.
     gpu_warmup_ms: int = 10
     gpu_rep_ms: int = 50
 
@@ -63,8 +64,8 @@ def median_seconds(fn: Callable[[], object], config: TimingConfig) -> float:
 
 def buffer_count(case: bench_cases.Case, device: str) -> int:
     """How many input sets to rotate over: on a GPU, enough to overflow L2 when one set fits in
-    it (do_bench also clears L2 between calls); on the CPU one, as the inputs are >= 16 MB except
-    the batch-1 head, which a CPU user runs from cache."""
+    it (do_bench also clears L2 between calls); on the CPU one, the probe being timed the same
+    way at the size of the largest input."""
     if device != "cuda":
         return 1
     l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
