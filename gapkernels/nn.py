@@ -1,7 +1,8 @@
-"""Module API: GlobalPool, a drop-in for `nn.AdaptiveAvgPool2d(1)` and timm's SelectAdaptivePool2d."""
+"""GlobalPool: a drop-in for nn.AdaptiveAvgPool2d(1) and timm's SelectAdaptivePool2d."""
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn
 import torch.nn.functional
@@ -70,8 +71,8 @@ class GlobalPool(torch.nn.Module):
                  spatial_dims: int | None = None):
         super().__init__()
         if pool_type not in POOL_TYPES:
-            raise ValueError(f"GlobalPool: pool_type must be one of {', '.join(map(repr, POOL_TYPES))}"
-                             f", got {pool_type!r}")
+            raise ValueError(f"GlobalPool: pool_type must be one of "
+                             f"{', '.join(map(repr, POOL_TYPES))}, got {pool_type!r}")
         if input_fmt not in functional.INPUT_FORMATS:
             raise ValueError(f"GlobalPool: input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
         if backend not in backends.BACKENDS:

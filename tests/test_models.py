@@ -88,7 +88,8 @@ def test_leaves_other_modules_alone():
         pass
 
     keep = [torch.nn.AdaptiveAvgPool2d(2), torch.nn.AdaptiveAvgPool2d((1, 2)),
-            torch.nn.AdaptiveAvgPool2d((1, None)), torch.nn.AdaptiveMaxPool2d(1, return_indices=True),
+            torch.nn.AdaptiveAvgPool2d((1, None)),
+            torch.nn.AdaptiveMaxPool2d(1, return_indices=True),
             torch.nn.AdaptiveAvgPool3d((1, 1, 2)), MyPool(1), torch.nn.AvgPool2d(2),
             torch.nn.Identity()]
     model = torch.nn.ModuleList(keep)
