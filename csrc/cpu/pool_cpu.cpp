@@ -47,8 +47,8 @@ constexpr int64_t kMaxRowsPiece = 1024;
 constexpr int64_t kSumBlockChunks = 16;
 // ... and the max (value, index) is settled after every this many (an L1-sized block).
 constexpr int64_t kMaxBlockChunks = 256;
-// NSC: rows per block, for the same max check.
-constexpr int64_t kRowBlock = 8;
+// NSC: rows per block; a block's channel accumulators stay in registers.
+constexpr int64_t kRowBlock = 16;
 // Rows finalized together (vectorized pow for GEM).
 constexpr int64_t kBatch = 16;
 // GEM uses repeated multiplication for integral p in [1, kMaxIntPower].
@@ -168,6 +168,25 @@ inline Vectorized<acc_t> integer_pow(const Vectorized<acc_t>& x, int n) {
   return y;
 }
 
+// How a loop raises to GEM's p, fixed before the loop: kPowExp: exp(p * log x) per lane;
+// kPowRuntimeInt: repeated multiplication, count known at run time; n > 0: x**n unrolled.
+constexpr int kPowExp = -1;
+constexpr int kPowRuntimeInt = 0;
+
+template <int kPow, typename acc_t>
+inline Vectorized<acc_t> gem_pow(const Vectorized<acc_t>& x, const Vectorized<acc_t>& log_x,
+                                 const Vectorized<acc_t>& p, int n) {
+  if constexpr (kPow == kPowExp) {
+    return (p * log_x).exp();
+  } else if constexpr (kPow == kPowRuntimeInt) {
+    return integer_pow(x, n);
+  } else {
+    Vectorized<acc_t> y = x;
+    for (int k = 1; k < kPow; ++k) y = y * x;
+    return y;
+  }
+}
+
 template <typename acc_t>
 inline acc_t scalar_integer_pow(acc_t x, int n) {
   acc_t y = acc_t(1);
@@ -219,31 +238,53 @@ struct PoolKernel {
     mask[1] = Vec::arange(acc_t(V), acc_t(1)) >= first;
   }
 
-  // Adds one chunk of x (lanes outside `mask` ignored when kMasked) to the per-lane sums.
-  template <bool kMasked>
-  static inline void update_sums(const Vec (&v)[2], const Vec (&mask)[2], const Power& power,
-                                 const Vec& eps, bool with_log, Vec* sum, Vec* log_sum) {
-    for (int k = 0; k < 2; ++k) {
-      if constexpr (kSum) {
-        sum[k] += kMasked ? (v[k] & mask[k]) : v[k];
-      }
-      if constexpr (kGem) {
-        const Vec clamped = at::vec::clamp_min(v[k], eps);
-        if (with_log) {
-          const Vec lg = clamped.log();
-          Vec pw = power.integer > 0 ? integer_pow(clamped, power.integer) : (power.p[k] * lg).exp();
-          Vec pw_lg = pw * lg;
-          if (kMasked) {
-            pw = pw & mask[k];
-            pw_lg = pw_lg & mask[k];
-          }
-          sum[k] += pw;
-          log_sum[k] += pw_lg;
-        } else {
-          Vec pw = power.integer > 0 ? integer_pow(clamped, power.integer)
-                                     : (power.p[k] * clamped.log()).exp();
-          sum[k] += kMasked ? (pw & mask[k]) : pw;
+  // Calls f(pow, with_log) with GEM's way of raising to p (see kPowExp) and with_log as
+  // compile-time constants, so that the loops inside f carry no per-element switches.
+  template <typename F>
+  static void with_power(const Power& power, bool per_lane_p, bool with_log, F&& f) {
+    if constexpr (!kGem) {
+      f(std::integral_constant<int, 1>(), std::false_type());
+    } else {
+      auto pick = [&](auto log_c) {
+        if (per_lane_p || power.integer == 0) return f(std::integral_constant<int, kPowExp>(), log_c);
+        switch (power.integer) {
+          case 1:
+            return f(std::integral_constant<int, 1>(), log_c);
+          case 2:
+            return f(std::integral_constant<int, 2>(), log_c);
+          case 3:
+            return f(std::integral_constant<int, 3>(), log_c);
+          default:
+            return f(std::integral_constant<int, kPowRuntimeInt>(), log_c);
         }
+      };
+      if (with_log) {
+        pick(std::true_type());
+      } else {
+        pick(std::false_type());
+      }
+    }
+  }
+
+  // Adds one vector of x (lanes outside `mask` ignored when kMasked) to the per-lane sums.
+  template <bool kMasked, int kPow, bool kWithLog>
+  static C10_ALWAYS_INLINE void accumulate(const Vec& v, const Vec& mask, const Vec& p, int n,
+                                           const Vec& eps, Vec& sum, Vec& log_sum) {
+    if constexpr (kSum) {
+      sum += kMasked ? (v & mask) : v;
+    }
+    if constexpr (kGem) {
+      const Vec clamped = at::vec::clamp_min(v, eps);
+      if constexpr (kWithLog) {
+        const Vec lg = clamped.log();
+        const Vec pw = gem_pow<kPow>(clamped, lg, p, n);
+        const Vec pw_lg = pw * lg;
+        sum += kMasked ? (pw & mask) : pw;
+        log_sum += kMasked ? (pw_lg & mask) : pw_lg;
+      } else {
+        const Vec lg = kPow == kPowExp ? clamped.log() : clamped;
+        const Vec pw = gem_pow<kPow>(clamped, lg, p, n);
+        sum += kMasked ? (pw & mask) : pw;
       }
     }
   }
@@ -252,36 +293,24 @@ struct PoolKernel {
     return Vec::blendv(Vec(-std::numeric_limits<acc_t>::infinity()), v, mask);
   }
 
-  // The exact per-lane scan step of the max rule; cur holds each lane's element index.
-  // kNoNaN: the caller knows v holds no NaN.
-  template <bool kMasked, bool kNoNaN>
-  static inline void update_max(const Vec (&v)[2], const Vec (&cur)[2], const Vec (&mask)[2],
-                                Vec* mx, Vec* ix) {
-    for (int k = 0; k < 2; ++k) {
-      const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
-      const Vec take = kNoNaN ? (value > mx[k]) : ((value > mx[k]) | value.isnan());
-      mx[k] = Vec::blendv(mx[k], value, take);
-      ix[k] = Vec::blendv(ix[k], cur[k], take);
-    }
-  }
-
-  // Cheap pass over a block: the block's lane maxima and whether it holds a NaN. Only a block
-  // that could change (max, index) is scanned again with update_max.
+  // The exact per-lane scan step of the max rule. cur (each lane's element index) must exceed
+  // every index already in ix, so max(ix, take & cur) selects it.
   template <bool kMasked>
-  static inline void track_max(const Vec (&v)[2], const Vec (&mask)[2], Vec* block_max,
-                               Vec* block_nan) {
-    for (int k = 0; k < 2; ++k) {
-      const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
-      block_max[k] = at::vec::clamp_min(value, block_max[k]);
-      block_nan[k] = block_nan[k] | value.isnan();
-    }
+  static C10_ALWAYS_INLINE void update_max(const Vec& v, const Vec& cur, const Vec& mask, Vec& mx,
+                                           Vec& ix) {
+    const Vec value = kMasked ? masked_for_max(v, mask) : v;
+    const Vec take = (value > mx) | value.isnan();
+    mx = Vec::blendv(mx, value, take);
+    ix = at::vec::clamp_min(ix, take & cur);
   }
 
-  static inline bool block_may_change_max(const Vec* block_max, const Vec* block_nan,
-                                          const Vec* mx) {
-    const Vec candidates =
-        (block_max[0] > mx[0]) | (block_max[1] > mx[1]) | block_nan[0] | block_nan[1];
-    return candidates.zero_mask() != (1 << V) - 1;
+  // Cheap pass over a block: the block's lane maxima and whether it holds a NaN.
+  template <bool kMasked>
+  static C10_ALWAYS_INLINE void track_max(const Vec& v, const Vec& mask, Vec& block_max,
+                                          Vec& block_nan) {
+    const Vec value = kMasked ? masked_for_max(v, mask) : v;
+    block_max = at::vec::clamp_min(value, block_max);
+    block_nan = block_nan | value.isnan();
   }
 
   static inline void update_scalar(acc_t v, int64_t i, int integer, acc_t p, acc_t eps,
@@ -352,7 +381,6 @@ struct PoolKernel {
     Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
     Vec block_sum[2], block_log_sum[2];
     Vec block_max[2], block_nan[2];
-    Vec no_mask[2];
     Vec v[2];
     auto fold_sums = [&]() {
       for (int k = 0; k < 2; ++k) {
@@ -362,41 +390,51 @@ struct PoolKernel {
     };
     const int64_t tail = len % W;
     const int64_t full_end = len - tail;
-    // Max blocks fit in L1, where resolve_block finds the index again.
-    for (int64_t i = 0; i < full_end;) {
-      const int64_t max_block_end = std::min(full_end, i + kMaxBlockChunks * W);
-      block_max[0] = block_max[1] = neg_inf;
-      block_nan[0] = block_nan[1] = zero;
-      const int64_t max_block_begin = i;
-      while (i < max_block_end) {
-        const int64_t sum_block_end = std::min(max_block_end, i + kSumBlockChunks * W);
+    const int n = power.integer;
+    with_power(power, false, a.with_log, [&](auto pow_c, auto log_c) {
+      constexpr int kPow = decltype(pow_c)::value;
+      constexpr bool kLog = decltype(log_c)::value;
+      const Vec p = power.p[0];
+      // Max blocks fit in L1, where resolve_block finds the index again.
+      for (int64_t i = 0; i < full_end;) {
+        const int64_t max_block_end = std::min(full_end, i + kMaxBlockChunks * W);
+        block_max[0] = block_max[1] = neg_inf;
+        block_nan[0] = block_nan[1] = zero;
+        const int64_t max_block_begin = i;
+        while (i < max_block_end) {
+          const int64_t sum_block_end = std::min(max_block_end, i + kSumBlockChunks * W);
+          block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
+          for (; i < sum_block_end; i += W) {
+            IO::load(x + i, v[0], v[1]);
+            accumulate<false, kPow, kLog>(v[0], zero, p, n, eps, block_sum[0], block_log_sum[0]);
+            accumulate<false, kPow, kLog>(v[1], zero, p, n, eps, block_sum[1], block_log_sum[1]);
+            if constexpr (kMax) {
+              track_max<false>(v[0], zero, block_max[0], block_nan[0]);
+              track_max<false>(v[1], zero, block_max[1], block_nan[1]);
+            }
+          }
+          fold_sums();
+        }
+        if constexpr (kMax) {
+          resolve_block(x, max_block_begin, max_block_end, block_max, block_nan, st.max, st.index);
+        }
+      }
+      if (tail) {
+        // The last chunk overlaps the previous one; the mask drops the lanes already counted.
+        Vec mask[2];
+        tail_mask(tail, mask);
         block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
-        for (; i < sum_block_end; i += W) {
-          IO::load(x + i, v[0], v[1]);
-          update_sums<false>(v, no_mask, power, eps, a.with_log, block_sum, block_log_sum);
-          if constexpr (kMax) track_max<false>(v, no_mask, block_max, block_nan);
+        block_max[0] = block_max[1] = neg_inf;
+        block_nan[0] = block_nan[1] = zero;
+        IO::load(x + len - W, v[0], v[1]);
+        for (int k = 0; k < 2; ++k) {
+          accumulate<true, kPow, kLog>(v[k], mask[k], p, n, eps, block_sum[k], block_log_sum[k]);
+          if constexpr (kMax) track_max<true>(v[k], mask[k], block_max[k], block_nan[k]);
         }
         fold_sums();
+        if constexpr (kMax) resolve_block(x, len - W, len, block_max, block_nan, st.max, st.index);
       }
-      if constexpr (kMax) {
-        resolve_block(x, max_block_begin, max_block_end, block_max, block_nan, st.max, st.index);
-      }
-    }
-    if (tail) {
-      // The last chunk overlaps the previous one; the mask drops the lanes already counted.
-      Vec mask[2];
-      tail_mask(tail, mask);
-      block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
-      block_max[0] = block_max[1] = neg_inf;
-      block_nan[0] = block_nan[1] = zero;
-      IO::load(x + len - W, v[0], v[1]);
-      update_sums<true>(v, mask, power, eps, a.with_log, block_sum, block_log_sum);
-      fold_sums();
-      if constexpr (kMax) {
-        track_max<true>(v, mask, block_max, block_nan);
-        resolve_block(x, len - W, len, block_max, block_nan, st.max, st.index);
-      }
-    }
+    });
     auto add = [](const Vec& p, const Vec& q) { return p + q; };
     if constexpr (kSum || kGem) st.sum = at::vec::vec_reduce_all<acc_t>(add, sum[0] + sum[1]);
     if constexpr (kGem) {
@@ -540,69 +578,38 @@ struct PoolKernel {
     }
   };
 
-  // Folds channels [c, c + W) of rows [s, s_end) into the channel buffers.
-  template <bool kMasked>
-  static inline void update_channels(const scalar_t* xn, int64_t s, int64_t s_end, int64_t s0,
-                                     int64_t c, const Vec (&mask)[2], const Args& a,
-                                     const Power& uniform, const Vec& eps, ChannelBuffers& b) {
+  // Folds channels [c, c + W) of rows [s0, s1) into the channel buffers, in blocks of
+  // kRowBlock rows so that the accumulators stay in registers within a block.
+  template <bool kMasked, int kPow, bool kLog>
+  static void reduce_channels(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
+                              int64_t c, const Vec (&mask)[2], const Args& a, const Power& power,
+                              ChannelBuffers& b) {
     const int64_t C = a.C;
+    const Vec eps(a.eps);
+    const int n = power.integer;
+    const Vec p[2] = {kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c) : power.p[0],
+                      kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c + V) : power.p[1]};
     Vec sum[2], log_sum[2], mx[2], ix[2];
-    if constexpr (kSum || kGem) {
-      sum[0] = Vec::loadu(b.sum.data() + c);
-      sum[1] = Vec::loadu(b.sum.data() + c + V);
+    for (int k = 0; k < 2; ++k) {
+      sum[k] = Vec::loadu(b.sum.data() + c + k * V);
+      log_sum[k] = Vec::loadu(b.log_sum.data() + c + k * V);
+      mx[k] = Vec::loadu(b.max.data() + c + k * V);
+      ix[k] = Vec::loadu(b.index.data() + c + k * V);
     }
-    if constexpr (kGem) {
-      if (a.with_log) {
-        log_sum[0] = Vec::loadu(b.log_sum.data() + c);
-        log_sum[1] = Vec::loadu(b.log_sum.data() + c + V);
-      }
-    }
-    if constexpr (kMax) {
-      mx[0] = Vec::loadu(b.max.data() + c);
-      mx[1] = Vec::loadu(b.max.data() + c + V);
-      ix[0] = Vec::loadu(b.index.data() + c);
-      ix[1] = Vec::loadu(b.index.data() + c + V);
-    }
-    const Power power = kGem && !a.uniform_p
-                            ? Power{0, acc_t(0), {Vec::loadu(a.weight + c), Vec::loadu(a.weight + c + V)}}
-                            : uniform;
-    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-    const Vec zero(acc_t(0));
-    Vec block_max[2] = {neg_inf, neg_inf}, block_nan[2] = {zero, zero};
     Vec v[2];
-    for (int64_t r = s; r < s_end; ++r) {
+    for (int64_t r = s0; r < s1; ++r) {
       IO::load(xn + r * C + c, v[0], v[1]);
-      update_sums<kMasked>(v, mask, power, eps, a.with_log, sum, log_sum);
-      if constexpr (kMax) track_max<kMasked>(v, mask, block_max, block_nan);
-    }
-    if (kMax && block_may_change_max(block_max, block_nan, mx)) {
-      const bool no_nan = (block_nan[0] | block_nan[1]).zero_mask() == (1 << V) - 1;
-      for (int64_t r = s; r < s_end; ++r) {
-        IO::load(xn + r * C + c, v[0], v[1]);
-        const Vec cur_r(static_cast<acc_t>(r - s0));
-        const Vec cur[2] = {cur_r, cur_r};
-        if (no_nan) {
-          update_max<kMasked, true>(v, cur, mask, mx, ix);
-        } else {
-          update_max<kMasked, false>(v, cur, mask, mx, ix);
-        }
+      const Vec cur(static_cast<acc_t>(r - piece_start));
+      for (int k = 0; k < 2; ++k) {
+        accumulate<kMasked, kPow, kLog>(v[k], mask[k], p[k], n, eps, sum[k], log_sum[k]);
+        if constexpr (kMax) update_max<kMasked>(v[k], cur, mask[k], mx[k], ix[k]);
       }
     }
-    if constexpr (kSum || kGem) {
-      sum[0].store(b.sum.data() + c);
-      sum[1].store(b.sum.data() + c + V);
-    }
-    if constexpr (kGem) {
-      if (a.with_log) {
-        log_sum[0].store(b.log_sum.data() + c);
-        log_sum[1].store(b.log_sum.data() + c + V);
-      }
-    }
-    if constexpr (kMax) {
-      mx[0].store(b.max.data() + c);
-      mx[1].store(b.max.data() + c + V);
-      ix[0].store(b.index.data() + c);
-      ix[1].store(b.index.data() + c + V);
+    for (int k = 0; k < 2; ++k) {
+      sum[k].store(b.sum.data() + c + k * V);
+      log_sum[k].store(b.log_sum.data() + c + k * V);
+      mx[k].store(b.max.data() + c + k * V);
+      ix[k].store(b.index.data() + c + k * V);
     }
   }
 
@@ -625,18 +632,21 @@ struct PoolKernel {
       }
       return;
     }
-    const Vec eps(a.eps);
     const int64_t tail = C % W;
     const int64_t full_end = C - tail;
     Vec mask[2];
     tail_mask(tail, mask);
-    for (int64_t s = s0; s < s1; s += kRowBlock) {
-      const int64_t s_end = std::min(s1, s + kRowBlock);
-      for (int64_t c = 0; c < full_end; c += W) {
-        update_channels<false>(xn, s, s_end, s0, c, mask, a, uniform, eps, b);
+    with_power(uniform, !a.uniform_p, a.with_log, [&](auto pow_c, auto log_c) {
+      constexpr int kPow = decltype(pow_c)::value;
+      constexpr bool kLog = decltype(log_c)::value;
+      for (int64_t s = s0; s < s1; s += kRowBlock) {
+        const int64_t s_end = std::min(s1, s + kRowBlock);
+        for (int64_t c = 0; c < full_end; c += W) {
+          reduce_channels<false, kPow, kLog>(xn, s0, s, s_end, c, mask, a, uniform, b);
+        }
+        if (tail) reduce_channels<true, kPow, kLog>(xn, s0, s, s_end, C - W, mask, a, uniform, b);
       }
-      if (tail) update_channels<true>(xn, s, s_end, s0, C - W, mask, a, uniform, eps, b);
-    }
+    });
   }
 
   static inline Stats channel_stats(const ChannelBuffers& b, int64_t c, int64_t s0) {
