@@ -375,47 +375,43 @@ struct PoolKernel {
       }
       return st;
     }
-    const Vec eps(a.eps);
-    const Vec zero(acc_t(0));
-    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-    Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
-    Vec block_sum[2], block_log_sum[2];
-    Vec block_max[2], block_nan[2];
-    Vec v[2];
-    auto fold_sums = [&]() {
-      for (int k = 0; k < 2; ++k) {
-        sum[k] += block_sum[k];
-        log_sum[k] += block_log_sum[k];
-      }
-    };
     const int64_t tail = len % W;
     const int64_t full_end = len - tail;
-    const int n = power.integer;
     with_power(power, false, a.with_log, [&](auto pow_c, auto log_c) {
       constexpr int kPow = decltype(pow_c)::value;
       constexpr bool kLog = decltype(log_c)::value;
+      // Accumulators are locals of this loop nest so that they stay in registers.
+      const Vec eps(a.eps);
+      const Vec zero(acc_t(0));
+      const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
       const Vec p = power.p[0];
+      const int n = power.integer;
+      Vec sum0 = zero, sum1 = zero, log_sum0 = zero, log_sum1 = zero;
+      Vec v0, v1;
       // Max blocks fit in L1, where resolve_block finds the index again.
       for (int64_t i = 0; i < full_end;) {
         const int64_t max_block_end = std::min(full_end, i + kMaxBlockChunks * W);
-        block_max[0] = block_max[1] = neg_inf;
-        block_nan[0] = block_nan[1] = zero;
         const int64_t max_block_begin = i;
+        Vec max0 = neg_inf, max1 = neg_inf, nan0 = zero, nan1 = zero;
         while (i < max_block_end) {
           const int64_t sum_block_end = std::min(max_block_end, i + kSumBlockChunks * W);
-          block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
+          Vec bsum0 = zero, bsum1 = zero, blog0 = zero, blog1 = zero;
           for (; i < sum_block_end; i += W) {
-            IO::load(x + i, v[0], v[1]);
-            accumulate<false, kPow, kLog>(v[0], zero, p, n, eps, block_sum[0], block_log_sum[0]);
-            accumulate<false, kPow, kLog>(v[1], zero, p, n, eps, block_sum[1], block_log_sum[1]);
+            IO::load(x + i, v0, v1);
+            accumulate<false, kPow, kLog>(v0, zero, p, n, eps, bsum0, blog0);
+            accumulate<false, kPow, kLog>(v1, zero, p, n, eps, bsum1, blog1);
             if constexpr (kMax) {
-              track_max<false>(v[0], zero, block_max[0], block_nan[0]);
-              track_max<false>(v[1], zero, block_max[1], block_nan[1]);
+              track_max<false>(v0, zero, max0, nan0);
+              track_max<false>(v1, zero, max1, nan1);
             }
           }
-          fold_sums();
+          sum0 += bsum0;
+          sum1 += bsum1;
+          log_sum0 += blog0;
+          log_sum1 += blog1;
         }
         if constexpr (kMax) {
+          const Vec block_max[2] = {max0, max1}, block_nan[2] = {nan0, nan1};
           resolve_block(x, max_block_begin, max_block_end, block_max, block_nan, st.max, st.index);
         }
       }
@@ -423,23 +419,21 @@ struct PoolKernel {
         // The last chunk overlaps the previous one; the mask drops the lanes already counted.
         Vec mask[2];
         tail_mask(tail, mask);
-        block_sum[0] = block_sum[1] = block_log_sum[0] = block_log_sum[1] = zero;
-        block_max[0] = block_max[1] = neg_inf;
-        block_nan[0] = block_nan[1] = zero;
-        IO::load(x + len - W, v[0], v[1]);
-        for (int k = 0; k < 2; ++k) {
-          accumulate<true, kPow, kLog>(v[k], mask[k], p, n, eps, block_sum[k], block_log_sum[k]);
-          if constexpr (kMax) track_max<true>(v[k], mask[k], block_max[k], block_nan[k]);
+        Vec max0 = neg_inf, max1 = neg_inf, nan0 = zero, nan1 = zero;
+        IO::load(x + len - W, v0, v1);
+        accumulate<true, kPow, kLog>(v0, mask[0], p, n, eps, sum0, log_sum0);
+        accumulate<true, kPow, kLog>(v1, mask[1], p, n, eps, sum1, log_sum1);
+        if constexpr (kMax) {
+          track_max<true>(v0, mask[0], max0, nan0);
+          track_max<true>(v1, mask[1], max1, nan1);
+          const Vec block_max[2] = {max0, max1}, block_nan[2] = {nan0, nan1};
+          resolve_block(x, len - W, len, block_max, block_nan, st.max, st.index);
         }
-        fold_sums();
-        if constexpr (kMax) resolve_block(x, len - W, len, block_max, block_nan, st.max, st.index);
       }
+      auto add = [](const Vec& l, const Vec& r) { return l + r; };
+      if constexpr (kSum || kGem) st.sum = at::vec::vec_reduce_all<acc_t>(add, sum0 + sum1);
+      if constexpr (kLog) st.log_sum = at::vec::vec_reduce_all<acc_t>(add, log_sum0 + log_sum1);
     });
-    auto add = [](const Vec& p, const Vec& q) { return p + q; };
-    if constexpr (kSum || kGem) st.sum = at::vec::vec_reduce_all<acc_t>(add, sum[0] + sum[1]);
-    if constexpr (kGem) {
-      if (a.with_log) st.log_sum = at::vec::vec_reduce_all<acc_t>(add, log_sum[0] + log_sum[1]);
-    }
     return st;
   }
 
