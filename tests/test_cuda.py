@@ -10,6 +10,7 @@ import gapkernels
 from conftest import (
     OP_CASES,
     TOLERANCES,
+    assert_bitwise_equal,
     assert_close,
     make_input,
     make_weight,
@@ -31,12 +32,6 @@ SHAPES = {
     "subwarp_rows": (3, 40, 13, 17),
 }
 LAYOUTS = ["contiguous", "channels_last"]
-
-
-def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Same dtype, shape, strides and bits (channels_last tensors too)."""
-    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def _forward_backward(op, x, weight, backend):
@@ -62,7 +57,7 @@ def test_bitwise_deterministic(op, weight_kind, shape, layout, dtype, gen):
         again = _forward_backward(op, x, weight, "cuda")
         for a, b in zip(first, again):
             if a is not None:
-                assert_same_bits(a, b)
+                assert_bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,7 +101,7 @@ def test_deterministic_algorithms_mode(op, weight_kind, layout, gen):
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
     for a, b in zip(free_run, strict_run):
         if a is not None:
-            assert_same_bits(a, b)
+            assert_bitwise_equal(a, b)
 
 
 def _reference_max(x3: torch.Tensor):

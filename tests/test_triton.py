@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import gapkernels  # noqa: E402
 from conftest import (  # noqa: E402
-    OP_CASES, assert_close, make_input, make_weight, run_op,
+    OP_CASES, assert_bitwise_equal, assert_close, make_input, make_weight, run_op,
 )
 from gapkernels import auto_table, backends  # noqa: E402
 
@@ -174,8 +174,7 @@ def test_bitwise_deterministic(path, op, kind, gen):
     first = _forward_backward(op, kind, x, input_fmt, "triton", gen)
     second = _forward_backward(op, kind, x, input_fmt, "triton", gen)
     for a, b in zip(first, second):
-        assert a.stride() == b.stride()
-        assert torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+        assert_bitwise_equal(a, b)
 
 
 def test_keepdim_and_empty_batch():
