@@ -41,7 +41,10 @@ constexpr int64_t kTargetTasks = 64;
 constexpr int64_t kMinTaskElements = 32768;
 // NCS pieces stay well below 2**24 elements, where float-encoded lane indices stop being exact.
 constexpr int64_t kMaxRunPiece = int64_t{1} << 22;
-// NSC pieces hold at most this many rows, which bounds each per-channel float sum's length.
+// NSC pieces (each adding C partial results) hold at least this many elements when split for
+// parallelism ...
+constexpr int64_t kMinChannelsPiece = int64_t{1} << 20;
+// ... and at most this many rows, which bounds each per-channel float sum's length.
 constexpr int64_t kMaxRowsPiece = 1024;
 // NCS: a block's vector sums are folded into the running sums after every this many chunks ...
 constexpr int64_t kSumBlockChunks = 16;
@@ -350,16 +353,16 @@ struct PoolKernel {
     if (!(m > run_max)) return;
     run_max = m;
     const Vec target(m);
+    constexpr int all_lanes = (1 << V) - 1;
     for (int64_t j = b; j < e; j += W) {
       Vec v[2];
       IO::load(x + j, v[0], v[1]);
-      if (((v[0] == target) | (v[1] == target)).zero_mask() != (1 << V) - 1) {
-        for (int64_t k = j;; ++k) {
-          if (static_cast<acc_t>(x[k]) == m) {
-            run_index = k;
-            return;
-          }
-        }
+      // zero_mask sets the bits of lanes that do not match.
+      const int matches = (~(v[0] == target).zero_mask() & all_lanes) |
+                          ((~(v[1] == target).zero_mask() & all_lanes) << V);
+      if (matches) {
+        run_index = j + __builtin_ctz(static_cast<unsigned>(matches));
+        return;
       }
     }
   }
@@ -651,8 +654,9 @@ struct PoolKernel {
     const int64_t N = a.N, C = a.C, S = a.S;
     int64_t pieces = ceil_div(S, kMaxRowsPiece);
     if (N < kTargetTasks) {
+      // Each piece costs C partial results to write and merge, so pieces stay large.
       pieces = std::max(pieces,
-                        std::min(ceil_div(kTargetTasks, N), ceil_div(S * C, kMinTaskElements)));
+                        std::min(ceil_div(kTargetTasks, N), ceil_div(S * C, kMinChannelsPiece)));
     }
     pieces = std::min(pieces, S);
     const int64_t rows = ceil_div(S, pieces);
