@@ -334,11 +334,12 @@ struct PoolKernel {
   // Moves the running (max, index) of a run past x[b, e) (a multiple of W long), given the
   // block's lane maxima and NaN flags from track_max: a NaN block hands over its last NaN;
   // otherwise a block whose max beats the running one hands over its first occurrence of it.
-  static inline void resolve_block(const scalar_t* x, int64_t b, int64_t e,
+  // With the run's tail, [e, tail_end) follows, read as the chunk at tail_end - W.
+  static inline void resolve_block(const scalar_t* x, int64_t b, int64_t e, int64_t tail_end,
                                    const Vec (&block_max)[2], const Vec (&block_nan)[2],
                                    acc_t& run_max, int64_t& run_index) {
     if ((block_nan[0] | block_nan[1]).zero_mask() != (1 << V) - 1) {
-      for (int64_t k = e - 1; k >= b; --k) {
+      for (int64_t k = tail_end - 1; k >= b; --k) {
         if (is_nan(static_cast<acc_t>(x[k]))) {
           run_max = static_cast<acc_t>(x[k]);
           run_index = k;
@@ -354,7 +355,7 @@ struct PoolKernel {
     run_max = m;
     const Vec target(m);
     constexpr int all_lanes = (1 << V) - 1;
-    for (int64_t j = b; j < e; j += W) {
+    for (int64_t j = b; j < tail_end; j = j + W < e || j + W == tail_end ? j + W : tail_end - W) {
       Vec v[2];
       IO::load(x + j, v[0], v[1]);
       // zero_mask sets the bits of lanes that do not match.
@@ -413,24 +414,23 @@ struct PoolKernel {
           log_sum0 += blog0;
           log_sum1 += blog1;
         }
-        if constexpr (kMax) {
-          const Vec block_max[2] = {max0, max1}, block_nan[2] = {nan0, nan1};
-          resolve_block(x, max_block_begin, max_block_end, block_max, block_nan, st.max, st.index);
+        const bool with_tail = tail && max_block_end == full_end;
+        if (with_tail) {
+          // The last chunk overlaps the previous one; the mask drops the lanes already counted.
+          Vec mask[2];
+          tail_mask(tail, mask);
+          IO::load(x + len - W, v0, v1);
+          accumulate<true, kPow, kLog>(v0, mask[0], p, n, eps, sum0, log_sum0);
+          accumulate<true, kPow, kLog>(v1, mask[1], p, n, eps, sum1, log_sum1);
+          if constexpr (kMax) {
+            track_max<true>(v0, mask[0], max0, nan0);
+            track_max<true>(v1, mask[1], max1, nan1);
+          }
         }
-      }
-      if (tail) {
-        // The last chunk overlaps the previous one; the mask drops the lanes already counted.
-        Vec mask[2];
-        tail_mask(tail, mask);
-        Vec max0 = neg_inf, max1 = neg_inf, nan0 = zero, nan1 = zero;
-        IO::load(x + len - W, v0, v1);
-        accumulate<true, kPow, kLog>(v0, mask[0], p, n, eps, sum0, log_sum0);
-        accumulate<true, kPow, kLog>(v1, mask[1], p, n, eps, sum1, log_sum1);
         if constexpr (kMax) {
-          track_max<true>(v0, mask[0], max0, nan0);
-          track_max<true>(v1, mask[1], max1, nan1);
           const Vec block_max[2] = {max0, max1}, block_nan[2] = {nan0, nan1};
-          resolve_block(x, len - W, len, block_max, block_nan, st.max, st.index);
+          resolve_block(x, max_block_begin, max_block_end, with_tail ? len : max_block_end,
+                        block_max, block_nan, st.max, st.index);
         }
       }
       auto add = [](const Vec& l, const Vec& r) { return l + r; };
