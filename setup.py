@@ -30,7 +30,9 @@ def with_cuda() -> bool:
 
 
 def cpu_flags() -> list[str]:
-    flags = ["-O3", "-fno-math-errno"]  # the C++ standard: cpp_extension picks the one torch needs
+    # The C++ standard: cpp_extension picks the one torch needs. OpenMP: at::parallel_for is an
+    # inline `#pragma omp parallel` in torch's headers, so without it every kernel runs on one thread.
+    flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     isa = os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
     if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
         # at::vec picks its implementation from these macros; AVX2 + FMA is every x86-64 CPU since 2013.
@@ -51,9 +53,10 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("GAPKERNELS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
         )
     return CppExtension("gapkernels._C", sources, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cpu_flags()})
+                        extra_compile_args={"cxx": cpu_flags()}, extra_link_args=["-fopenmp"])
 
 
 setup(
