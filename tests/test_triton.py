@@ -1,7 +1,8 @@
 """The Triton backend against gapkernels.reference, run on the CPU in Triton's interpreter.
 
 TRITON_INTERPRET=1 must be set before gapkernels.triton is first imported (the kernels are built
-interpreted or compiled when defined); this module sets it when it is the first to import them.
+interpreted or compiled when defined); without a GPU this module sets it when it is the first to
+import them, with a GPU it leaves the kernels compiled.
 `.ci/run` sets TRITON_INTERPRET=1 for the whole pytest run, so the order of test files does not
 matter. Without Triton, or with the kernels built for the GPU and no GPU, every test here skips
 and says why. Sizes are small: the interpreter runs each program in numpy.
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    # No GPU: the kernels can only run in the interpreter. With a GPU they must be compiled.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import gapkernels  # noqa: E402
 from conftest import (  # noqa: E402
