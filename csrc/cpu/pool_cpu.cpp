@@ -54,6 +54,8 @@ constexpr int64_t kMaxBlockChunks = 256;
 constexpr int64_t kRowBlock = 16;
 // Rows finalized together (vectorized pow for GEM).
 constexpr int64_t kBatch = 16;
+// NCS runs of at most this many elements are reduced with one row per vector lane.
+constexpr int64_t kMaxLaneRun = 256;
 // GEM uses repeated multiplication for integral p in [1, kMaxIntPower].
 constexpr int kMaxIntPower = 8;
 
@@ -528,6 +530,9 @@ struct PoolKernel {
     }
     const int64_t piece_len = ceil_div(ceil_div(S, pieces), 16) * 16;
     pieces = ceil_div(S, piece_len);
+    if constexpr (kLanes) {
+      if (pieces == 1 && S >= 8 && S <= kMaxLaneRun) return forward_ncs_lanes(x, a, o);
+    }
     if (pieces == 1) {
       const int64_t grain = std::max<int64_t>(1, kMinTaskElements / S);
       at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
@@ -559,6 +564,154 @@ struct PoolKernel {
     });
     at::parallel_for(0, R, kBatch, [&](int64_t begin, int64_t end) {
       merge_and_finalize(a, o, parts, pieces, begin, end);
+    });
+  }
+
+  // ---------------------------------------------------------------- forward, NCS short runs
+
+  // Short runs are reduced kBatch rows at a time with one row per vector lane, so that every
+  // statistic is a vertical operation and no row pays for horizontal reductions. AVG gains
+  // nothing from it (measured: slower than its plain run loop).
+  static constexpr bool kLanes =
+      kMode != Mode::Avg && std::is_same_v<acc_t, float> && V == 8 && kBatch == 2 * V;
+
+  static C10_ALWAYS_INLINE Vec load_row8(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return _mm256_loadu_ps(p);
+    } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+#else
+    __at_align__ acc_t buf[8];
+    for (int j = 0; j < 8; ++j) buf[j] = static_cast<acc_t>(p[j]);
+    return Vec::loadu(buf);
+#endif
+  }
+
+  // t[j] lane l = x[l * stride + j], for l, j < 8.
+  static C10_ALWAYS_INLINE void load_tile(const scalar_t* x, int64_t stride, Vec (&t)[8]) {
+#if defined(CPU_CAPABILITY_AVX2)
+    __m256 r[8];
+    for (int l = 0; l < 8; ++l) r[l] = load_row8(x + l * stride);
+    __m256 lo[4], hi[4], u[8];
+    for (int q = 0; q < 4; ++q) {
+      lo[q] = _mm256_unpacklo_ps(r[2 * q], r[2 * q + 1]);
+      hi[q] = _mm256_unpackhi_ps(r[2 * q], r[2 * q + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      u[4 * h + 0] = _mm256_shuffle_ps(lo[2 * h], lo[2 * h + 1], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * h + 1] = _mm256_shuffle_ps(lo[2 * h], lo[2 * h + 1], _MM_SHUFFLE(3, 2, 3, 2));
+      u[4 * h + 2] = _mm256_shuffle_ps(hi[2 * h], hi[2 * h + 1], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * h + 3] = _mm256_shuffle_ps(hi[2 * h], hi[2 * h + 1], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {
+      t[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+      t[j + 4] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+#else
+    __at_align__ acc_t buf[8][8];
+    for (int l = 0; l < 8; ++l) {
+      for (int j = 0; j < 8; ++j) buf[j][l] = static_cast<acc_t>(x[l * stride + j]);
+    }
+    for (int j = 0; j < 8; ++j) t[j] = Vec::loadu(buf[j]);
+#endif
+  }
+
+  // Statistics of the kBatch rows x[0, kBatch * S), row r0 first, S >= 8. The max is tracked
+  // with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and -inf) is reduced
+  // again by reduce_run, which applies the exact rule.
+  static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
+    const int64_t S = a.S;
+    const int64_t c0 = r0 % a.C;
+    const Power power = kGem ? a.power_of(c0) : Power{};
+    const bool per_lane_p = kGem && !a.uniform_p;
+    Vec p[2] = {power.p[0], power.p[1]};
+    if (per_lane_p) {
+      __at_align__ acc_t pl[kBatch];
+      for (int64_t i = 0, c = c0; i < kBatch; ++i) {
+        pl[i] = a.param(c);
+        if (++c == a.C) c = 0;
+      }
+      p[0] = Vec::loadu(pl);
+      p[1] = Vec::loadu(pl + V);
+    }
+    __at_align__ acc_t sums[kBatch], log_sums[kBatch], maxima[kBatch], indices[kBatch];
+    with_power(power, per_lane_p, a.with_log, [&](auto pow_c, auto log_c) {
+      constexpr int kPow = decltype(pow_c)::value;
+      constexpr bool kLog = decltype(log_c)::value;
+      const Vec eps(a.eps);
+      const Vec zero(acc_t(0));
+      const int n = power.integer;
+      Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero}, ix[2] = {zero, zero};
+      Vec mx[2] = {Vec(-std::numeric_limits<acc_t>::infinity()),
+                   Vec(-std::numeric_limits<acc_t>::infinity())};
+      // Both halves of the batch advance together: two independent dependency chains.
+      auto step = [&](const Vec& v, const Vec& cur, int k) {
+        accumulate<false, kPow, kLog>(v, zero, p[k], n, eps, sum[k], log_sum[k]);
+        if constexpr (kMax) {
+          if constexpr (!kSum) sum[k] += v;
+          ix[k] = at::vec::clamp_min(ix[k], (v > mx[k]) & cur);
+          mx[k] = at::vec::clamp_min(v, mx[k]);
+        }
+      };
+      Vec t[8];
+      int64_t s0 = 0;
+      for (; s0 + 8 <= S; s0 += 8) {
+        for (int k = 0; k < 2; ++k) {
+          load_tile(x + k * V * S + s0, S, t);
+          for (int j = 0; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(s0 + j)), k);
+        }
+      }
+      if (s0 < S) {
+        // The last tile overlaps the previous one; its first columns were already counted.
+        const int64_t base = S - 8;
+        for (int k = 0; k < 2; ++k) {
+          load_tile(x + k * V * S + base, S, t);
+          for (int64_t j = s0 - base; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(base + j)), k);
+        }
+      }
+      for (int k = 0; k < 2; ++k) {
+        sum[k].store(sums + k * V);
+        log_sum[k].store(log_sums + k * V);
+        mx[k].store(maxima + k * V);
+        ix[k].store(indices + k * V);
+      }
+    });
+    for (int64_t i = 0, c = c0; i < kBatch; ++i) {
+      if (kMax && is_nan(sums[i])) {
+        st[i] = reduce_run(x + i * S, S, kGem ? a.power_of(c) : Power{}, a);
+      } else {
+        st[i] = {kMax && !kSum ? acc_t(0) : sums[i], log_sums[i], maxima[i],
+                 static_cast<int64_t>(indices[i])};
+      }
+      if (++c == a.C) c = 0;
+    }
+  }
+
+  static void forward_ncs_lanes(const scalar_t* x, const Args& a, const Outputs& o) {
+    const int64_t R = a.N * a.C;
+    const int64_t S = a.S;
+    const int64_t groups = ceil_div(R, kBatch);
+    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / (kBatch * S));
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      Stats st[kBatch];
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t r0 = g * kBatch;
+        const int64_t count = std::min(kBatch, R - r0);
+        if (count == kBatch) {
+          reduce_lanes(x + r0 * S, r0, a, st);
+        } else {
+          for (int64_t i = 0, c = r0 % a.C; i < count; ++i) {
+            st[i] = reduce_run(x + (r0 + i) * S, S, kGem ? a.power_of(c) : Power{}, a);
+            if (++c == a.C) c = 0;
+          }
+        }
+        finalize(a, o, r0, count, st);
+      }
     });
   }
 
