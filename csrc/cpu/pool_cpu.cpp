@@ -903,6 +903,23 @@ struct PoolKernel {
   }
 
   // One chunk of grad_x: A + (cur == index) * B, or GEM's coef * x**(p-1) masked by x >= eps.
+  // x**(p-1), with GEM's way of raising to p fixed by kPow (see kPowExp).
+  template <int kPow>
+  static C10_ALWAYS_INLINE Vec grad_pow(const Vec& v, const Vec& p, int n) {
+    if constexpr (kPow == kPowExp) {
+      return ((p - Vec(acc_t(1))) * v.log()).exp();
+    } else if constexpr (kPow == kPowRuntimeInt) {
+      return integer_pow(v, n - 1);
+    } else if constexpr (kPow == 1) {
+      return Vec(acc_t(1));
+    } else {
+      Vec y = v;
+      for (int k = 2; k < kPow; ++k) y = y * v;
+      return y;
+    }
+  }
+
+  template <int kPow>
   static inline void grad_chunk(const Vec (&A)[2], const Vec (&B)[2], const Vec (&index)[2],
                                 const Vec (&cur)[2], const scalar_t* x, const Power& power,
                                 const Vec& eps, Vec (&out)[2]) {
@@ -910,8 +927,7 @@ struct PoolKernel {
       Vec v[2];
       IO::load(x, v[0], v[1]);
       for (int k = 0; k < 2; ++k) {
-        const Vec pw = power.integer > 0 ? integer_pow(v[k], power.integer - 1)
-                                         : ((power.p[k] - Vec(acc_t(1))) * v[k].log()).exp();
+        const Vec pw = grad_pow<kPow>(v[k], power.p[k], power.integer);
         out[k] = (A[k] * pw) & (v[k] >= eps);
       }
     } else if constexpr (kMax) {
@@ -959,22 +975,25 @@ struct PoolKernel {
     const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
     const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
     const Vec step(static_cast<acc_t>(W));
-    Vec cur[2] = {lane0, lane1};
-    Vec out[2];
-    int64_t i = 0;
-    for (; i + W <= len; i += W) {
-      grad_chunk(Av, Bv, iv, cur, x + i, power, eps, out);
-      IO::store(gx + i, out[0], out[1]);
-      cur[0] += step;
-      cur[1] += step;
-    }
-    if (i < len) {
-      // The last chunk overlaps the previous one; those lanes get the same values again.
-      const Vec base(static_cast<acc_t>(len - W));
-      const Vec tail_cur[2] = {lane0 + base, lane1 + base};
-      grad_chunk(Av, Bv, iv, tail_cur, x + len - W, power, eps, out);
-      IO::store(gx + len - W, out[0], out[1]);
-    }
+    with_power(power, false, false, [&](auto pow_c, auto) {
+      constexpr int kPow = decltype(pow_c)::value;
+      Vec cur[2] = {lane0, lane1};
+      Vec out[2];
+      int64_t i = 0;
+      for (; i + W <= len; i += W) {
+        grad_chunk<kPow>(Av, Bv, iv, cur, x + i, power, eps, out);
+        IO::store(gx + i, out[0], out[1]);
+        cur[0] += step;
+        cur[1] += step;
+      }
+      if (i < len) {
+        // The last chunk overlaps the previous one; those lanes get the same values again.
+        const Vec base(static_cast<acc_t>(len - W));
+        const Vec tail_cur[2] = {lane0 + base, lane1 + base};
+        grad_chunk<kPow>(Av, Bv, iv, tail_cur, x + len - W, power, eps, out);
+        IO::store(gx + len - W, out[0], out[1]);
+      }
+    });
   }
 
   static void backward_ncs(const scalar_t* x, scalar_t* gx, const Args& a, const Grad& g) {
@@ -1076,9 +1095,11 @@ struct PoolKernel {
           Vec out[2];
           if (kGem && !a.uniform_p) {
             const Power per_channel{0, acc_t(0), {Vec::loadu(p.data() + c), Vec::loadu(p.data() + c + V)}};
-            grad_chunk(Av, Bv, iv, cur, xn + s * C + c, per_channel, eps, out);
+            grad_chunk<kPowExp>(Av, Bv, iv, cur, xn + s * C + c, per_channel, eps, out);
+          } else if (uniform.integer > 0) {
+            grad_chunk<kPowRuntimeInt>(Av, Bv, iv, cur, xn + s * C + c, uniform, eps, out);
           } else {
-            grad_chunk(Av, Bv, iv, cur, xn + s * C + c, uniform, eps, out);
+            grad_chunk<kPowExp>(Av, Bv, iv, cur, xn + s * C + c, uniform, eps, out);
           }
           IO::store(gn + s * C + c, out[0], out[1]);
         };
