@@ -728,10 +728,10 @@ struct PoolKernel {
     }
   };
 
-  // Folds channels [c, c + W) of rows [s0, s1) into the channel buffers, in blocks of
-  // kRowBlock rows so that the accumulators stay in registers within a block.
+  // Folds the sums of channels [c, c + W) of rows [s0, s1) into the channel buffers, in blocks
+  // of kRowBlock rows so that the accumulators stay in registers within a block.
   template <bool kMasked, int kPow, bool kLog>
-  static void reduce_channels(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
+  static void reduce_channels(const scalar_t* xn, int64_t s0, int64_t s1,
                               int64_t c, const Vec (&mask)[2], const Args& a, const Power& power,
                               ChannelBuffers& b) {
     const int64_t C = a.C;
@@ -739,25 +739,70 @@ struct PoolKernel {
     const int n = power.integer;
     const Vec p[2] = {kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c) : power.p[0],
                       kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c + V) : power.p[1]};
-    Vec sum[2], log_sum[2], mx[2], ix[2];
+    Vec sum[2], log_sum[2];
     for (int k = 0; k < 2; ++k) {
       sum[k] = Vec::loadu(b.sum.data() + c + k * V);
       log_sum[k] = Vec::loadu(b.log_sum.data() + c + k * V);
-      mx[k] = Vec::loadu(b.max.data() + c + k * V);
-      ix[k] = Vec::loadu(b.index.data() + c + k * V);
     }
     Vec v[2];
     for (int64_t r = s0; r < s1; ++r) {
       IO::load(xn + r * C + c, v[0], v[1]);
-      const Vec cur(static_cast<acc_t>(r - piece_start));
       for (int k = 0; k < 2; ++k) {
         accumulate<kMasked, kPow, kLog>(v[k], mask[k], p[k], n, eps, sum[k], log_sum[k]);
-        if constexpr (kMax) update_max<kMasked>(v[k], cur, mask[k], mx[k], ix[k]);
       }
     }
     for (int k = 0; k < 2; ++k) {
       sum[k].store(b.sum.data() + c + k * V);
       log_sum[k].store(b.log_sum.data() + c + k * V);
+    }
+  }
+
+  // The max modes' version of reduce_channels. Without NaNs the scan step is a strict compare,
+  // a max keeping the old value on ties and an index blend; a NaN probe (a sum, which any NaN
+  // turns into NaN; a false alarm only costs time) or a NaN running max tells when the block (now
+  // in L1) must be scanned again with the exact rule, from the state before it. The rows of the
+  // next block are prefetched: a block's rows are far apart, too many streams for the hardware
+  // prefetcher.
+  template <bool kMasked>
+  static void reduce_channels_max(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
+                                  int64_t c, const Vec (&mask)[2], int64_t C, int64_t prefetch_end,
+                                  ChannelBuffers& b) {
+    Vec probe[2], mx[2], ix[2];
+    for (int k = 0; k < 2; ++k) {
+      probe[k] = kSum ? Vec::loadu(b.sum.data() + c + k * V) : Vec(acc_t(0));
+      mx[k] = Vec::loadu(b.max.data() + c + k * V);
+      ix[k] = Vec::loadu(b.index.data() + c + k * V);
+    }
+    const Vec mx0[2] = {mx[0], mx[1]}, ix0[2] = {ix[0], ix[1]};
+    Vec v[2];
+    for (int64_t r = s0; r < s1; ++r) {
+      if (r + kRowBlock < prefetch_end) __builtin_prefetch(xn + (r + kRowBlock) * C + c);
+      IO::load(xn + r * C + c, v[0], v[1]);
+      const Vec cur(static_cast<acc_t>(r - piece_start));
+      for (int k = 0; k < 2; ++k) {
+        probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
+        const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
+        const Vec take = value > mx[k];
+        mx[k] = at::vec::clamp_min(mx[k], value);
+        ix[k] = Vec::blendv(ix[k], cur, take);
+      }
+    }
+    if constexpr (kSum) {
+      for (int k = 0; k < 2; ++k) probe[k].store(b.sum.data() + c + k * V);
+    }
+    const Vec nan = probe[0].isnan() | probe[1].isnan() | mx0[0].isnan() | mx0[1].isnan();
+    if (nan.zero_mask() != (1 << V) - 1) {
+      for (int k = 0; k < 2; ++k) {
+        mx[k] = mx0[k];
+        ix[k] = ix0[k];
+      }
+      for (int64_t r = s0; r < s1; ++r) {
+        IO::load(xn + r * C + c, v[0], v[1]);
+        const Vec cur(static_cast<acc_t>(r - piece_start));
+        for (int k = 0; k < 2; ++k) update_max<kMasked>(v[k], cur, mask[k], mx[k], ix[k]);
+      }
+    }
+    for (int k = 0; k < 2; ++k) {
       mx[k].store(b.max.data() + c + k * V);
       ix[k].store(b.index.data() + c + k * V);
     }
@@ -791,10 +836,17 @@ struct PoolKernel {
       constexpr bool kLog = decltype(log_c)::value;
       for (int64_t s = s0; s < s1; s += kRowBlock) {
         const int64_t s_end = std::min(s1, s + kRowBlock);
-        for (int64_t c = 0; c < full_end; c += W) {
-          reduce_channels<false, kPow, kLog>(xn, s0, s, s_end, c, mask, a, uniform, b);
+        if constexpr (kMax) {
+          for (int64_t c = 0; c < full_end; c += W) {
+            reduce_channels_max<false>(xn, s0, s, s_end, c, mask, C, s1, b);
+          }
+          if (tail) reduce_channels_max<true>(xn, s0, s, s_end, C - W, mask, C, s1, b);
+        } else {
+          for (int64_t c = 0; c < full_end; c += W) {
+            reduce_channels<false, kPow, kLog>(xn, s, s_end, c, mask, a, uniform, b);
+          }
+          if (tail) reduce_channels<true, kPow, kLog>(xn, s, s_end, C - W, mask, a, uniform, b);
         }
-        if (tail) reduce_channels<true, kPow, kLog>(xn, s0, s, s_end, C - W, mask, a, uniform, b);
       }
     });
   }
