@@ -762,11 +762,11 @@ struct PoolKernel {
   // turns into NaN; a false alarm only costs time) or a NaN running max tells when the block (now
   // in L1) must be scanned again with the exact rule, from the state before it. The rows of the
   // next block are prefetched: a block's rows are far apart, too many streams for the hardware
-  // prefetcher.
+  // prefetcher. Past the end of the rows too: the next piece or sample follows in memory, and a
+  // prefetch never faults.
   template <bool kMasked>
   static void reduce_channels_max(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
-                                  int64_t c, const Vec (&mask)[2], int64_t C, int64_t prefetch_end,
-                                  ChannelBuffers& b) {
+                                  int64_t c, const Vec (&mask)[2], int64_t C, ChannelBuffers& b) {
     Vec probe[2], mx[2], ix[2];
     for (int k = 0; k < 2; ++k) {
       probe[k] = kSum ? Vec::loadu(b.sum.data() + c + k * V) : Vec(acc_t(0));
@@ -774,10 +774,13 @@ struct PoolKernel {
       ix[k] = Vec::loadu(b.index.data() + c + k * V);
     }
     const Vec mx0[2] = {mx[0], mx[1]}, ix0[2] = {ix[0], ix[1]};
+    // Integer arithmetic: the address may lie past the end of x.
+    const uintptr_t ahead = static_cast<uintptr_t>(kRowBlock * C) * sizeof(scalar_t);
     Vec v[2];
     for (int64_t r = s0; r < s1; ++r) {
-      if (r + kRowBlock < prefetch_end) __builtin_prefetch(xn + (r + kRowBlock) * C + c);
-      IO::load(xn + r * C + c, v[0], v[1]);
+      const scalar_t* row = xn + r * C + c;
+      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row) + ahead));
+      IO::load(row, v[0], v[1]);
       const Vec cur(static_cast<acc_t>(r - piece_start));
       for (int k = 0; k < 2; ++k) {
         probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
@@ -838,9 +841,9 @@ struct PoolKernel {
         const int64_t s_end = std::min(s1, s + kRowBlock);
         if constexpr (kMax) {
           for (int64_t c = 0; c < full_end; c += W) {
-            reduce_channels_max<false>(xn, s0, s, s_end, c, mask, C, s1, b);
+            reduce_channels_max<false>(xn, s0, s, s_end, c, mask, C, b);
           }
-          if (tail) reduce_channels_max<true>(xn, s0, s, s_end, C - W, mask, C, s1, b);
+          if (tail) reduce_channels_max<true>(xn, s0, s, s_end, C - W, mask, C, b);
         } else {
           for (int64_t c = 0; c < full_end; c += W) {
             reduce_channels<false, kPow, kLog>(xn, s, s_end, c, mask, a, uniform, b);
