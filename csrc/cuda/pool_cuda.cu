@@ -405,6 +405,41 @@ __device__ __forceinline__ void store_channels(scalar_t* p, const Pack<scalar_t,
   }
 }
 
+// Where one thread of an NSC launch works: its channel vector (tx, from c0), its rows (ty, every
+// by-th s of [s_begin, s_end)), its sample n and its piece of S. Shared by forward and backward.
+struct NscPlace {
+  int tid;
+  int bx;
+  int by;
+  int ty;
+  int64_t n;
+  int64_t piece;
+  int64_t c0;
+  int64_t channels_left;
+  int64_t s_begin;
+  int64_t s_end;
+};
+
+template <int VEC>
+__device__ __forceinline__ NscPlace nsc_place(const NscGeometry& g, int64_t N, int64_t C,
+                                              int64_t S) {
+  NscPlace p;
+  p.tid = threadIdx.x;
+  p.bx = 1 << g.bx_log2;
+  p.by = kThreads >> g.bx_log2;
+  p.ty = p.tid >> g.bx_log2;
+  const int64_t block = blockIdx.x;
+  const int64_t channel_block = block % g.channel_blocks;
+  const int64_t rest = block / g.channel_blocks;
+  p.n = rest % N;
+  p.piece = rest / N;
+  p.c0 = (channel_block * p.bx + (p.tid & (p.bx - 1))) * VEC;
+  p.channels_left = C - p.c0;
+  p.s_begin = p.piece * g.s_chunk;
+  p.s_end = p.s_begin + g.s_chunk < S ? p.s_begin + g.s_chunk : S;
+  return p;
+}
+
 template <typename scalar_t, Stat kStat>
 __global__ void __launch_bounds__(kThreads)
     nsc_pool_forward_kernel(ForwardArgs<scalar_t> a, NscGeometry g) {
@@ -415,20 +450,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t shared_v1[VEC * kThreads];
   __shared__ int64_t shared_index[VEC * kThreads];
 
-  const int tid = threadIdx.x;
-  const int bx = 1 << g.bx_log2;
-  const int by = kThreads >> g.bx_log2;
-  const int tx = tid & (bx - 1);
-  const int ty = tid >> g.bx_log2;
-  const int64_t block = blockIdx.x;
-  const int64_t channel_block = block % g.channel_blocks;
-  const int64_t rest = block / g.channel_blocks;
-  const int64_t n = rest % a.N;
-  const int64_t piece = rest / a.N;
-  const int64_t c0 = (channel_block * bx + tx) * VEC;
-  const int64_t channels_left = a.C - c0;
-  const int64_t s_begin = piece * g.s_chunk;
-  const int64_t s_end = s_begin + g.s_chunk < a.S ? s_begin + g.s_chunk : a.S;
+  const NscPlace place = nsc_place<VEC>(g, a.N, a.C, a.S);
+  const int tid = place.tid, bx = place.bx, by = place.by, ty = place.ty;
+  const int64_t n = place.n, piece = place.piece, c0 = place.c0;
+  const int64_t channels_left = place.channels_left, s_begin = place.s_begin, s_end = place.s_end;
 
   St t[VEC];
   Exponent<acc_t> e[VEC];
@@ -653,21 +678,11 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = acc_type<scalar_t>;
   constexpr int VEC = vec_size<scalar_t>();
   constexpr bool kReadsX = kGrad == Grad::Gem;
-  const int tid = threadIdx.x;
-  const int bx = 1 << g.bx_log2;
-  const int by = kThreads >> g.bx_log2;
-  const int tx = tid & (bx - 1);
-  const int ty = tid >> g.bx_log2;
-  const int64_t block = blockIdx.x;
-  const int64_t channel_block = block % g.channel_blocks;
-  const int64_t rest = block / g.channel_blocks;
-  const int64_t n = rest % a.N;
-  const int64_t piece = rest / a.N;
-  const int64_t c0 = (channel_block * bx + tx) * VEC;
-  const int64_t channels_left = a.C - c0;
+  const NscPlace place = nsc_place<VEC>(g, a.N, a.C, a.S);
+  const int by = place.by, ty = place.ty;
+  const int64_t n = place.n, c0 = place.c0;
+  const int64_t channels_left = place.channels_left, s_begin = place.s_begin, s_end = place.s_end;
   if (channels_left <= 0) return;
-  const int64_t s_begin = piece * g.s_chunk;
-  const int64_t s_end = s_begin + g.s_chunk < a.S ? s_begin + g.s_chunk : a.S;
 
   RowGradient<acc_t> rg[VEC];
 #pragma unroll
