@@ -64,6 +64,12 @@ def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
         raise ValueError(f"{fn}: p must be a finite number > 0, got {p!r}")
 
 
+def _channels_inner(x: torch.Tensor, input_fmt: str) -> bool:
+    """Whether x is stored channels-last (the NSC layout) rather than contiguous or otherwise."""
+    x = x.movedim(-1, 1) if input_fmt == "NHWC" else x
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 def _as_3d(x: torch.Tensor, input_fmt: str) -> torch.Tensor:
     """The (N, C, S) view of docs/DESIGN.md: NCS or NSC strides; a copy only for other strides."""
     if input_fmt == "NHWC":
@@ -97,10 +103,10 @@ def _ops_for(backend: str):
 def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_fmt: str,
          backend: str, fn: str):
     """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user."""
-    x3 = _as_3d(x, input_fmt)
-    name = backends.resolve(backend, x, not x3.is_contiguous(), fn)
+    name = backends.resolve(backend, x, _channels_inner(x, input_fmt), fn)
     if name == "reference":
         return None
+    x3 = _as_3d(x, input_fmt)
     w_tensor, scalar, with_log = None, 0.5, False
     if isinstance(weight, torch.Tensor):
         w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype))

@@ -51,7 +51,7 @@ def _reduce_to(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return grad.sum().reshape(1) if weight.numel() == 1 else grad
 
 
-def weight_grad(mode, grad_out, aux, weight, scalar):
+def weight_grad(mode, grad_out, aux, weight):
     """Gradient to alpha (MIXED) or p (GEM), from the statistics the forward saved in aux."""
     g = grad_out.to(aux.dtype)
     if mode == MODE_MIXED:
@@ -85,7 +85,7 @@ def register_pool_ops(forward_op, backward_op) -> None:
         if ctx.needs_input_grad[0]:
             grad_x = backward_op(grad_out, x, aux, indices, ctx.mode, weight, ctx.scalar, ctx.eps)
         if weight is not None and ctx.needs_input_grad[2]:
-            grad_weight = weight_grad(ctx.mode, grad_out, aux, weight, ctx.scalar)
+            grad_weight = weight_grad(ctx.mode, grad_out, aux, weight)
         return grad_x, None, grad_weight, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

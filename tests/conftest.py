@@ -1,7 +1,6 @@
 """The grid every test file shares: devices, backends, dtypes with tolerances, layouts, ops."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -110,10 +109,6 @@ def assert_bitwise_equal(a, b):
     """Same dtype, shape, strides and bits (NaN payloads and signed zeros included)."""
     assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
     assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-def spatial_size(x, input_fmt):
-    return math.prod(x.shape[2:] if input_fmt == "NCHW" else x.shape[1:-1])
 
 
 @pytest.fixture
