@@ -72,9 +72,9 @@ PoolShape check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                 op, ": indices must be contiguous int64 (N, C)");
   }
   if (m == Mode::Gem) {
-    TORCH_CHECK(aux.dim() == 3 && aux.size(0) == s.N && aux.size(1) == s.C && aux.size(2) >= 1 &&
+    TORCH_CHECK(aux.dim() == 3 && aux.size(0) == s.N && aux.size(1) == s.C && aux.size(2) >= 2 &&
                     aux.scalar_type() == acc_dtype(x.scalar_type()) && aux.is_contiguous(),
-                op, ": aux must be the contiguous (N, C, K>=1) tensor pool_forward returned");
+                op, ": aux must be the contiguous (N, C, K>=2) tensor pool_forward returned");
   }
   return s;
 }

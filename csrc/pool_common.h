@@ -26,7 +26,7 @@ inline bool mode_has_max(Mode mode) {
 // Number of aux columns (K in docs/DESIGN.md).
 inline int64_t aux_columns(Mode mode, bool with_log) {
   if (mode == Mode::Mixed) return 1;
-  if (mode == Mode::Gem) return with_log ? 2 : 1;
+  if (mode == Mode::Gem) return with_log ? 3 : 2;
   return 0;
 }
 

@@ -21,7 +21,7 @@ def aux_columns(mode: int, with_log: bool) -> int:
     if mode == MODE_MIXED:
         return 1
     if mode == MODE_GEM:
-        return 2 if with_log else 1
+        return 3 if with_log else 2
     return 0
 
 
@@ -56,14 +56,22 @@ def weight_grad(mode, grad_out, aux, weight):
     g = grad_out.to(aux.dtype)
     if mode == MODE_MIXED:
         return _reduce_to(g * aux[..., 0], weight)
-    if aux.shape[-1] < 2:
+    if aux.shape[-1] < 3:
         raise RuntimeError(
             "gapkernels: the gradient to GeM's p needs the forward to run with with_log=True"
         )
+    # aux = (M, r, l): the row maximum of y = clamp(x, eps), r = mean((y/M)**p) and
+    # l = mean((y/M)**p * log(y/M)); out = M * r**(1/p), d out/d p = out * (l/(r p) - log(r)/p**2).
     p = weight if weight.numel() == 1 else weight.view(1, -1)
-    m, lg = aux[..., 0], aux[..., 1]
-    out = m.pow(1.0 / p)
-    return _reduce_to(g * out * (lg / (p * m) - m.log() / (p * p)), weight)
+    big_m, r, lg = aux[..., 0], aux[..., 1], aux[..., 2]
+    out = gem_finish(big_m, r, p)
+    return _reduce_to(g * out * (lg / (r * p) - r.log() / (p * p)), weight)
+
+
+def gem_finish(big_m: torch.Tensor, r: torch.Tensor, p) -> torch.Tensor:
+    """GeM's value from the row maximum M and r = mean((y/M)**p): M * r**(1/p) (M when M is inf)."""
+    out = big_m * r.pow(1.0 / p)
+    return torch.where(torch.isinf(big_m), big_m, out)
 
 
 def register_pool_ops(forward_op, backward_op) -> None:
