@@ -10,6 +10,7 @@ from typing import Union
 import torch
 
 from gapkernels import backends, reference
+from gapkernels.autograd import pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
 Weight = Union[float, torch.Tensor]
@@ -93,13 +94,6 @@ def _finish(out: torch.Tensor, x: torch.Tensor, keepdim: bool, input_fmt: str) -
     return out.view(out.shape[0], out.shape[1], *ones)
 
 
-def _ops_for(backend: str):
-    if backend == "triton":
-        from gapkernels import triton as gk_triton
-        return gk_triton.pool_forward
-    return torch.ops.gapkernels.pool_forward.default
-
-
 def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_fmt: str,
          backend: str, fn: str):
     """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user."""
@@ -109,11 +103,13 @@ def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_f
     x3 = _as_3d(x, input_fmt)
     w_tensor, scalar, with_log = None, 0.5, False
     if isinstance(weight, torch.Tensor):
-        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype))
+        # The one place a weight is normalized: any strides (expanded, sliced) become a contiguous
+        # 1-D tensor of 1 or C elements in the acc dtype, so no backend sees other strides.
+        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
         with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
     elif weight is not None:
         scalar = float(weight)
-    out, _, indices = _ops_for(name)(x3, mode, w_tensor, scalar, eps, with_log)
+    out, _, indices = pool_apply(x3, mode, w_tensor, scalar, eps, with_log, name)
     out = _finish(out, x, keepdim, input_fmt)
     if mode == MODE_MAX:
         indices = indices.view(out.shape)

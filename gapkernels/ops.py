@@ -45,7 +45,7 @@ def pool_backward_fake(grad_out, x, aux, indices, mode, weight, scalar, eps):
     return grad_input_like(x)
 
 
-def _reduce_to(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def reduce_to(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(N, C) per-sample weight gradients summed over N, then to weight's 1 or C elements."""
     grad = grad.sum(0)
     return grad.sum().reshape(1) if weight.numel() == 1 else grad
@@ -55,7 +55,7 @@ def weight_grad(mode, grad_out, aux, weight):
     """Gradient to alpha (MIXED) or p (GEM), from the statistics the forward saved in aux."""
     g = grad_out.to(aux.dtype)
     if mode == MODE_MIXED:
-        return _reduce_to(g * aux[..., 0], weight)
+        return reduce_to(g * aux[..., 0], weight)
     if aux.shape[-1] < 3:
         raise RuntimeError(
             "gapkernels: the gradient to GeM's p needs the forward to run with with_log=True"
@@ -65,7 +65,7 @@ def weight_grad(mode, grad_out, aux, weight):
     p = weight if weight.numel() == 1 else weight.view(1, -1)
     big_m, r, lg = aux[..., 0], aux[..., 1], aux[..., 2]
     out = gem_finish(big_m, r, p)
-    return _reduce_to(g * out * (lg / (r * p) - r.log() / (p * p)), weight)
+    return reduce_to(g * out * (lg / (r * p) - r.log() / (p * p)), weight)
 
 
 def gem_finish(big_m: torch.Tensor, r: torch.Tensor, p) -> torch.Tensor:
@@ -87,16 +87,24 @@ def register_pool_ops(forward_op, backward_op) -> None:
         ctx.mark_non_differentiable(aux, indices)
 
     def backward(ctx, grad_out, _grad_aux, _grad_indices):
+        from gapkernels.autograd import pool_grads
+
         x, aux, indices, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = backward_op(grad_out, x, aux, indices, ctx.mode, weight, ctx.scalar, ctx.eps)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_weight = weight_grad(ctx.mode, grad_out, aux, weight)
+        grad_x, grad_weight = pool_grads((forward_op, backward_op), x, aux, indices, ctx.mode,
+                                         weight, ctx.scalar, ctx.eps, grad_out,
+                                         ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return grad_x, None, grad_weight, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+    def backward_of_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{backward_op}: differentiating the backward op itself is not supported; "
+            "differentiate through the forward (gapkernels' functions or pool_forward), whose "
+            "backward is differentiable to any order"
+        )
+
+    torch.library.register_autograd(backward_op, backward_of_backward)
 
 
 if _ext.loaded():

@@ -1,0 +1,244 @@
+"""Autograd for the pool op pairs: every derivative the reference has, or an error.
+
+Two routes lead here, with one set of formulas:
+
+- `PoolFunction` (an `autograd.Function` with `setup_context` and a `vmap` rule) is what the public
+  functions call. It is what makes `torch.func` (`grad`, `vjp`, `jacrev`, `hessian`, `vmap`,
+  `functional_call`, per-sample gradients) work: functorch needs `setup_context`, and custom ops
+  registered with `torch.library.register_autograd` cannot provide it. `PoolFunctionFwdAD` adds a
+  forward-mode formula (`jvp`, `jacfwd`, `torch.autograd.forward_ad`); Dynamo refuses a custom `jvp`,
+  so under `torch.compile` the class without it is used (forward mode of a compiled graph then
+  raises torch's "jvp is not implemented" error instead of giving zeros).
+- The ops' own autograd (`register_pool_ops` in `gapkernels/ops.py`), for callers of
+  `torch.ops.gapkernels*.pool_forward` itself and for `opcheck`.
+
+First-order backward (grad mode off inside backward: `loss.backward()`, `autograd.grad` without
+`create_graph`) runs the backend's fused backward kernel, and the weight gradients from the
+forward's statistics (`ops.weight_grad`). When the backward itself is differentiated
+(`create_graph=True`, or any `torch.func` transform), the gradients are computed by the plain-torch
+formulas below instead: every op in them has derivatives (of any order) and forward-mode rules,
+they use the forward's arg-max indices (so ties and NaNs go where the kernel sent them), and GeM is
+written relative to the row maximum as the kernels compute it. No float atomics (a scatter to one
+index per row), so determinism is kept.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from gapkernels.ops import (
+    MAX_MODES,
+    MODE_AVG,
+    MODE_CAT,
+    MODE_GEM,
+    MODE_MAX,
+    MODE_MIXED,
+    acc_dtype,
+    reduce_to,
+    weight_grad,
+)
+
+OpPair = tuple[Callable[..., Any], Callable[..., Any]]
+
+
+def _per_channel(weight: Optional[torch.Tensor], scalar: float):
+    """alpha / p shaped to broadcast against (N, C) statistics: (1, C), (1, 1) or a float."""
+    return scalar if weight is None else weight.view(1, -1)
+
+
+def _gem_terms(xf: torch.Tensor, p, eps: float):
+    """GeM's pieces from the (N, C, S) input in acc dtype, relative to the (detached) row max:
+    z = clamp(x, eps) / M, r = mean(z**p), out = M * r**(1/p). Any constant M gives the same
+    value and derivatives of every order, and keeps every power in range."""
+    y = xf.clamp(min=eps)
+    big_m = y.amax(dim=2, keepdim=True).detach()
+    z = y / big_m
+    pe = p.unsqueeze(-1) if isinstance(p, torch.Tensor) else p
+    zp = z.pow(pe)
+    r = zp.mean(dim=2)
+    out = big_m.squeeze(2) * r.pow(1.0 / p)
+    return z, pe, zp, r, out
+
+
+def _gem_p_coefficient(z, zp, r, out, p):
+    """d out / d p per row: out * (l / (r p) - log(r) / p**2), l = mean(z**p log z)."""
+    lg = (zp * z.log()).mean(dim=2)
+    return out * (lg / (r * p) - r.log() / (p * p))
+
+
+def _argmax_scatter(values: torch.Tensor, indices: torch.Tensor, s: int) -> torch.Tensor:
+    """(N, C, S) zeros with values[n, c] at indices[n, c]: one write per row, no accumulation."""
+    n, c = values.shape
+    return values.new_zeros((n, c, s)).scatter(2, indices.unsqueeze(2), values.unsqueeze(2))
+
+
+def differentiable_grads(x3, indices, mode, weight, scalar, eps, g, need_x, need_w):
+    """(grad_x, grad_weight) for `g = d loss / d out`, in plain torch: differentiable to any order.
+
+    `x3` is the (N, C, S) input, `weight` the 1-D (1 or C) acc-dtype weight or None (then `scalar`).
+    """
+    acc = acc_dtype(x3.dtype)
+    n, c, s = x3.shape
+    gf = g.to(acc)
+    grad_x = grad_w = None
+    w = _per_channel(weight, scalar)
+    if mode == MODE_GEM:
+        xf = x3.to(acc)
+        z, pe, zp, r, out = _gem_terms(xf, w, eps)
+        if need_x:
+            coef = gf * r.pow(1.0 / w - 1.0) / s
+            grad = coef.unsqueeze(2) * z.pow(pe - 1.0)
+            grad_x = torch.where(xf >= eps, grad, torch.zeros_like(grad)).to(x3.dtype)
+        if need_w:
+            grad_w = reduce_to(gf * _gem_p_coefficient(z, zp, r, out, w), weight)
+        return grad_x, grad_w
+    if need_x:
+        if mode == MODE_AVG:
+            grad = (gf / s).unsqueeze(2).expand(n, c, s)
+        elif mode == MODE_MAX:
+            grad = _argmax_scatter(gf, indices, s)
+        elif mode == MODE_MIXED:
+            grad = ((1.0 - w) * gf / s).unsqueeze(2) + _argmax_scatter(w * gf, indices, s)
+        else:  # MODE_CAT: grad_out = [d/d avg, d/d max]
+            grad = (gf[:, :c] / s).unsqueeze(2) + _argmax_scatter(gf[:, c:], indices, s)
+        grad_x = grad.to(x3.dtype)
+    if need_w and mode == MODE_MIXED:
+        xf = x3.to(acc)
+        spread = xf.gather(2, indices.unsqueeze(2)).squeeze(2) - xf.mean(dim=2)  # max - avg
+        grad_w = reduce_to(gf * spread, weight)
+    return grad_x, grad_w
+
+
+def fused_grads(pair: OpPair, x3, aux, indices, mode, weight, scalar, eps, g, need_x, need_w):
+    """(grad_x, grad_weight) from the backend's backward kernel and the forward's statistics."""
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = pair[1](g.contiguous(), x3, aux, indices, mode, weight, scalar, eps)
+    if need_w and weight is not None:
+        grad_w = weight_grad(mode, g, aux, weight)
+    return grad_x, grad_w
+
+
+def pool_grads(pair: OpPair, x3, aux, indices, mode, weight, scalar, eps, g, need_x, need_w):
+    """The backward of one pool op: fused when nothing differentiates it, else plain torch."""
+    need_w = need_w and weight is not None and mode in (MODE_MIXED, MODE_GEM)
+    if torch.is_grad_enabled():
+        return differentiable_grads(x3, indices, mode, weight, scalar, eps, g, need_x, need_w)
+    return fused_grads(pair, x3, aux, indices, mode, weight, scalar, eps, g, need_x, need_w)
+
+
+def pool_tangent(x3, aux, indices, mode, weight, scalar, eps, t_x, t_w):
+    """Forward mode: the tangent of `out` for tangents `t_x` of x3 and `t_w` of the weight."""
+    acc = acc_dtype(x3.dtype)
+    w = _per_channel(weight, scalar)
+    tangent = None
+
+    def add(term):
+        nonlocal tangent
+        tangent = term if tangent is None else tangent + term
+
+    if mode == MODE_GEM:
+        xf = x3.to(acc)
+        z, pe, zp, r, out = _gem_terms(xf, w, eps)
+        if t_x is not None:
+            coef = z.pow(pe - 1.0) * (xf >= eps)
+            add(r.pow(1.0 / w - 1.0) * (coef * t_x.to(acc)).mean(dim=2))
+        if t_w is not None:
+            add(_gem_p_coefficient(z, zp, r, out, w) * _per_channel(t_w, 0.0))
+    else:
+        if t_x is not None:
+            tf = t_x.to(acc)
+            t_avg = tf.mean(dim=2)
+            t_max = tf.gather(2, indices.unsqueeze(2)).squeeze(2) if mode in MAX_MODES else None
+            if mode == MODE_AVG:
+                add(t_avg)
+            elif mode == MODE_MAX:
+                add(t_max)
+            elif mode == MODE_MIXED:
+                add(w * t_max + (1.0 - w) * t_avg)
+            else:
+                add(torch.cat([t_avg, t_max], dim=1))
+        if t_w is not None and mode == MODE_MIXED:
+            add(aux[..., 0] * _per_channel(t_w, 0.0))
+    if tangent is None:
+        return None
+    return tangent.to(x3.dtype)
+
+
+def _pair(backend: str) -> OpPair:
+    if backend == "triton":
+        from gapkernels import triton as gk_triton
+
+        return gk_triton.pool_forward, gk_triton.pool_backward
+    return torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default
+
+
+class PoolFunction(torch.autograd.Function):
+    """out, aux, indices = pool_forward(x3, ...) on `backend`, with autograd and torch.func."""
+
+    @staticmethod
+    def forward(x3, mode, weight, scalar, eps, with_log, backend):
+        return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x3, mode, weight, scalar, eps, _, backend = inputs
+        _, aux, indices = output
+        ctx.mode, ctx.scalar, ctx.eps, ctx.backend = mode, scalar, eps, backend
+        ctx.save_for_backward(x3, aux, indices, weight)
+        ctx.save_for_forward(x3, aux, indices, weight)
+        ctx.mark_non_differentiable(aux, indices)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_aux, _grad_indices):
+        x3, aux, indices, weight = ctx.saved_tensors
+        grad_x, grad_w = pool_grads(_pair(ctx.backend), x3, aux, indices, ctx.mode, weight,
+                                    ctx.scalar, ctx.eps, grad_out, ctx.needs_input_grad[0],
+                                    ctx.needs_input_grad[2])
+        return grad_x, None, grad_w, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x3, mode, weight, scalar, eps, with_log, backend):
+        """Folds the vmapped dimension into N (one launch), or loops when the weight is batched."""
+        x_dim, _, w_dim = in_dims[:3]
+        size = info.batch_size
+        if w_dim is not None:
+            results = [
+                pool_apply(x3 if x_dim is None else x3.select(x_dim, b), mode,
+                           weight.select(w_dim, b), scalar, eps, with_log, backend)
+                for b in range(size)
+            ]
+            return tuple(torch.stack(parts) for parts in zip(*results)), (0, 0, 0)
+        if x_dim is None:
+            x3 = x3.unsqueeze(0).expand(size, *x3.shape)
+        else:
+            x3 = x3.movedim(x_dim, 0)
+        n, c, s = x3.shape[1:]
+        folded = x3.reshape(size * n, c, s)
+        if not (folded.is_contiguous() or folded.transpose(1, 2).is_contiguous()):
+            folded = folded.contiguous()
+        out, aux, indices = pool_apply(folded, mode, weight, scalar, eps, with_log, backend)
+        out = out.view(size, n, -1)
+        aux = aux.view(size, n, c, -1)
+        indices = indices.view(size, n, c) if indices.numel() else indices.new_empty((size, 0))
+        return (out, aux, indices), (0, 0, 0)
+
+
+class PoolFunctionFwdAD(PoolFunction):
+    """PoolFunction with a forward-mode formula (eager only: Dynamo cannot trace a custom jvp)."""
+
+    @staticmethod
+    def jvp(ctx, t_x, _t_mode, t_w, *_):
+        x3, aux, indices, weight = ctx.saved_tensors
+        tangent = pool_tangent(x3, aux, indices, ctx.mode, weight, ctx.scalar, ctx.eps, t_x, t_w)
+        if tangent is None:
+            raise RuntimeError("gapkernels: forward mode got no tangent for x or the weight")
+        return tangent, None, None
+
+
+def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
+    """The differentiable (out, aux, indices) of one pool op on `backend` ("cpu"/"cuda" use the
+    C++ ops, "triton" the Triton ones)."""
+    fn = PoolFunction if torch.compiler.is_compiling() else PoolFunctionFwdAD
+    return fn.apply(x3, mode, weight, scalar, eps, with_log, backend)
