@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from gapkernels.ops import (
     MAX_MODES,
@@ -110,11 +111,21 @@ def differentiable_grads(x3, indices, mode, weight, scalar, eps, g, need_x, need
     return grad_x, grad_w
 
 
+def _below_autograd(op, *args):
+    """op(*args) dispatched below the Autograd key (its Python autograd kernel is skipped) in
+    eager mode; Dynamo cannot trace that guard, and needs no such help."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def fused_grads(pair: OpPair, x3, aux, indices, mode, weight, scalar, eps, g, need_x, need_w):
     """(grad_x, grad_weight) from the backend's backward kernel and the forward's statistics."""
     grad_x = grad_w = None
     if need_x:
-        grad_x = pair[1](g.contiguous(), x3, aux, indices, mode, weight, scalar, eps)
+        grad_x = _below_autograd(pair[1], g.contiguous(), x3, aux, indices, mode, weight, scalar,
+                                 eps)
     if need_w and weight is not None:
         grad_w = weight_grad(mode, g, aux, weight)
     return grad_x, grad_w
@@ -178,8 +189,12 @@ class PoolFunction(torch.autograd.Function):
     """out, aux, indices = pool_forward(x3, ...) on `backend`, with autograd and torch.func."""
 
     @staticmethod
-    def forward(x3, mode, weight, scalar, eps, with_log, backend):
-        return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+    def forward(*args):
+        # `*args`: Function.apply binds the arguments to this signature on every call, and a
+        # single var-positional parameter is the cheapest to bind. Below the Autograd key: the
+        # op's own (Python) autograd kernel has nothing to do here.
+        x3, mode, weight, scalar, eps, with_log, backend = args
+        return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -237,8 +252,23 @@ class PoolFunctionFwdAD(PoolFunction):
         return tangent, None, None
 
 
+def _differentiable(x3: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Whether this call can be differentiated (so it must go through PoolFunction)."""
+    if torch.is_grad_enabled() and (x3.requires_grad or
+                                    (weight is not None and weight.requires_grad)):
+        return True
+    return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
+
+
 def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
     """The differentiable (out, aux, indices) of one pool op on `backend` ("cpu"/"cuda" use the
-    C++ ops, "triton" the Triton ones)."""
-    fn = PoolFunction if torch.compiler.is_compiling() else PoolFunctionFwdAD
-    return fn.apply(x3, mode, weight, scalar, eps, with_log, backend)
+    C++ ops, "triton" the Triton ones).
+
+    A call that nothing can differentiate (inference, `torch.no_grad`) skips autograd entirely:
+    `autograd.Function.apply` binds its arguments with `inspect.signature` on every call, which
+    costs more than a small pooling, and the op's own Autograd kernel is Python too."""
+    if torch.compiler.is_compiling():
+        return PoolFunction.apply(x3, mode, weight, scalar, eps, with_log, backend)
+    if _differentiable(x3, weight):
+        return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, backend)
+    return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
