@@ -57,10 +57,17 @@ def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
         raise ValueError(f"{fn}: eps must be a finite float > 0, got {eps!r}")
     if isinstance(p, torch.Tensor):
-        # Reading a tensor's values is a host sync; it is skipped inside torch.compile graphs and
-        # by nn.GlobalPool, whose parametrization keeps p > 0.
-        if check_p_values and not torch.compiler.is_compiling() and bool((p <= 0).any()):
-            raise ValueError(f"{fn}: p must be > 0 everywhere, got {p.detach().cpu()}")
+        # Never a host read of a device tensor (a sync, and no CUDA graph capture): a CPU p is
+        # checked here; a GPU p on the device, raising at the next synchronizing point (a
+        # device-side assert). Skipped inside torch.compile graphs, and by nn.GlobalPool, whose
+        # parametrization keeps p > 0.
+        if not check_p_values or torch.compiler.is_compiling():
+            return
+        if p.device.type == "cpu":
+            if bool((p <= 0).any()):
+                raise ValueError(f"{fn}: p must be > 0 everywhere, got {p.detach()}")
+        else:
+            torch._assert_async(torch.all(p.detach() > 0), f"{fn}: p must be > 0 everywhere")
     elif not (0 < p < math.inf):
         raise ValueError(f"{fn}: p must be a finite number > 0, got {p!r}")
 
