@@ -189,12 +189,8 @@ class PoolFunction(torch.autograd.Function):
     """out, aux, indices = pool_forward(x3, ...) on `backend`, with autograd and torch.func."""
 
     @staticmethod
-    def forward(*args):
-        # `*args`: Function.apply binds the arguments to this signature on every call, and a
-        # single var-positional parameter is the cheapest to bind. Below the Autograd key: the
-        # op's own (Python) autograd kernel has nothing to do here.
-        x3, mode, weight, scalar, eps, with_log, backend = args
-        return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
+    def forward(x3, mode, weight, scalar, eps, with_log, backend):
+        return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -241,7 +237,17 @@ class PoolFunction(torch.autograd.Function):
 
 
 class PoolFunctionFwdAD(PoolFunction):
-    """PoolFunction with a forward-mode formula (eager only: Dynamo cannot trace a custom jvp)."""
+    """PoolFunction for eager mode: with a forward-mode formula (Dynamo cannot trace a custom
+    jvp), and a forward that is cheaper to call."""
+
+    @staticmethod
+    def forward(*args):
+        # `*args`: Function.apply binds the arguments to this signature on every call, and a
+        # single var-positional parameter is the cheapest to bind (Dynamo needs named ones).
+        # Below the Autograd key: the op's own (Python) autograd kernel has nothing to do here.
+        x3, mode, weight, scalar, eps, with_log, backend = args
+        with torch._C._AutoDispatchBelowAutograd():
+            return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
 
     @staticmethod
     def jvp(ctx, t_x, _t_mode, t_w, *_):
