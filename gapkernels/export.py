@@ -122,3 +122,61 @@ def global_gem_pool(x, p=3.0, eps=1e-6, *, keepdim=False, input_fmt="NCHW"):
     out = big_m * r.pow(1.0 / pw)
     out = torch.where(torch.isinf(big_m), big_m, out)
     return _finish(out, x, keepdim, input_fmt)
+
+
+# --- Programs exported with the kernels --------------------------------------------------------
+
+
+def _pool_forward_decomposition(x, mode, weight, scalar, eps, with_log):
+    """gapkernels' pool_forward (docs/DESIGN.md) in plain torch ops: (out, aux, indices) of an
+    (N, C, S) input, for programs that torch.export captured with the kernels in them."""
+    from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, aux_columns
+
+    xf = x.to(_acc(x.dtype))
+    n, c = xf.shape[0], xf.shape[1]
+    w = scalar if weight is None else weight.to(xf.dtype).reshape(-1)
+    no_aux = xf.new_zeros((n, c, aux_columns(mode, with_log)))
+    no_indices = xf.new_zeros((0,), dtype=torch.int64)
+    if mode == MODE_AVG:
+        return xf.mean(dim=2).to(x.dtype), no_aux, no_indices
+    if mode == MODE_GEM:
+        y = xf.clamp(min=eps)
+        big_m = y.amax(dim=2)
+        pe = w.unsqueeze(-1) if isinstance(w, torch.Tensor) else w
+        ratio = (y / big_m.unsqueeze(-1)).pow(pe)
+        r = ratio.mean(dim=2)
+        out = torch.where(torch.isinf(big_m), big_m, big_m * r.pow(1.0 / w))
+        stats = [big_m, r]
+        if with_log:
+            stats.append((ratio * (y / big_m.unsqueeze(-1)).log()).mean(dim=2))
+        return out.to(x.dtype), torch.stack(stats, dim=-1), no_indices
+    avg, mx, indices = xf.mean(dim=2), xf.amax(dim=2), xf.argmax(dim=2)
+    if mode == MODE_MAX:
+        return mx.to(x.dtype), no_aux, indices
+    if mode == MODE_CAT:
+        return torch.cat([avg, mx], dim=1).to(x.dtype), no_aux, indices
+    if mode == MODE_MIXED:
+        return (w * mx + (1 - w) * avg).to(x.dtype), (mx - avg).unsqueeze(-1), indices
+    raise ValueError(f"gapkernels pool_forward: unknown mode {mode}")
+
+
+def decompositions() -> dict:
+    """A decomposition table that replaces gapkernels' custom ops (C++ and Triton) with plain
+    torch ops, for a program already captured by `torch.export` with the kernels in it:
+
+        ep = torch.export.export(model, (x,))            # runs the kernels (AOTInductor, ...)
+        onnx_program = torch.onnx.export(ep.run_decompositions(gapkernels.export.decompositions()),
+                                         dynamo=True)     # standard ONNX operators
+
+    (Exporting the model itself, `torch.onnx.export(model, (x,), dynamo=True)`, needs nothing.)
+    """
+    table = {}
+    if hasattr(torch.ops, "gapkernels") and hasattr(torch.ops.gapkernels, "pool_forward"):
+        table[torch.ops.gapkernels.pool_forward.default] = _pool_forward_decomposition
+    try:
+        from gapkernels import triton as gk_triton
+    except ImportError:
+        gk_triton = None
+    if gk_triton is not None:
+        table[gk_triton.pool_forward] = _pool_forward_decomposition
+    return table

@@ -308,6 +308,21 @@ def test_onnx_torchscript_exporter(pool_name, gen):
         assert_close(actual, pool(x3))
 
 
+@needs_onnx
+def test_onnx_of_a_program_exported_with_the_kernels(gen):
+    """A program torch.export captured with the kernels: gapkernels.export.decompositions()
+    turns them into plain ops (no other extra argument), then ONNX as above."""
+    x, input_fmt = make_input((2, 6, 5, 7), torch.float32, "channels_last", gen=gen)
+    model = Pools(POOLS, 6, input_fmt, flatten=False, gen=gen).eval()
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim("batch")},))
+    ep = ep.run_decompositions(gapkernels.export.decompositions())
+    assert not _pool_targets(ep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(ep, dynamo=True, verbose=False).model_proto
+    check_pools(model, proto, other_batch(x, input_fmt, gen=gen))
+
+
 def test_onnx_export_path_not_taken_outside_export(gen):
     """Outside an ONNX export the modules run the kernels (the plain path is for export only)."""
     assert not gapkernels.export.onnx_exporting()
