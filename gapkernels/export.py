@@ -58,7 +58,7 @@ def _unreduce(stat: torch.Tensor, x: torch.Tensor, input_fmt: str) -> torch.Tens
 
 
 def _weight(w, acc: torch.dtype):
-    """alpha / p: a float, or a () / (C,) tensor, in the accumulation dtype (broadcasts to (N, C))."""
+    """alpha / p: a float, or a () / (C,) tensor, in the acc dtype (broadcasts to (N, C))."""
     if isinstance(w, torch.Tensor):
         return w.to(acc)
     return float(w)

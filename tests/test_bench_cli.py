@@ -26,8 +26,8 @@ def run_cli(*args: str, missing=OPTIONAL, entry: str = "module") -> subprocess.C
         start = ("import runpy; sys.argv = ['python -m gapkernels.bench', *ARGS]; "
                  "runpy.run_module('gapkernels.bench', run_name='__main__', alter_sys=True)")
     else:
-        start = ("from gapkernels.bench.__main__ import main; sys.argv = ['gapkernels-bench', *ARGS]; "
-                 "sys.exit(main())")
+        start = ("from gapkernels.bench.__main__ import main; "
+                 "sys.argv = ['gapkernels-bench', *ARGS]; sys.exit(main())")
     code = (f"import sys; ARGS = {list(args)!r}\n"
             f"for name in {list(missing)!r}: sys.modules[name] = None\n"
             f"{start}\n")

@@ -23,10 +23,12 @@ import gapkernels
 from gapkernels import _ext, functional
 from gapkernels.nn import GlobalPool
 
-ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime")
+                if importlib.util.find_spec(m) is None]
 needs_onnx = pytest.mark.skipif(
     bool(ONNX_MISSING),
-    reason=f"ONNX export tests need {', '.join(ONNX_MISSING)}: pip install onnx onnxscript onnxruntime")
+    reason=f"ONNX export tests need {', '.join(ONNX_MISSING)}: "
+           "pip install onnx onnxscript onnxruntime")
 # The public functions route to gapkernels.export during an ONNX export (functional.py imports it).
 needs_functional_routing = pytest.mark.skipif(
     getattr(functional, "export", None) is not gapkernels.export,
@@ -86,7 +88,7 @@ def other_batch(x: torch.Tensor, input_fmt: str, batch: int = 3, gen=None) -> to
 
 
 def onnx_export(model, args, *, dynamic_batch: bool = True, opset: int | None = None):
-    """torch.onnx.export(model, args, dynamo=True) with only the batch axes dynamic: the ModelProto."""
+    """torch.onnx.export(model, args, dynamo=True), the batch axes dynamic: the ModelProto."""
     dynamic_shapes = tuple({0: Dim("batch")} for _ in args) if dynamic_batch else None
     kwargs = {} if opset is None else dict(opset_version=opset)
     with warnings.catch_warnings():
@@ -97,7 +99,7 @@ def onnx_export(model, args, *, dynamic_batch: bool = True, opset: int | None = 
 
 
 def check_standard_ops(proto, expected: set[str]) -> list[str]:
-    """Every node is a standard ONNX operator (no custom domain, no local function); returns them."""
+    """Every node is a standard ONNX operator (no custom domain or local function); their types."""
     assert not list(proto.functions), [f.name for f in proto.functions]
     ops = [node.op_type for node in proto.graph.node]
     custom = [(n.domain, n.op_type) for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
@@ -214,7 +216,8 @@ def test_onnx_learnable_weights_are_initializers(pool_name, gen):
     assert [i.name for i in proto.graph.input] == ["x"]
     values = [numpy_helper.to_array(t).ravel() for t in proto.graph.initializer]
     # Stored as the constrained value (sigmoid / softplus folded by the exporter's optimizer).
-    assert any(v.shape == (6,) and torch.allclose(torch.from_numpy(v.copy()), weight) for v in values)
+    assert any(v.shape == (6,) and torch.allclose(torch.from_numpy(v.copy()), weight)
+               for v in values)
 
 
 @needs_onnx
