@@ -326,8 +326,8 @@ def test_onnx_of_a_program_exported_with_the_kernels(gen):
     check_pools(model, proto, other_batch(x, input_fmt, gen=gen))
 
 
-def test_onnx_export_path_not_taken_outside_export(gen):
-    """Outside an ONNX export the modules run the kernels (the plain path is for export only)."""
+def test_export_path_matches_the_kernels_and_is_off_outside_onnx_export(gen):
+    """The plain-torch path gives the kernels' values; outside an ONNX export it is not taken."""
     assert not gapkernels.export.onnx_exporting()
     x, _ = make_input((2, 6, 5, 7), torch.float32, "contiguous", gen=gen)
     for name in POOLS:
