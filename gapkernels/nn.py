@@ -7,10 +7,14 @@ import torch
 import torch.nn
 import torch.nn.functional
 
-from gapkernels import backends, functional
+from gapkernels import backends, export, functional
 
 POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "mixed", "gem")
 LEARNABLE_POOL_TYPES = ("mixed", "gem")
+# timm's SelectAdaptivePool2d names for its "fast" (mean / amax over the spatial dims) pools: the
+# same math, so the same GlobalPool. timm's "fast" alone is avg.
+TIMM_POOL_TYPES = {"fast": "avg", "fastavg": "avg", "fastmax": "max", "fastavgmax": "avgmax",
+                   "fastcatavgmax": "catavgmax"}
 
 # GeM's p is softplus(p_raw) + P_MIN: strictly positive whatever an optimizer does to p_raw.
 P_MIN = 1e-3
@@ -47,6 +51,8 @@ class GlobalPool(torch.nn.Module):
     Args:
         pool_type: "avg", "max", "avgmax" (0.5 * (avg + max)), "catavgmax" (cat([avg, max]), doubles
             the channels), "mixed" (alpha * max + (1 - alpha) * avg) or "gem" (generalized mean).
+            timm's names "fast" (avg), "fastavg", "fastmax", "fastavgmax" and "fastcatavgmax" are
+            accepted too, and stored as the plain name (`.pool_type == "avg"` for "fast").
         flatten: True gives (N, C'); False keeps the spatial dims as ones, like
             `nn.AdaptiveAvgPool2d(1)`: (N, C', 1, 1) for NCHW input, (N, 1, 1, C') for NHWC.
         input_fmt: "NCHW" (channels at dim 1, any memory format) or "NHWC" (channels last dim).
@@ -70,9 +76,12 @@ class GlobalPool(torch.nn.Module):
                  alpha: float = 0.5, p: float = 3.0, eps: float = 1e-6, learnable: bool = True,
                  spatial_dims: int | None = None):
         super().__init__()
+        if isinstance(pool_type, str) and pool_type in TIMM_POOL_TYPES:
+            pool_type = TIMM_POOL_TYPES[pool_type]
         if pool_type not in POOL_TYPES:
             raise ValueError(f"GlobalPool: pool_type must be one of "
-                             f"{', '.join(map(repr, POOL_TYPES))}, got {pool_type!r}")
+                             f"{', '.join(map(repr, POOL_TYPES + tuple(TIMM_POOL_TYPES)))}, "
+                             f"got {pool_type!r}")
         if input_fmt not in functional.INPUT_FORMATS:
             raise ValueError(f"GlobalPool: input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
         if backend not in backends.BACKENDS:
@@ -140,7 +149,31 @@ class GlobalPool(torch.nn.Module):
     def is_identity(self) -> bool:
         return False
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling anything.
+        raise RuntimeError(
+            "GlobalPool does not support TorchScript (torch.jit.script), which PyTorch has "
+            "deprecated. Use torch.export.export(model, (x,)) (and AOTInductor: "
+            "torch._inductor.aoti_compile_and_package) or torch.onnx.export(model, (x,), "
+            "dynamo=True) to deploy a model that uses gapkernels; see README.md, 'Deploying'.")
+
+    def _export_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The same math in plain torch ops, which torch.onnx translates to standard operators."""
+        functional._check_input(x, self.input_fmt, "GlobalPool")
+        kw = dict(keepdim=not self.flatten, input_fmt=self.input_fmt)
+        if self.pool_type == "avg":
+            return export.global_avg_pool(x, **kw)
+        if self.pool_type == "max":
+            return export.global_max_pool(x, **kw)
+        if self.pool_type in ("avgmax", "catavgmax"):
+            return export.global_avgmax_pool(x, concat=self.pool_type == "catavgmax", **kw)
+        if self.pool_type == "mixed":
+            return export.global_mixed_pool(x, self.alpha, **kw)
+        return export.global_gem_pool(x, self.p, self.eps, **kw)
+
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if export.onnx_exporting():
+            return self._export_pool(x)
         kw = dict(keepdim=not self.flatten, input_fmt=self.input_fmt, backend=self.backend)
         if self.pool_type == "avg":
             return functional.global_avg_pool(x, **kw)

@@ -23,7 +23,7 @@ def _filled(value) -> bool:
 
 
 def _run(tmp_path, *extra):
-    result = bench_cli.main([*TINY, "--out", str(tmp_path), *extra])
+    result = bench_cli.run([*TINY, "--out", str(tmp_path), *extra])
     rows = result["rows"]
     assert rows
     for row in rows:
@@ -70,7 +70,7 @@ def test_cli_runs_with_compile(tmp_path):
 
 def test_auto_table_needs_a_gpu_run(tmp_path):
     with pytest.raises(SystemExit, match="needs a GPU"):
-        bench_cli.main([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile", "--no-plots",
+        bench_cli.run([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile", "--no-plots",
                         "--out", str(tmp_path), "--write-auto-table"])
 
 
@@ -84,8 +84,8 @@ def test_bytes_moved():
 
 def test_merge_keeps_earlier_cases(tmp_path):
     common = [*TINY, "--passes", "fwd", "--no-compile", "--no-plots", "--out", str(tmp_path)]
-    bench_cli.main([*common, "--ops", "avg,max"])
-    result = bench_cli.main([*common, "--ops", "max,gem", "--merge"])
+    bench_cli.run([*common, "--ops", "avg,max"])
+    result = bench_cli.run([*common, "--ops", "max,gem", "--merge"])
     rows = json.loads(result["files"]["json"].read_text())["rows"]
     assert sorted(r["op"] for r in rows) == ["avg", "gem", "max"]
     assert len(json.loads(result["files"]["json"].read_text())["header"]["merged_runs"]) == 1
@@ -98,7 +98,7 @@ def test_a_failing_backend_is_reported_not_fatal(tmp_path, monkeypatch):
         return run
 
     monkeypatch.setattr(bench_cases, "gapkernels_op", broken)
-    result = bench_cli.main([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile",
+    result = bench_cli.run([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile",
                              "--out", str(tmp_path)])
     (row,) = result["rows"]
     assert row["check"].startswith("error: RuntimeError: kernel exploded")

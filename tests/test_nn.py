@@ -12,7 +12,7 @@ import torch
 import gapkernels
 from conftest import TOLERANCES, assert_close, make_input
 from gapkernels import reference
-from gapkernels.nn import P_MIN, POOL_TYPES, GlobalPool
+from gapkernels.nn import P_MIN, POOL_TYPES, TIMM_POOL_TYPES, GlobalPool
 
 
 def _reference(module: GlobalPool, x, input_fmt):
@@ -201,8 +201,35 @@ def test_feat_mult_and_timm_interface():
         assert module.pool_type == pool_type
 
 
+@pytest.mark.parametrize("name,pool_type", list(TIMM_POOL_TYPES.items()))
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "keepdim"])
+@pytest.mark.parametrize("input_fmt", ["NCHW", "NHWC"])
+def test_timm_fast_pool_type_names(name, pool_type, flatten, input_fmt, gen):
+    """timm's SelectAdaptivePool2d names: "fast" is avg; the same values as timm's module."""
+    module = GlobalPool(name, flatten=flatten, input_fmt=input_fmt)
+    assert module.pool_type == pool_type
+    assert module.feat_mult() == (2 if pool_type == "catavgmax" else 1)
+    layers = pytest.importorskip("timm.layers")
+    timm_pool = layers.SelectAdaptivePool2d(pool_type=name, flatten=flatten, input_fmt=input_fmt)
+    assert module.feat_mult() == timm_pool.feat_mult()
+    shape = (2, 6, 5, 7) if input_fmt == "NCHW" else (2, 5, 7, 6)
+    x = torch.randn(shape, generator=gen)
+    torch.testing.assert_close(module(x), timm_pool(x))
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["module", "inside_a_model"])
+def test_torch_jit_script_points_to_torch_export(wrap):
+    """TorchScript is deprecated: scripting raises an error that says what to use instead."""
+    model = GlobalPool("gem")
+    if wrap:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), model)
+    with pytest.raises(RuntimeError, match=r"TorchScript.*torch\.export\.export.*dynamo=True"):
+        torch.jit.script(model)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(pool_type="fastavg"), ValueError, "pool_type"),
+    (dict(pool_type="fastgem"), ValueError, "pool_type"),
+    (dict(pool_type="Avg"), ValueError, "pool_type"),
     (dict(pool_type=""), ValueError, "pool_type"),
     (dict(input_fmt="NCL"), ValueError, "input_fmt"),
     (dict(backend="gpu"), ValueError, "backend"),

@@ -1,8 +1,14 @@
 """`python -m gapkernels.bench`: time every op against torch eager, torch.compile and timm,
-next to a bandwidth probe taken in the same run. See bench/README.md."""
+next to a bandwidth probe taken in the same run. See bench/README.md.
+
+Only torch is required: without the `bench` extra (rich, matplotlib, timm) the CLI still starts,
+prints a plain table instead of rich's, skips the plots and the timm column, and says so.
+"""
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +18,64 @@ from gapkernels.bench import cases as bench_cases
 from gapkernels.bench import harness, report
 
 DEFAULT_OUT = Path("bench/results")
+BENCH_EXTRA = 'pip install "gapkernels[bench]"'
+
+# rich's markup tags as this module writes them ("[yellow]..."), removed from plain output.
+_MARKUP = re.compile(r"\[/?(?:bold|dim|italic|red|green|yellow|blue|cyan|magenta)\b[^\]]*\]")
+
+
+class PlainConsole:
+    """The console without rich: print(), markup tags removed."""
+
+    is_terminal = False
+
+    def print(self, *objects, **_) -> None:
+        print(*(_MARKUP.sub("", str(o)) for o in objects), flush=True)
+
+
+class PlainProgress:
+    """rich.progress.Progress's calls used here, without rich: one line per case."""
+
+    def __init__(self, *_, console=None, **__):
+        self.console = console or PlainConsole()
+        self.total = 0
+        self.done = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def add_task(self, description: str, total: int = 0) -> int:
+        self.total = total
+        return 0
+
+    def update(self, task: int, description: str = "") -> None:
+        if description and self.done < self.total:
+            self.console.print(f"[{self.done + 1}/{self.total}] {description}")
+
+    def advance(self, task: int) -> None:
+        self.done += 1
+
+
+def _console_and_progress():
+    """(console, progress class, progress columns): rich's when it is installed, else plain."""
+    try:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+    except ImportError:
+        console = PlainConsole()
+        console.print(f"rich is not installed: plain output ({BENCH_EXTRA} for the progress bar "
+                      "and table)")
+        return console, PlainProgress, ()
+    console = Console()
+    if not console.is_terminal:  # a log file: room for the whole table
+        console = Console(width=160)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    return console, Progress, columns
 
 
 def _names(allowed):
@@ -77,16 +141,10 @@ def _write_auto_table(rows: list[dict], header: dict, console) -> None:
     console.print(f"wrote {auto_table.__file__}")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
     """Runs the benchmark; returns {"header", "rows", "files"}."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    args = build_parser().parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # a log file: room for the whole table
-        console = Console(width=160)
+    args = build_parser().parse_args(argv)  # --help and argument errors need nothing optional
+    console, progress_class, columns = _console_and_progress()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     dtypes = list(dict.fromkeys(c.dtype for c in cases))
     rows: list[dict] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with progress_class(*columns, console=console, transient=True) as progress:
         task = progress.add_task("bandwidth probes", total=len(cases))
         probes_before = harness.probe_bandwidth(dtypes, config)
         for case in cases:
@@ -141,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     report.write_json(files["json"], header, rows)
     report.write_csv(files["csv"], rows)
     report.write_markdown(files["md"], header, rows)
-    if not args.no_plots:
+    if not args.no_plots and not report.plots_available():
+        console.print(f"[yellow]matplotlib is not installed: plots skipped ({BENCH_EXTRA} for "
+                      "them); the results are written")
+    elif not args.no_plots:
         files["gbps"] = stem.with_name(f"{stem.name}-gbps.png")
         files["speedup"] = stem.with_name(f"{stem.name}-speedup.png")
         report.plot_gbps(files["gbps"], header, rows)
@@ -153,5 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     return {"header": header, "rows": rows, "files": files}
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The `gapkernels-bench` / `python -m gapkernels.bench` entry point: 0 when it ran."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

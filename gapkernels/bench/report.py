@@ -102,9 +102,37 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return [h for h, _ in TABLE_COLUMNS], [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
 
 
+def plots_available() -> bool:
+    """Whether matplotlib (the `bench` extra) can be imported, for the plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plain_table(rows: list[dict]) -> list[str]:
+    """The table as aligned text lines (rich not installed)."""
+    headings, cells = table_cells(rows)
+    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headings)]
+    numeric = [h not in ("op", "shape", "dtype", "layout", "pass", "backend", "check")
+               for h in headings]
+
+    def fmt(line):
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(line, widths, numeric)).rstrip()
+
+    return [fmt(headings), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells]
+
+
 def print_table(rows: list[dict], header: dict, console) -> None:
-    from rich import box
-    from rich.table import Table
+    try:
+        from rich import box
+        from rich.table import Table
+    except ImportError:
+        for line in [_title(header), *plain_table(rows), _probe_line(header)]:
+            console.print(line)
+        return
 
     headings, cells = table_cells(rows)
     table = Table(title=_title(header), title_justify="left", box=box.SIMPLE_HEAD)
