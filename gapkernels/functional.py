@@ -9,7 +9,7 @@ from typing import Union
 
 import torch
 
-from gapkernels import backends, reference
+from gapkernels import backends, export, reference
 from gapkernels.autograd import pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
@@ -101,9 +101,18 @@ def _finish(out: torch.Tensor, x: torch.Tensor, keepdim: bool, input_fmt: str) -
     return out.view(out.shape[0], out.shape[1], *ones)
 
 
+def _plain():
+    """The plain-torch implementation: gapkernels.export's while torch.onnx exports (it
+    translates to standard ONNX operators), else the reference."""
+    return export if export.onnx_exporting() else reference
+
+
 def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_fmt: str,
          backend: str, fn: str):
-    """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user."""
+    """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user,
+    or None for the plain-torch path (backend 'reference', or an ONNX export)."""
+    if export.onnx_exporting():
+        return None
     name = backends.resolve(backend, x, _channels_inner(x, input_fmt), fn)
     if name == "reference":
         return None
@@ -130,7 +139,7 @@ def global_avg_pool(x: torch.Tensor, *, keepdim: bool = False, input_fmt: str = 
     _check_input(x, input_fmt, fn)
     result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
-        return reference.global_avg_pool(x, keepdim=keepdim, input_fmt=input_fmt)
+        return _plain().global_avg_pool(x, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
 
 
@@ -142,7 +151,7 @@ def global_max_pool(x: torch.Tensor, return_indices: bool = False, *, keepdim: b
     _check_input(x, input_fmt, fn)
     result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
-        return reference.global_max_pool(x, return_indices, keepdim=keepdim, input_fmt=input_fmt)
+        return _plain().global_max_pool(x, return_indices, keepdim=keepdim, input_fmt=input_fmt)
     return result if return_indices else result[0]
 
 
@@ -154,7 +163,7 @@ def global_mixed_pool(x: torch.Tensor, alpha: Weight = 0.5, *, keepdim: bool = F
     _check_weight(alpha, "alpha", c, x, fn)
     result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
-        return reference.global_mixed_pool(x, alpha, keepdim=keepdim, input_fmt=input_fmt)
+        return _plain().global_mixed_pool(x, alpha, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
 
 
@@ -166,7 +175,7 @@ def global_avgmax_pool(x: torch.Tensor, concat: bool = False, *, keepdim: bool =
     mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
     result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
-        return reference.global_avgmax_pool(x, concat, keepdim=keepdim, input_fmt=input_fmt)
+        return _plain().global_avgmax_pool(x, concat, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
 
 
@@ -181,5 +190,5 @@ def global_gem_pool(x: torch.Tensor, p: Weight = 3.0, eps: float = 1e-6, *,
     _check_gem_args(p, eps, fn, _check_p_values)
     result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn)
     if result is None:
-        return reference.global_gem_pool(x, p, eps, keepdim=keepdim, input_fmt=input_fmt)
+        return _plain().global_gem_pool(x, p, eps, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
