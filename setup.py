@@ -4,17 +4,20 @@ toolkit is found. Whether a GPU is visible never decides what is built.
 Environment:
   GAPKERNELS_NO_CUDA=1      build the CPU kernels only
   CUDA_HOME                 the CUDA toolkit (default: /usr/local/cuda when it exists)
-  TORCH_CUDA_ARCH_LIST      GPU architectures (default: 8.0;8.6;8.9;9.0+PTX)
+  TORCH_CUDA_ARCH_LIST      GPU architectures; when set, it is used as given. Default: Ampere to
+                            Hopper (8.0;8.6;8.9;9.0), plus Blackwell (10.0;12.0) when nvcc is 12.8
+                            or newer, with +PTX on the newest so that later GPUs still run
   GAPKERNELS_CPU_ISA        x86-64 vector ISA for the CPU kernels: avx2 (default) or default
 """
 import glob
 import os
 import platform
+import re
+import subprocess
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     # torch guesses from the PATH otherwise, and may pick a prefix it cannot link against.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
@@ -27,6 +30,33 @@ def with_cuda() -> bool:
     if os.environ.get("GAPKERNELS_NO_CUDA", "0") == "1":
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+BASE_ARCHS = ["8.0", "8.6", "8.9", "9.0"]  # Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper
+BLACKWELL_ARCHS = ["10.0", "12.0"]  # B200/GB200, RTX 50/RTX PRO; nvcc supports them from 12.8 on
+BLACKWELL_MIN_NVCC = (12, 8)
+
+
+def nvcc_version(cuda_home: str | None) -> tuple[int, int] | None:
+    """(major, minor) of `cuda_home`/bin/nvcc, or None when it cannot be run or read."""
+    if not cuda_home:
+        return None
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def default_cuda_arch_list(nvcc: tuple[int, int] | None) -> str:
+    """The architectures built when TORCH_CUDA_ARCH_LIST is not set, for this nvcc version."""
+    archs = list(BASE_ARCHS)
+    if nvcc is not None and nvcc >= BLACKWELL_MIN_NVCC:
+        archs += BLACKWELL_ARCHS
+    archs[-1] += "+PTX"  # PTX of the newest: a GPU newer than every listed one JIT-compiles it
+    return ";".join(archs)
 
 
 def cpu_flags() -> list[str]:
@@ -43,10 +73,19 @@ def cpu_flags() -> list[str]:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # Every .cpp under csrc/ at any depth, except under csrc/cuda/, whose files (.cu, and .cpp that
+    # need the CUDA headers) are built only with CUDA. MANIFEST.in ships all of csrc/ in the sdist.
+    everything = sorted(glob.glob("csrc/**/*", recursive=True))
+    in_cuda = [f for f in everything if f.startswith("csrc/cuda/")]
+    sources = [f for f in everything if f.endswith(".cpp") and f not in in_cuda]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += [f for f in in_cuda if f.endswith((".cu", ".cpp"))]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # the user's list, when given, always wins
+            nvcc = nvcc_version(CUDA_HOME)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(nvcc)
+            print(f"gapkernels: nvcc {'.'.join(map(str, nvcc)) if nvcc else 'version unknown'}, "
+                  f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)")
         return CUDAExtension(
             "gapkernels._C",
             sources,
@@ -59,7 +98,8 @@ def extension():
                         extra_compile_args={"cxx": cpu_flags()}, extra_link_args=["-fopenmp"])
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
