@@ -25,7 +25,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
     # No GPU here: one architecture proves the CUDA code compiles and keeps the build short.
-    # With a GPU, setup.py's default (8.0;8.6;8.9;9.0+PTX) applies.
+    # With a GPU, setup.py's default applies (README: Installing).
     export TORCH_CUDA_ARCH_LIST=9.0
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
