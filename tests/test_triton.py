@@ -93,7 +93,7 @@ def test_forward_backward_rank3_rank5(op, kind, layout, shape, gen):
 # channels, and S split over programs with the combine kernel.
 PATH_SHAPES = {
     "ncs_loop": ((2, 3, 40, 50), "contiguous"),
-    "nsc_loop_masked_channels": ((2, 40, 10, 10), "channels_last"),
+    "nsc_loop_masked_channels": ((2, 40, 20, 20), "channels_last"),
     "ncs_split": ((1, 2, 96, 96), "contiguous"),
     "nsc_split": ((1, 2, 128, 130), "channels_last"),
 }
@@ -102,8 +102,8 @@ PATH_SHAPES = {
 def test_path_shapes_take_their_paths():
     loop = configs.forward_config(2, 3, 2000, False)
     assert loop.s_programs == 1 and loop.block_s < 2000
-    masked = configs.forward_config(2, 40, 100, True)
-    assert 40 % masked.rows and masked.block_s < 100
+    masked = configs.forward_config(2, 40, 400, True)
+    assert 40 % masked.rows and masked.block_s < 400 and masked.s_programs == 1
     assert configs.forward_config(1, 2, 96 * 96, False).s_programs > 1
     assert configs.forward_config(1, 2, 128 * 130, True).s_programs > 1
 
