@@ -10,9 +10,9 @@ All statistics accumulate in float32 per lane of the tile and are reduced with `
 `tl.max` / `tl.min` at the end: the reduction order depends only on the tile shape, which
 depends only on the input's shape (deterministic, no atomics).
 
-Index arithmetic: row indices (n*C + c), spatial offsets and element offsets are int64
-(`_row_block`, `_piece`, `_offsets`), so a tensor, a row or N*C may pass 2**31. Only the
-per-lane arg-max index of a max mode is int32 when S < 2**31 (INDEX_64 otherwise).
+Index arithmetic: row indices (n*C + c) and element offsets are int64 (`_row_block`,
+`_offsets`), so a tensor or N*C may pass 2**31. Spatial offsets, loop bounds and the arg-max
+lanes are int32 unless INDEX_64 (`_piece`), which the launcher sets when they could reach 2**31.
 
 GeM (stable, docs/DESIGN.md "Modes"): every lane keeps a running maximum m of y = clamp(x, eps)
 and the sums r = sum (y/m)**p and l = sum (y/m)**p * log(y/m) relative to it; when m grows the
@@ -57,19 +57,25 @@ def _row_block(pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _piece(pid, per_program, S):
-    """[s_begin, s_end) of S handled by program `pid` along grid axis 1, int64."""
-    s_begin = tl.cast(pid, tl.int64) * per_program
-    s_end = tl.minimum(s_begin + per_program, tl.cast(S, tl.int64))
+def _piece(pid, per_program, S, INDEX_64: tl.constexpr):
+    """[s_begin, s_end) of S handled by program `pid` along grid axis 1: int64 with INDEX_64,
+    else int32 (the launcher sets INDEX_64 unless S + per_program + BLOCK_S < 2**31, so that
+    no spatial offset, loop bound or step past the end can wrap)."""
+    if INDEX_64:
+        s_begin = tl.cast(pid, tl.int64) * per_program
+        s_end = tl.minimum(s_begin + per_program, tl.cast(S, tl.int64))
+    else:
+        s_begin = pid * per_program
+        s_end = tl.minimum(s_begin + per_program, S)
     return s_begin, s_end
 
 
 @triton.jit
 def _offsets(base, s, C, CHANNELS_LAST: tl.constexpr):
-    """Offsets in x of rows `base` (ROWS,) at spatial offsets `s` (BLOCK_S,), both int64:
-    (ROWS, BLOCK_S)."""
+    """Offsets in x of rows `base` (ROWS,) int64 at spatial offsets `s` (BLOCK_S,): (ROWS,
+    BLOCK_S) int64 (NSC: s * C in int64, it can pass 2**31 when S does not)."""
     if CHANNELS_LAST:
-        return base[:, None] + s[None, :] * C
+        return base[:, None] + tl.cast(s, tl.int64)[None, :] * C
     return base[:, None] + s[None, :]
 
 
@@ -204,7 +210,7 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
     row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST)
     split = tl.program_id(1)
-    s_begin, s_end = _piece(split, s_per_split, S)
+    s_begin, s_end = _piece(split, s_per_split, S, INDEX_64)
 
     lane_sum = tl.zeros([ROWS, BLOCK_S], tl.float32)
     lane_log = tl.zeros([ROWS, BLOCK_S], tl.float32)
@@ -214,10 +220,7 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
         lane_max = tl.zeros([ROWS, BLOCK_S], tl.float32)  # the empty GeM state: m = 0
     else:
         lane_max = tl.full([ROWS, BLOCK_S], float("-inf"), tl.float32)
-    if INDEX_64:
-        lane_index = tl.zeros([ROWS, BLOCK_S], tl.int64)
-    else:
-        lane_index = tl.zeros([ROWS, BLOCK_S], tl.int32)
+    lane_index = tl.zeros([ROWS, BLOCK_S], s_begin.dtype)
     for s_start in range(s_begin, s_end, BLOCK_S):
         s = s_start + tl.arange(0, BLOCK_S)
         mask = row_mask[:, None] & (s < s_end)[None, :]
@@ -238,7 +241,7 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
             v = tl.where(mask, v, float("-inf"))
             take = (v > lane_max) | (v != v)  # torch's rule: greater, or NaN
             lane_max = tl.where(take, v, lane_max)
-            lane_index = tl.where(take, s[None, :].to(lane_index.dtype), lane_index)
+            lane_index = tl.where(take, s[None, :], lane_index)
 
     if MODE == MODE_GEM:
         row_max, total, total_log = _gem_reduce_lanes(lane_max, lane_sum, lane_log, p,
@@ -322,11 +325,11 @@ def pool_backward_kernel(grad_out_ptr, x_ptr, aux_ptr, indices_ptr, weight_ptr, 
                          N, C, S, s_per_program, weight_stride, scalar, eps,
                          MODE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                          WEIGHT_KIND: tl.constexpr, AUX_COLUMNS: tl.constexpr,
-                         ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+                         INDEX_64: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Writes each element of grad_x once: A + (s == index) * B per row, or for GEM
     coef * (x / M) ** (p - 1) where x >= eps. Grid: (row blocks, pieces of S)."""
     row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST)
-    s_begin, s_end = _piece(tl.program_id(1), s_per_program, S)
+    s_begin, s_end = _piece(tl.program_id(1), s_per_program, S, INDEX_64)
     grad_dtype = grad_x_ptr.dtype.element_ty
 
     if MODE == MODE_CAT:

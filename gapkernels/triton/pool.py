@@ -45,6 +45,12 @@ def _weight_args(weight: Optional[torch.Tensor], mode: int, x: torch.Tensor):
     return weight, 0, WEIGHT_SHARED.value
 
 
+def index_64(s: int, config: configs.LaunchConfig) -> bool:
+    """Whether the kernels need int64 spatial offsets: an offset, a piece's end or the loop's
+    step past it could reach 2**31."""
+    return s + config.s_per_program + config.block_s >= 2**31
+
+
 FORWARD_SCHEMA = ("(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
                   "-> (Tensor, Tensor, Tensor)")
 BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
@@ -82,7 +88,7 @@ def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], sca
             x, weight_arg, out, aux_arg, indices_arg, partial_stats, partial_index,
             n, c, s, config.s_per_program, weight_stride, scalar, eps,
             MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
-            WITH_LOG=with_log, SPLIT=split, INDEX_64=s >= 2**31, ROWS=config.rows,
+            WITH_LOG=with_log, SPLIT=split, INDEX_64=index_64(s, config), ROWS=config.rows,
             BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
         if split:
@@ -112,7 +118,7 @@ def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, aux: torch.Tensor,
             weight_arg, grad_x,
             n, c, s, config.s_per_program, weight_stride, scalar, eps,
             MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
-            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1,
+            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1, INDEX_64=index_64(s, config),
             ROWS=config.rows, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
     return grad_x
