@@ -8,7 +8,7 @@ memory traffic and should be re-tuned with the benchmark on an H100/H200:
   thread at 8 warps, enough loads in flight per thread to hide memory latency while the 3-5
   float32 lane accumulators (sum, max, index, GeM's log-sum) stay in registers. Smaller tiles
   get fewer warps (`_num_warps`).
-- NCS: BLOCK_S = next power of two >= S, at most 1024, so a row is read in long contiguous runs
+- NCS: BLOCK_S = the next of NCS_BLOCK_S >= S, at most 1024, so a row is read in long contiguous runs
   (S = 49 -> 64 lanes, 64 rows per tile: a 7x7 head is read as 64 rows at once); ROWS fills the
   rest of the tile. When full tiles give fewer than TARGET_PROGRAMS programs (2 per SM of a
   132-SM H100), ROWS drops to 1 (one row per program).
@@ -29,7 +29,10 @@ from dataclasses import dataclass
 
 TILE_ELEMENTS = 4096
 TARGET_PROGRAMS = 264
-MAX_BLOCK_S = 1024  # NCS
+# NCS BLOCK_S: powers of four up to 256 (1x1, 2x2, 4x4, 7x7/8x8 and 14x14/16x16 maps), then
+# every power of two up to 1024; a short list, so that every tile can be compiled in CI.
+NCS_BLOCK_S = (1, 4, 16, 64, 256, 512, 1024)
+MAX_BLOCK_S = NCS_BLOCK_S[-1]
 NSC_CHANNEL_BLOCKS = (64, 16)  # NSC ROWS: the first that gives enough programs, else the last
 MIN_SPLIT_TILES = 4  # a forward piece of S is at least this many tiles long
 MAX_GRID_Y = 65535  # CUDA's limit for the second grid dimension
@@ -83,6 +86,11 @@ def _row_programs(n: int, c: int, rows: int, channels_last: bool) -> int:
     return n * _cdiv(c, rows) if channels_last else _cdiv(n * c, rows)
 
 
+def ncs_block_s(s: int) -> int:
+    """The next of NCS_BLOCK_S >= s, or the largest."""
+    return next((b for b in NCS_BLOCK_S if b >= s), NCS_BLOCK_S[-1])
+
+
 def _nsc_max_block_s(rows: int) -> int:
     return TILE_ELEMENTS // rows
 
@@ -97,7 +105,7 @@ def _tile(n: int, c: int, s: int, channels_last: bool) -> tuple[int, int, int]:
                 break
         block_s = min(next_power_of_4(s), _nsc_max_block_s(rows))
     else:
-        block_s = min(next_power_of_2(s), MAX_BLOCK_S)
+        block_s = ncs_block_s(s)
         rows = TILE_ELEMENTS // block_s
         if _row_programs(n, c, rows, False) < TARGET_PROGRAMS:
             rows = 1
@@ -128,12 +136,10 @@ def backward_config(n: int, c: int, s: int, channels_last: bool) -> LaunchConfig
 def tile_configs() -> list[TileConfig]:
     """Every tile forward_config / backward_config can choose (tests check that it is so)."""
     tiles = []
-    block_s = 1
-    while block_s <= MAX_BLOCK_S:
+    for block_s in NCS_BLOCK_S:
         for rows in sorted({TILE_ELEMENTS // block_s, 1}, reverse=True):
             tiles.append(TileConfig(False, rows, block_s, _num_warps(rows * block_s),
                                     block_s == MAX_BLOCK_S))
-        block_s *= 2
     for rows in NSC_CHANNEL_BLOCKS:
         block_s = 4  # S >= 2: S == 1 is the NCS layout
         while block_s <= _nsc_max_block_s(rows):
