@@ -6,7 +6,6 @@ replaces it (CustomOpDef.register_fake overrides, it does not add a second one) 
 kernel every backend shares, and adds the autograd formula.
 """
 import contextlib
-import math
 from typing import Optional
 
 import torch
@@ -92,7 +91,7 @@ def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], sca
             BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
         if split:
-            wrap_triton(pool_combine_kernel)[(math.ceil(n * c / configs.COMBINE_ROWS),)](
+            wrap_triton(pool_combine_kernel)[(-(-n * c // configs.COMBINE_ROWS),)](
                 partial_stats, partial_index, weight_arg, out, aux_arg, indices_arg,
                 n, c, s, config.s_programs, weight_stride, scalar,
                 MODE=mode, WEIGHT_KIND=weight_kind, WITH_LOG=with_log,
