@@ -10,10 +10,11 @@ GPUTarget("cuda", arch, 32)) each kernel of gapkernels/triton/kernels.py:
   code covers the others' (TILE_MODES: the forward's MIXED has every reduction of AVG, MAX and
   CAT; the backward's CAT every per-element term of AVG, MAX and MIXED; GEM has its own), in
   their heaviest variant (per-channel weight, GeM's log-sum); on the tiles where S can be split
-  or reach 2**31 (TileConfig.max_block_s), also the SPLIT forward and the INDEX_64 max lanes;
+  or reach 2**31 (TileConfig.max_block_s), also the SPLIT forward and INDEX_64 (int64 spatial
+  offsets); and the combine kernel (one tile) in every mode;
 - for the first architecture (sm_90 by default) also: every mode, x dtype, weight kind, a
   strided weight and N == 1 (Triton passes an int 1 as a constant) on the largest tile of each
-  layout, and the combine kernel in every mode, weight kind and output dtype.
+  layout, and the combine kernel in every weight kind and output dtype.
 
 Each compile runs ptxas; its `-v` report gives registers, spill stores/loads (bytes) and the
 compiled kernel's metadata its shared memory. A compile error is reported and makes the exit
@@ -111,6 +112,9 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
             jobs.append(_forward(arch, tile, 2, INDEX_64=True, _s64=True))
             for mode in TILE_MODES["pool_backward_kernel"]:
                 jobs.append(_backward(arch, tile, mode, INDEX_64=True, _s64=True))
+    for mode in MODES:  # the combine kernel's one tile
+        jobs.append(_job("pool_combine_kernel", arch, "fp32", configs.COMBINE_WARPS, MODE=mode,
+                         **_heaviest(mode), ROWS=configs.COMBINE_ROWS))
     if not all_variants:
         return jobs
     for channels_last in (False, True):
@@ -137,12 +141,15 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
             jobs.append(_backward(arch, tile, mode, "fp16", _weight_stride="any"))
         jobs.append(_forward(arch, tile, 4, "fp16", SPLIT=True, _n_one=True))
         jobs.append(_backward(arch, tile, 3, "fp16", _n_one=True))
-    for mode in MODES:
-        for kind in ((0, 1, 2) if mode in (2, 4) else (0,)):
+    for mode in (2, 4):
+        for kind in (0, 1, 2):
             for with_log in ((False, True) if mode == 4 else (False,)):
+                if kind == 2 and with_log == (mode == 4):
+                    continue  # compiled above
                 jobs.append(_job("pool_combine_kernel", arch, "fp32", configs.COMBINE_WARPS,
                                  MODE=mode, WEIGHT_KIND=kind, WITH_LOG=with_log,
                                  ROWS=configs.COMBINE_ROWS))
+    for mode in MODES:
         for dtype in ("fp16", "bf16"):
             jobs.append(_job("pool_combine_kernel", arch, dtype, configs.COMBINE_WARPS,
                              MODE=mode, **_heaviest(mode), ROWS=configs.COMBINE_ROWS))

@@ -8,10 +8,10 @@ memory traffic and should be re-tuned with the benchmark on an H100/H200:
   thread at 8 warps, enough loads in flight per thread to hide memory latency while the 3-5
   float32 lane accumulators (sum, max, index, GeM's log-sum) stay in registers. Smaller tiles
   get fewer warps (`_num_warps`).
-- NCS: BLOCK_S = the next of NCS_BLOCK_S >= S, at most 1024, so a row is read in long contiguous runs
-  (S = 49 -> 64 lanes, 64 rows per tile: a 7x7 head is read as 64 rows at once); ROWS fills the
-  rest of the tile. When full tiles give fewer than TARGET_PROGRAMS programs (2 per SM of a
-  132-SM H100), ROWS drops to 1 (one row per program).
+- NCS: BLOCK_S = the next of NCS_BLOCK_S >= S, at most 1024, so a row is read in long
+  contiguous runs (S = 49 -> 64 lanes, 64 rows per tile: a 7x7 head is read as 64 rows at
+  once); ROWS fills the rest of the tile. When full tiles give fewer than TARGET_PROGRAMS
+  programs (2 per SM of a 132-SM H100), ROWS drops to 1 (one row per program).
 - NSC: ROWS = a block of 64 consecutive channels (128-256 contiguous bytes per spatial offset,
   whole memory transactions), or 16 when C < 64 or 64-channel blocks give too few programs;
   BLOCK_S = the next power of four >= S, at most what fills the tile.
