@@ -490,7 +490,8 @@ def test_functional_with_expanded_and_sliced_weights(op, gen):
 def _index_probe_kernel(out_ptr, pid_rows, pid_s, N, C, S, per_program,
                         ROWS: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                         INDEX_64: tl.constexpr):
-    row, channel, row_mask, base = tk._row_block(pid_rows, N, C, S, ROWS, CHANNELS_LAST)
+    row, channel, row_mask, base = tk._row_block(pid_rows, N, C, S, ROWS, CHANNELS_LAST,
+                                                 INDEX_64)
     s_begin, s_end = tk._piece(pid_s, per_program, S, INDEX_64)
     s = s_end - BLOCK_S + tl.arange(0, BLOCK_S)  # the piece's last BLOCK_S offsets
     offsets = tk._offsets(base, s, C, CHANNELS_LAST)
@@ -554,21 +555,25 @@ def test_index_arithmetic_past_2e31(shape, which):
             got = torch.full_like(want, -7).to(DEVICE)
             _index_probe_kernel[(1,)](got, pid_rows, pid_s, n, c, s, config.s_per_program,
                                       ROWS=rows, BLOCK_S=block_s, CHANNELS_LAST=channels_last,
-                                      INDEX_64=tpool.index_64(s, config))
+                                      INDEX_64=tpool.index_64(n, c, s, config))
             assert torch.equal(got.cpu(), want), (shape, which, pid_rows, pid_s)
             largest = max(largest, int(want.max()))
     assert largest >= 2**31, "the shape must take the index math past 2**31"
 
 
-def test_index_64_when_spatial_offsets_could_wrap():
-    """INDEX_64 (int64 spatial offsets and arg-max lanes) whenever an offset, a piece's end or
-    the loop's last step could pass 2**31 - 1; int32 (fewer registers) below."""
+def test_index_64_when_indices_could_wrap():
+    """INDEX_64 (int64 rows, spatial offsets and arg-max lanes) whenever a spatial offset, a
+    piece's end or the loop's last step, or a row-indexed offset (3 aux columns, CAT's 2C)
+    could pass 2**31 - 1; int32 (fewer registers) below."""
     for choose in (configs.forward_config, configs.backward_config):
         for n, c, s, cl in [(1, 1, 2**31 - 1, False), (1, 1, 2**31 - 2000, False),
-                            (1, 24, 2**31 - 100, True), (1, 1, 2**31 + 2**24, False)]:
-            assert tpool.index_64(s, choose(n, c, s, cl)), (n, c, s, cl)
-        for n, c, s, cl in [(2, 3, 2**20, False), (8, 2048, 49, True), (1, 2, 2**29, False)]:
-            assert not tpool.index_64(s, choose(n, c, s, cl)), (n, c, s, cl)
+                            (1, 24, 2**31 - 100, True), (1, 1, 2**31 + 2**24, False),
+                            (2**20, 2**11 + 3, 4, False), (2**20, 2**11 + 3, 4, True),
+                            (2**29, 2, 1, False), (716_000_000, 1, 1, False)]:
+            assert tpool.index_64(n, c, s, choose(n, c, s, cl)), (n, c, s, cl)
+        for n, c, s, cl in [(2, 3, 2**20, False), (8, 2048, 49, True), (1, 2, 2**29, False),
+                            (2**18, 2048, 1, False), (700_000_000, 1, 1, False)]:
+            assert not tpool.index_64(n, c, s, choose(n, c, s, cl)), (n, c, s, cl)
 
 
 # ---------------------------------------------------------------------------------------------

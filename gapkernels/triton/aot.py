@@ -12,7 +12,8 @@ GPUTarget("cuda", arch, 32)) each kernel of gapkernels/triton/kernels.py:
   their heaviest variant (per-channel weight, GeM's log-sum); on the tiles where S can be split
   or reach 2**31 (TileConfig.max_block_s), also the SPLIT forward and INDEX_64 (int64 spatial
   offsets); and the combine kernel (one tile) in every mode;
-- for the first architecture (sm_90 by default) also: every mode, x dtype, weight kind, a
+- for the first architecture (sm_90 by default) also: INDEX_64 on every tile that N*C near
+  2**31 can take (full-row NCS tiles, every NSC tile); every mode, x dtype, weight kind, a
   strided weight and N == 1 (Triton passes an int 1 as a constant) on the largest tile of each
   layout, and the combine kernel in every weight kind and output dtype.
 
@@ -117,6 +118,12 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
                          **_heaviest(mode), ROWS=configs.COMBINE_ROWS))
     if not all_variants:
         return jobs
+    for tile in tiles:  # N*C near 2**31 / 3: every tile with full rows (INDEX_64 from the rows)
+        if tile.channels_last or tile.rows * tile.block_s == configs.TILE_ELEMENTS:
+            for mode in TILE_MODES["pool_forward_kernel"]:
+                jobs.append(_forward(arch, tile, mode, INDEX_64=True))
+            for mode in TILE_MODES["pool_backward_kernel"]:
+                jobs.append(_backward(arch, tile, mode, INDEX_64=True))
     for channels_last in (False, True):
         tile = max((t for t in tiles if t.channels_last == channels_last),
                    key=lambda t: (t.rows * t.block_s, t.block_s))

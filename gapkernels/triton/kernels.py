@@ -10,9 +10,10 @@ All statistics accumulate in float32 per lane of the tile and are reduced with `
 `tl.max` / `tl.min` at the end: the reduction order depends only on the tile shape, which
 depends only on the input's shape (deterministic, no atomics).
 
-Index arithmetic: row indices (n*C + c) and element offsets are int64 (`_row_block`,
-`_offsets`), so a tensor or N*C may pass 2**31. Spatial offsets, loop bounds and the arg-max
-lanes are int32 unless INDEX_64 (`_piece`), which the launcher sets when they could reach 2**31.
+Index arithmetic: element offsets in x are int64 (`_row_block`'s base, `_offsets`), so a tensor
+may pass 2**31 elements. Row indices (n*C + c), spatial offsets, loop bounds and the arg-max
+lanes are int32 unless INDEX_64 (`_row_block`, `_piece`), which the launcher sets when any of
+them (or 3 * N*C, the aux offsets) could reach 2**31; the combine kernel's rows are int64.
 
 GeM (stable, docs/DESIGN.md "Modes"): every lane keeps a running maximum m of y = clamp(x, eps)
 and the sums r = sum (y/m)**p and l = sum (y/m)**p * log(y/m) relative to it; when m grows the
@@ -37,22 +38,32 @@ WEIGHT_PER_CHANNEL: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _row_block(pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+def _row_block(pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+               INDEX_64: tl.constexpr):
     """The ROWS rows of program `pid`: their (N, C) flat index n*C + c, channel, mask, and the
-    offset of their element s = 0 in x; all int64 (N*C and N*C*S may pass 2**31)."""
-    rows_total = tl.cast(N, tl.int64) * C
+    int64 offset of their element s = 0 in x (N*C*S may pass 2**31). Row index and channel are
+    int64 with INDEX_64, else int32 (the launcher sets INDEX_64 when 3 * (N*C + ROWS), the
+    largest row-indexed offset (aux, CAT's output), could reach 2**31): int64 rows cost a
+    quarter more registers in the backward."""
     if CHANNELS_LAST:
         channel_blocks = tl.cdiv(C, ROWS)
-        n = tl.cast(pid // channel_blocks, tl.int64)
-        channel = tl.cast((pid % channel_blocks) * ROWS, tl.int64) + tl.arange(0, ROWS)
+        n = pid // channel_blocks
+        channel = (pid % channel_blocks) * ROWS + tl.arange(0, ROWS)
         row_mask = channel < C
+        if INDEX_64:
+            n = tl.cast(n, tl.int64)
+            channel = tl.cast(channel, tl.int64)
         row = n * C + channel
-        base = n * S * C + channel
+        base = tl.cast(n, tl.int64) * S * C + channel
     else:
-        row = tl.cast(pid, tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = row < rows_total
+        if INDEX_64:
+            row = tl.cast(pid, tl.int64) * ROWS + tl.arange(0, ROWS)
+            row_mask = row < tl.cast(N, tl.int64) * C
+        else:
+            row = pid * ROWS + tl.arange(0, ROWS)
+            row_mask = row < N * C
         channel = row % C
-        base = row * S
+        base = tl.cast(row, tl.int64) * S
     return row, channel, row_mask, base
 
 
@@ -60,7 +71,7 @@ def _row_block(pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
 def _piece(pid, per_program, S, INDEX_64: tl.constexpr):
     """[s_begin, s_end) of S handled by program `pid` along grid axis 1: int64 with INDEX_64,
     else int32 (the launcher sets INDEX_64 unless S + per_program + BLOCK_S < 2**31, so that
-    no spatial offset, loop bound or step past the end can wrap)."""
+    no spatial offset, loop bound or step past the end can wrap; see pool.index_64)."""
     if INDEX_64:
         s_begin = tl.cast(pid, tl.int64) * per_program
         s_end = tl.minimum(s_begin + per_program, tl.cast(S, tl.int64))
@@ -208,7 +219,8 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
     index) for the combine kernel."""
     NEEDS_SUM: tl.constexpr = MODE != MODE_MAX and MODE != MODE_GEM
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
-    row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST)
+    row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST,
+                                              INDEX_64)
     split = tl.program_id(1)
     s_begin, s_end = _piece(split, s_per_split, S, INDEX_64)
 
@@ -328,7 +340,8 @@ def pool_backward_kernel(grad_out_ptr, x_ptr, aux_ptr, indices_ptr, weight_ptr, 
                          INDEX_64: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Writes each element of grad_x once: A + (s == index) * B per row, or for GEM
     coef * (x / M) ** (p - 1) where x >= eps. Grid: (row blocks, pieces of S)."""
-    row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST)
+    row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST,
+                                              INDEX_64)
     s_begin, s_end = _piece(tl.program_id(1), s_per_program, S, INDEX_64)
     grad_dtype = grad_x_ptr.dtype.element_ty
 

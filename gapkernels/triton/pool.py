@@ -44,10 +44,12 @@ def _weight_args(weight: Optional[torch.Tensor], mode: int, x: torch.Tensor):
     return weight, 0, WEIGHT_SHARED.value
 
 
-def index_64(s: int, config: configs.LaunchConfig) -> bool:
-    """Whether the kernels need int64 spatial offsets: an offset, a piece's end or the loop's
-    step past it could reach 2**31."""
-    return s + config.s_per_program + config.block_s >= 2**31
+def index_64(n: int, c: int, s: int, config: configs.LaunchConfig) -> bool:
+    """Whether the kernels need int64 row and spatial indices: a spatial offset, a piece's end
+    or the loop's step past it, or a row-indexed offset (aux: 3 columns; CAT's output: 2C; a
+    channel block past C), could reach 2**31."""
+    return (s + config.s_per_program + config.block_s >= 2**31
+            or 3 * (n * c + config.rows) >= 2**31)
 
 
 FORWARD_SCHEMA = ("(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
@@ -82,12 +84,13 @@ def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], sca
                                      device=x.device) if mode in MAX_MODES else x)
     else:
         partial_stats = partial_index = x
+    index_64_ = index_64(n, c, s, config)
     with _device_of(x):
         wrap_triton(pool_forward_kernel)[(config.row_programs, config.s_programs)](
             x, weight_arg, out, aux_arg, indices_arg, partial_stats, partial_index,
             n, c, s, config.s_per_program, weight_stride, scalar, eps,
             MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
-            WITH_LOG=with_log, SPLIT=split, INDEX_64=index_64(s, config), ROWS=config.rows,
+            WITH_LOG=with_log, SPLIT=split, INDEX_64=index_64_, ROWS=config.rows,
             BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
         if split:
@@ -111,13 +114,14 @@ def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, aux: torch.Tensor,
         return grad_x
     config = configs.backward_config(n, c, s, channels_last)
     weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
+    index_64_ = index_64(n, c, s, config)
     with _device_of(x):
         wrap_triton(pool_backward_kernel)[(config.row_programs, config.s_programs)](
             grad_out, x, aux if aux.numel() else x, indices if indices.numel() else x,
             weight_arg, grad_x,
             n, c, s, config.s_per_program, weight_stride, scalar, eps,
             MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
-            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1, INDEX_64=index_64(s, config),
+            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1, INDEX_64=index_64_,
             ROWS=config.rows, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
     return grad_x
