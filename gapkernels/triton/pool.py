@@ -5,7 +5,7 @@ triton_op registers its own implementation as the fake kernel; `register_pool_op
 replaces it (CustomOpDef.register_fake overrides, it does not add a second one) with the fake
 kernel every backend shares, and adds the autograd formula.
 """
-import math
+import contextlib
 from typing import Optional
 
 import torch
@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 
 from gapkernels import ops as gk_ops
 from gapkernels.ops import MODE_CAT, MODE_GEM, MODE_MIXED, MAX_MODES, aux_columns
-from gapkernels.triton import configs
+from gapkernels.triton import checks, configs
 from gapkernels.triton.kernels import (
     WEIGHT_PER_CHANNEL,
     WEIGHT_SCALAR,
@@ -23,33 +23,33 @@ from gapkernels.triton.kernels import (
     pool_forward_kernel,
 )
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = checks.SUPPORTED_DTYPES
 
 
-def _check(x: torch.Tensor, op: str) -> None:
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"gapkernels_triton::{op}: x must be float16, bfloat16 or float32 "
-                        f"(the Triton kernels accumulate in float32), got {x.dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"gapkernels_triton::{op}: x must be the (N, C, S) view, got shape "
-                         f"{tuple(x.shape)}")
+def _device_of(x: torch.Tensor):
+    """The guard every launch runs under: Triton launches on the *current* CUDA device (and its
+    current stream), so that must be x's device."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
-def _layout(x: torch.Tensor) -> bool:
-    """True for NSC (channels_last) strides, False for NCS; anything else is an error."""
-    if x.is_contiguous():
-        return False
-    n, c, s = x.shape
-    if x.stride(1) == 1 and x.stride(2) == c and (n == 1 or x.stride(0) == s * c):
-        return True
-    raise ValueError(f"gapkernels_triton: x must have NCS or NSC strides (docs/DESIGN.md), "
-                     f"got shape {tuple(x.shape)} strides {x.stride()}")
-
-
-def _weight_kind(weight: Optional[torch.Tensor], mode: int) -> int:
+def _weight_args(weight: Optional[torch.Tensor], mode: int, x: torch.Tensor):
+    """(tensor, stride, kind) of alpha / p for the kernels: any strides are read correctly
+    (per channel at `c * stride`; a 1-element weight at its storage offset)."""
     if mode not in (MODE_MIXED, MODE_GEM) or weight is None:
-        return WEIGHT_SCALAR.value
-    return WEIGHT_PER_CHANNEL.value if weight.numel() > 1 else WEIGHT_SHARED.value
+        return x, 0, WEIGHT_SCALAR.value
+    if weight.numel() > 1:
+        return weight, weight.stride(0), WEIGHT_PER_CHANNEL.value
+    return weight, 0, WEIGHT_SHARED.value
+
+
+def index_64(n: int, c: int, s: int, config: configs.LaunchConfig) -> bool:
+    """Whether the kernels need int64 row and spatial indices: a spatial offset, a piece's end
+    or the loop's step past it, or a row-indexed offset (aux: 3 columns; CAT's output: 2C; a
+    channel block past C), could reach 2**31."""
+    return (s + config.s_per_program + config.block_s >= 2**31
+            or 3 * (n * c + config.rows) >= 2**31)
 
 
 FORWARD_SCHEMA = ("(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
@@ -62,9 +62,8 @@ BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int 
 @triton_op("gapkernels_triton::pool_forward", mutates_args=(), schema=FORWARD_SCHEMA)
 def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], scalar: float,
                  eps: float, with_log: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, "pool_forward")
+    channels_last = checks.check_forward_inputs(x, mode, weight)
     n, c, s = x.shape
-    channels_last = _layout(x)
     with_log = with_log and mode == MODE_GEM
     out = torch.empty((n, 2 * c if mode == MODE_CAT else c), dtype=x.dtype, device=x.device)
     aux = torch.empty((n, c, aux_columns(mode, with_log)), dtype=torch.float32, device=x.device)
@@ -73,33 +72,34 @@ def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], sca
     if n == 0 or c == 0:
         return out, aux, indices
     # Tensors a mode does not use are passed as `x`: never read or written (constexpr-pruned).
-    weight_arg = weight if weight is not None else x
+    weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
     aux_arg = aux if aux.numel() else x
     indices_arg = indices if indices.numel() else x
-    weight_kind = _weight_kind(weight, mode)
     config = configs.forward_config(n, c, s, channels_last)
     split = config.s_programs > 1
     if split:
         partial_stats = torch.empty((config.s_programs, 3, n * c), dtype=torch.float32,
                                     device=x.device)
-        partial_index = torch.empty((config.s_programs, n * c), dtype=torch.int64,
-                                    device=x.device)
+        partial_index = (torch.empty((config.s_programs, n * c), dtype=torch.int64,
+                                     device=x.device) if mode in MAX_MODES else x)
     else:
         partial_stats = partial_index = x
-    wrap_triton(pool_forward_kernel)[(config.row_programs, config.s_programs)](
-        x, weight_arg, out, aux_arg, indices_arg, partial_stats, partial_index,
-        n, c, s, config.s_per_program, scalar, eps,
-        MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind, WITH_LOG=with_log,
-        SPLIT=split, INDEX_64=s >= 2**31, ROWS=config.rows, BLOCK_S=config.block_s,
-        num_warps=config.num_warps,
-    )
-    if split:
-        wrap_triton(pool_combine_kernel)[(math.ceil(n * c / configs.COMBINE_ROWS),)](
-            partial_stats, partial_index, weight_arg, out, aux_arg, indices_arg,
-            n, c, s, config.s_programs, scalar,
-            MODE=mode, WEIGHT_KIND=weight_kind, WITH_LOG=with_log, ROWS=configs.COMBINE_ROWS,
-            num_warps=4,
+    index_64_ = index_64(n, c, s, config)
+    with _device_of(x):
+        wrap_triton(pool_forward_kernel)[(config.row_programs, config.s_programs)](
+            x, weight_arg, out, aux_arg, indices_arg, partial_stats, partial_index,
+            n, c, s, config.s_per_program, weight_stride, scalar, eps,
+            MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
+            WITH_LOG=with_log, SPLIT=split, INDEX_64=index_64_, ROWS=config.rows,
+            BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
+        if split:
+            wrap_triton(pool_combine_kernel)[(-(-n * c // configs.COMBINE_ROWS),)](
+                partial_stats, partial_index, weight_arg, out, aux_arg, indices_arg,
+                n, c, s, config.s_programs, weight_stride, scalar,
+                MODE=mode, WEIGHT_KIND=weight_kind, WITH_LOG=with_log,
+                ROWS=configs.COMBINE_ROWS, num_warps=configs.COMBINE_WARPS,
+            )
     return out, aux, indices
 
 
@@ -107,21 +107,23 @@ def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], sca
 def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, aux: torch.Tensor,
                   indices: torch.Tensor, mode: int, weight: Optional[torch.Tensor],
                   scalar: float, eps: float) -> torch.Tensor:
-    _check(x, "pool_backward")
+    channels_last = checks.check_backward_inputs(grad_out, x, aux, indices, mode, weight)
     n, c, s = x.shape
-    channels_last = _layout(x)
     grad_x = gk_ops.grad_input_like(x)
     if n == 0 or c == 0:
         return grad_x
     config = configs.backward_config(n, c, s, channels_last)
-    wrap_triton(pool_backward_kernel)[(config.row_programs, config.s_programs)](
-        grad_out, x, aux if aux.numel() else x, indices if indices.numel() else x,
-        weight if weight is not None else x, grad_x,
-        n, c, s, config.s_per_program, scalar, eps,
-        MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=_weight_kind(weight, mode),
-        AUX_COLUMNS=max(1, aux.shape[-1]),
-        ROWS=config.rows, BLOCK_S=config.block_s, num_warps=config.num_warps,
-    )
+    weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
+    index_64_ = index_64(n, c, s, config)
+    with _device_of(x):
+        wrap_triton(pool_backward_kernel)[(config.row_programs, config.s_programs)](
+            grad_out, x, aux if aux.numel() else x, indices if indices.numel() else x,
+            weight_arg, grad_x,
+            n, c, s, config.s_per_program, weight_stride, scalar, eps,
+            MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
+            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1, INDEX_64=index_64_,
+            ROWS=config.rows, BLOCK_S=config.block_s, num_warps=config.num_warps,
+        )
     return grad_x
 
 
