@@ -60,8 +60,10 @@ def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
         # Never a host read of a device tensor (a sync, and no CUDA graph capture): a CPU p is
         # checked here; a GPU p on the device, raising at the next synchronizing point (a
         # device-side assert). Skipped inside torch.compile graphs, and by nn.GlobalPool, whose
-        # parametrization keeps p > 0.
-        if not check_p_values or torch.compiler.is_compiling():
+        # parametrization keeps p > 0; and under torch.func transforms, where p may be batched
+        # and its values cannot steer Python.
+        if (not check_p_values or torch.compiler.is_compiling()
+                or torch._C._are_functorch_transforms_active()):
             return
         if p.device.type == "cpu":
             if bool((p <= 0).any()):
