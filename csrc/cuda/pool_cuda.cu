@@ -3,13 +3,18 @@
 // Two layouts of the (N, C, S) view, one forward and one backward kernel template each:
 //   NCS (rows of S contiguous elements): a group of G lanes (G = 1..32, a power of two chosen from
 //     S) per work item; a work item is a row, or a fixed-length chunk of a row when there are too
-//     few rows to fill the GPU. Rows are read with 16-byte vectors: each work item peels the
-//     elements before the first 16-byte boundary (head) and after the last one (tail).
+//     few rows to fill the GPU. The forward gives lanes 16-byte slots of the row by index (slot v
+//     to lane v % G), read with 16-byte vectors when the row is aligned and with narrower loads of
+//     the same slots when not, so the address never changes the summation order. The backward
+//     (one formula per element) peels the elements before the first 16-byte boundary of grad_x
+//     (head) and after the last one (tail).
 //   NSC (C contiguous): each thread owns VEC adjacent channels (one 16-byte vector) and walks S;
 //     a block is BX threads across channels by BY threads across S; S may be split over blocks.
 // A split reduction writes per-piece partial statistics to a buffer and a second small kernel
 // combines them in a fixed order. How a reduction is split depends on the shape alone; no
-// floating-point atomics anywhere, so every result is bitwise reproducible.
+// floating-point atomics anywhere, so every result is bitwise reproducible, at any address.
+// GeM keeps (M, sum of (y/M)^p[, sum of (y/M)^p log(y/M)]) per lane/thread/piece, rescaled to the
+// larger maximum whenever a maximum grows or two pieces meet (docs/DESIGN.md "Modes").
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -90,35 +95,85 @@ __device__ __forceinline__ acc_t accurate_log(acc_t v) {
   }
 }
 
-// 0..4 when the exponent is that integer (computed with multiplications), else -1 (pow).
 template <typename acc_t>
-__device__ __forceinline__ int integral_exponent(acc_t e) {
-  if (e == acc_t(0)) return 0;
-  if (e == acc_t(1)) return 1;
-  if (e == acc_t(2)) return 2;
-  if (e == acc_t(3)) return 3;
-  if (e == acc_t(4)) return 4;
-  return -1;
+__device__ __forceinline__ acc_t fused_multiply_add(acc_t a, acc_t b, acc_t c) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return ::fma(a, b, c);
+  } else {
+    return ::fmaf(a, b, c);
+  }
 }
 
+// 1/y for y > 0 to within about an ulp (subnormal and overflowing results included; +inf gives 0,
+// NaN gives NaN), with no call: the IEEE division and reciprocal keep their slow path in a
+// called subroutine, and the registers live across such a call in an element loop are spilled.
+// y is scaled by a power of two into a range where the hardware approximation has no special
+// case, refined by Newton steps, and scaled back (exactly, or with one rounding if subnormal).
+__device__ __forceinline__ float reciprocal(float y) {
+  const float scale = y > 0x1p+64f ? 0x1p-64f : (y < 0x1p-64f ? 0x1p+64f : 1.0f);
+  const float ys = y * scale;
+  float r = __fdividef(1.0f, ys);  // MUFU.RCP; ys in [2^-64, 2^64] here (no flush, no zero)
+  r = fmaf(r, fmaf(-ys, r, 1.0f), r);
+  r *= scale;
+  return isinf(y) ? 0.0f : r;
+}
+
+__device__ __forceinline__ double reciprocal(double y) {
+  const double scale = y > 0x1p+500 ? 0x1p-500 : (y < 0x1p-500 ? 0x1p+500 : 1.0);
+  const double ys = y * scale;
+  double r;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(ys));  // about 20 bits
+#pragma unroll
+  for (int step = 0; step < 3; ++step) r = fma(r, fma(-ys, r, 1.0), r);  // 20 -> 40 -> 53
+  r *= scale;
+  return isinf(y) ? 0.0 : r;
+}
+
+// floor(a / b) for indices 0 <= a < 2^51, 1 <= b, with no call (the compiler's 64-bit division
+// is one, and in the GeM forward kernels the registers live across it got spilled): 32-bit
+// division when both fit, else a double-precision estimate (relative error < 2^-51, so off by at
+// most 1) corrected to the exact quotient. (Fixed correction steps, not loops: the compiler turns
+// such a loop back into a division.)
+__device__ __forceinline__ int64_t divide_index(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) {
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  }
+  int64_t q = static_cast<int64_t>(static_cast<double>(a) * reciprocal(static_cast<double>(b)));
+  int64_t rest = a - q * b;
+#pragma unroll
+  for (int step = 0; step < 2; ++step) {
+    const bool low = rest < 0;
+    q = low ? q - 1 : q;
+    rest = low ? rest + b : rest;
+    const bool high = rest >= b;
+    q = high ? q + 1 : q;
+    rest = high ? rest - b : rest;
+  }
+  return q;
+}
+
+// 0..8 when the exponent is that integer (computed with multiplications), else -1 (pow). GeM's p
+// in [1, 8] takes the fast path forward, p - 1 in [0, 7] backward.
+template <typename acc_t>
+__device__ __forceinline__ int integral_exponent(acc_t e) {
+  if (!(e >= acc_t(0) && e <= acc_t(8))) return -1;  // NaN: -1
+  const int n = static_cast<int>(e);
+  return static_cast<acc_t>(n) == e ? n : -1;
+}
+
+// base ** e; `integral` from integral_exponent(e). One code path for every integer 0..8: binary
+// powering with selects (no table, no branch per exponent). No fast-math intrinsic: a tiny base
+// gives a correctly rounded subnormal or 0, never a flushed or NaN result.
 template <typename acc_t>
 __device__ __forceinline__ acc_t power(acc_t base, acc_t e, int integral) {
-  switch (integral) {
-    case 0:
-      return acc_t(1);
-    case 1:
-      return base;
-    case 2:
-      return base * base;
-    case 3:
-      return base * base * base;
-    case 4: {
-      const acc_t sq = base * base;
-      return sq * sq;
-    }
-    default:
-      return accurate_pow(base, e);
-  }
+  if (integral < 0) return accurate_pow(base, e);
+  const acc_t b2 = base * base;
+  const acc_t b4 = b2 * b2;
+  acc_t result = (integral & 1) ? base : acc_t(1);
+  if (integral & 2) result *= b2;
+  if (integral & 4) result *= b4;
+  if (integral & 8) result *= b4 * b4;
+  return result;
 }
 
 // True when the candidate (value, index) beats the current one under torch's max semantics
@@ -139,22 +194,45 @@ struct Exponent {
   int integral;
 };
 
-// Running statistics of one piece of a row. v0: sum (Sum, SumMax) or sum of clamp(x)^p (Pow*);
-// v1: max (Max, SumMax) or sum of clamp(x)^p * log(clamp(x)) (PowLog); index: arg-max.
+// GeM: brings a piece's sums (r = sum of (y/m_from)^p, l = sum of (y/m_from)^p log(y/m_from))
+// to a maximum m_to >= m_from: with k = m_from / m_to (as m_from * (1/m_to)), r' = k^p r and, as
+// log(y/m_to) = log(y/m_from) + log(k), l' = k^p (l + log(k) r). m_from == 0 (an empty piece: its
+// sums are 0) or k^p == 0 (underflow) leaves exact zeros; a NaN maximum makes both NaN.
+template <typename acc_t, bool kLog>
+__device__ __forceinline__ void gem_rescale(acc_t& r, acc_t& l, acc_t m_from, acc_t m_to,
+                                            Exponent<acc_t> e) {
+  if (m_from == m_to) return;
+  const acc_t k = m_from * reciprocal(m_to);  // <= 1; 0 when m_from = 0 or m_to = +inf
+  const acc_t kp = power(k, e.p, e.integral);
+  if constexpr (kLog) l = kp == acc_t(0) ? acc_t(0) : kp * (l + accurate_log(k) * r);
+  r *= kp;
+}
+
+// Running statistics of one piece of a row.
+//   Sum, Max, SumMax: v0 = sum, v1 = max, index = arg-max (v2, inv_m unused).
+//   Pow, PowLog (GeM, relative to the piece's running maximum M of y = clamp(x, eps)):
+//     v1 = M (0 while empty), v0 = sum of (y/M)^p, v2 = sum of (y/M)^p log(y/M) (PowLog),
+//     inv_m = 1/M (index unused).
 template <typename acc_t, Stat kStat>
 struct Stats {
   static constexpr bool kSum = kStat == Stat::Sum || kStat == Stat::SumMax;
   static constexpr bool kMax = kStat == Stat::Max || kStat == Stat::SumMax;
   static constexpr bool kPow = kStat == Stat::Pow || kStat == Stat::PowLog;
   static constexpr bool kLog = kStat == Stat::PowLog;
+  // acc_t values per piece in the split-reduction buffer: v0, v1 (and v2).
+  static constexpr int kPartials = kLog ? 3 : 2;
 
   acc_t v0;
   acc_t v1;
+  acc_t v2;
+  acc_t inv_m;
   int64_t index;
 
   __device__ __forceinline__ void init() {
     v0 = acc_t(0);
     v1 = kMax ? negative_infinity<acc_t>() : acc_t(0);
+    v2 = acc_t(0);
+    inv_m = acc_t(0);
     index = kNoIndex;
   }
 
@@ -168,33 +246,62 @@ struct Stats {
       }
     }
     if constexpr (kPow) {
-      const acc_t clamped = v < eps ? eps : v;  // NaN stays NaN, as torch.clamp
-      const acc_t raised = power(clamped, e.p, e.integral);
-      v0 += raised;
-      if constexpr (kLog) v1 += raised * accurate_log(clamped);
+      const acc_t y = v < eps ? eps : v;  // NaN stays NaN, as torch.clamp; y > 0 (eps > 0)
+      if (y > v1 || is_nan(y)) {
+        // A new maximum (a NaN is one for good: every later z is NaN): rescale, then y/M = 1
+        // adds 1 to v0 and log(1) = 0 to v2.
+        gem_rescale<acc_t, kLog>(v0, v2, v1, y, e);
+        v1 = y;
+        inv_m = reciprocal(y);
+        v0 += acc_t(1);
+      } else {
+        // z = y/M in (0, 1]: exactly 1 for y == M (ties with the maximum: constant and dead
+        // rows give r = 1, l = 0 exactly), else y * (1/M), within an ulp or so of the quotient,
+        // clamped to 1 (so log(z) <= 0). M = +inf: z = 0 for finite y. M = NaN: r is NaN already.
+        acc_t z = y < v1 ? y * inv_m : acc_t(1);
+        z = z > acc_t(1) ? acc_t(1) : z;
+        const acc_t zp = power(z, e.p, e.integral);
+        v0 += zp;
+        if constexpr (kLog) v2 += zp * accurate_log(z);
+      }
     }
   }
 
-  __device__ __forceinline__ void merge(acc_t o0, acc_t o1, int64_t oindex) {
-    if constexpr (kSum || kPow) v0 += o0;
-    if constexpr (kLog) v1 += o1;
+  // Absorbs another piece's statistics (o2: its v2, read only for PowLog; e: GeM's exponent).
+  // GeM: both pieces are brought to the larger maximum, then added (this + other).
+  __device__ __forceinline__ void merge(acc_t o0, acc_t o1, acc_t o2, int64_t oindex,
+                                        Exponent<acc_t> e) {
+    if constexpr (kSum) v0 += o0;
     if constexpr (kMax) {
       if (max_candidate_wins(v1, index, o1, oindex)) {
         v1 = o1;
         index = oindex;
       }
     }
+    if constexpr (kPow) {
+      const acc_t m = (is_nan(v1) || v1 >= o1) ? v1 : o1;  // a NaN maximum wins
+      gem_rescale<acc_t, kLog>(v0, v2, v1, m, e);
+      gem_rescale<acc_t, kLog>(o0, o2, o1, m, e);
+      v0 += o0;
+      if constexpr (kLog) v2 += o2;
+      v1 = m;
+    }
   }
 
   // Butterfly over groups of `group` lanes (a power of two); every lane of the warp must call it.
-  // Each lane ends with the same, fixed-order result.
-  __device__ __forceinline__ void group_reduce(int group) {
+  // Each lane ends with the same, fixed-order result (the merge is commutative bit for bit).
+  __device__ __forceinline__ void group_reduce(int group, Exponent<acc_t> e) {
     for (int offset = group >> 1; offset > 0; offset >>= 1) {
       const acc_t o0 = __shfl_xor_sync(0xffffffffu, v0, offset);
       const acc_t o1 = __shfl_xor_sync(0xffffffffu, v1, offset);
-      const int64_t oi = static_cast<int64_t>(
-          __shfl_xor_sync(0xffffffffu, static_cast<long long>(index), offset));
-      merge(o0, o1, oi);
+      acc_t o2 = acc_t(0);
+      if constexpr (kLog) o2 = __shfl_xor_sync(0xffffffffu, v2, offset);
+      int64_t oi = kNoIndex;
+      if constexpr (!kPow) {
+        oi = static_cast<int64_t>(
+            __shfl_xor_sync(0xffffffffu, static_cast<long long>(index), offset));
+      }
+      merge(o0, o1, o2, oi, e);
     }
   }
 };
@@ -216,7 +323,7 @@ struct ForwardArgs {
   int64_t aux_columns;
   bool cat;  // SumMax: CAT layout of out, else MIXED
   // Split reductions: per (row, piece) statistics, [row][piece] order; nullptr when unsplit.
-  acc_t* partial_values;  // 2 per piece
+  acc_t* partial_values;  // Stats::kPartials per piece
   int64_t* partial_indices;
   int64_t split;
 
@@ -239,13 +346,12 @@ __device__ __forceinline__ Exponent<acc_type<scalar_t>> gem_exponent(
 
 // Writes out / aux / indices of row r = n * C + c from its complete statistics.
 template <typename scalar_t, Stat kStat>
-__device__ void write_row(const ForwardArgs<scalar_t>& a, int64_t r,
-                          const Stats<acc_type<scalar_t>, kStat>& t) {
+__device__ void write_row(const ForwardArgs<scalar_t>& a, int64_t r, int64_t n, int64_t c,
+                          const Stats<acc_type<scalar_t>, kStat>& t,
+                          Exponent<acc_type<scalar_t>> e) {
   using acc_t = acc_type<scalar_t>;
   using St = Stats<acc_t, kStat>;
   const acc_t count = static_cast<acc_t>(a.S);
-  const int64_t n = r / a.C;
-  const int64_t c = r - n * a.C;
   if constexpr (St::kMax) a.indices[r] = t.index == kNoIndex ? 0 : t.index;
   if constexpr (kStat == Stat::Sum) {
     a.out[r] = static_cast<scalar_t>(t.v0 / count);
@@ -263,25 +369,38 @@ __device__ void write_row(const ForwardArgs<scalar_t>& a, int64_t r,
       a.aux[r] = mx - avg;
     }
   } else {
-    const acc_t m = t.v0 / count;
-    const acc_t p = a.channel_weight(c);
-    a.out[r] = static_cast<scalar_t>(accurate_pow(m, acc_t(1) / p));
-    a.aux[r * a.aux_columns] = m;
-    if constexpr (St::kLog) a.aux[r * a.aux_columns + 1] = t.v1 / count;
+    // GeM: M = t.v1, r = mean (y/M)^p in [1/S, 1], out = M r^(1/p) (M itself when M = +inf;
+    // a NaN M gives NaN).
+    // (Reciprocals rather than divisions: no call, see reciprocal().)
+    const acc_t big_m = t.v1;
+    const acc_t inv_count = reciprocal(count);
+    acc_t mean_r = t.v0 * inv_count;  // then one correction step: the quotient, ~always
+    mean_r = fused_multiply_add(fused_multiply_add(-mean_r, count, t.v0), inv_count, mean_r);
+    const acc_t p = e.p;  // channel c's p, read before the element loop
+    const acc_t value = isinf(big_m) ? big_m : big_m * accurate_pow(mean_r, reciprocal(p));
+    a.out[r] = static_cast<scalar_t>(value);
+    a.aux[r * a.aux_columns] = big_m;
+    a.aux[r * a.aux_columns + 1] = mean_r;
+    if constexpr (St::kLog) a.aux[r * a.aux_columns + 2] = t.v2 * inv_count;
   }
 }
 
-// Row r's piece `piece` is complete: finish the row, or leave the piece for the combine kernel.
+// Row r = n * C + c's piece `piece` is complete: finish the row, or leave the piece for the
+// combine kernel. (n and c come from the caller, computed before the element loop: a 64-bit
+// division is a call, and values live across a call in a long kernel get spilled.)
 template <typename scalar_t, Stat kStat>
-__device__ __forceinline__ void emit_piece(const ForwardArgs<scalar_t>& a, int64_t r,
-                                           int64_t piece,
-                                           const Stats<acc_type<scalar_t>, kStat>& t) {
+__device__ __forceinline__ void emit_piece(const ForwardArgs<scalar_t>& a, int64_t r, int64_t n,
+                                           int64_t c, int64_t piece,
+                                           const Stats<acc_type<scalar_t>, kStat>& t,
+                                           Exponent<acc_type<scalar_t>> e) {
   if (a.split == 1) {
-    write_row<scalar_t, kStat>(a, r, t);
+    write_row<scalar_t, kStat>(a, r, n, c, t, e);
   } else {
+    using St = Stats<acc_type<scalar_t>, kStat>;
     const int64_t slot = r * a.split + piece;
-    a.partial_values[2 * slot] = t.v0;
-    a.partial_values[2 * slot + 1] = t.v1;
+    a.partial_values[St::kPartials * slot] = t.v0;
+    a.partial_values[St::kPartials * slot + 1] = t.v1;
+    if constexpr (St::kLog) a.partial_values[St::kPartials * slot + 2] = t.v2;
     a.partial_indices[slot] = t.index;
   }
 }
@@ -314,6 +433,48 @@ __device__ __forceinline__ Peel peel(const scalar_t* start, int64_t length) {
   return {head, vectors, length - head - vectors * VEC};
 }
 
+// The widest access (16, 8, 4 bytes, or one element) that a piece starting at `start` allows for
+// each of its VEC-element slots (a slot is 16 bytes, so every slot has the start's alignment).
+template <typename scalar_t>
+__device__ __forceinline__ int slot_access_bytes(const scalar_t* start) {
+  const auto address = reinterpret_cast<uintptr_t>(start);
+  if ((address & 15u) == 0) return 16;
+  if ((address & 7u) == 0) return 8;
+  if ((address & 3u) == 0) return 4;
+  return static_cast<int>(sizeof(scalar_t));
+}
+
+// Loads one slot of VEC elements with accesses of `bytes` (from slot_access_bytes): the same
+// values whatever the width, so the width never changes the arithmetic.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_slot(const scalar_t* p, int bytes) {
+  static_assert(sizeof(Pack<scalar_t, VEC>) == 16, "a slot is 16 bytes");
+  Pack<scalar_t, VEC> loaded;
+  if (bytes == 16) {
+    loaded = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+  } else if (bytes == 8) {
+    const uint2* words = reinterpret_cast<const uint2*>(p);
+    uint2* into = reinterpret_cast<uint2*>(loaded.v);
+    into[0] = words[0];
+    into[1] = words[1];
+  } else if (sizeof(scalar_t) <= 4 && bytes == 4) {
+    const unsigned int* words = reinterpret_cast<const unsigned int*>(p);
+    unsigned int* into = reinterpret_cast<unsigned int*>(loaded.v);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) into[w] = words[w];
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) loaded.v[j] = p[j];
+  }
+  return loaded;
+}
+
+// Which lane adds which element depends on the element's index in the piece alone, never on the
+// address: slot v (elements [v*VEC, v*VEC + VEC) of the piece) belongs to lane v % group, which
+// adds its slots in increasing v, each in increasing element order; the last, partial slot (the
+// piece's length % VEC elements) belongs to lane (length / VEC) % group, after its full slots. A
+// misaligned piece loads the same slots with narrower accesses (load_slot), so the same values
+// give the same bits at any address.
 template <typename scalar_t, Stat kStat>
 __global__ void __launch_bounds__(kThreads)
     ncs_pool_forward_kernel(ForwardArgs<scalar_t> a, NcsGeometry g) {
@@ -328,47 +489,51 @@ __global__ void __launch_bounds__(kThreads)
   Stats<acc_t, kStat> t;
   t.init();
   int64_t r = 0;
+  int64_t n = 0;
+  int64_t c = 0;
   int64_t piece = 0;
+  Exponent<acc_t> e{acc_t(1), 1};
   const bool valid = item < g.items;
   if (valid) {
-    r = item / g.split;
+    r = divide_index(item, g.split);
     piece = item - r * g.split;
+    n = divide_index(r, a.C);
+    c = r - n * a.C;
     const int64_t begin = piece * g.chunk;
     const int64_t end = begin + g.chunk < a.S ? begin + g.chunk : a.S;
-    const Exponent<acc_t> e = gem_exponent<scalar_t, kStat>(a, r % a.C);
+    e = gem_exponent<scalar_t, kStat>(a, c);
     const scalar_t* start = a.x + r * a.S + begin;
-    const Peel pl = peel<VEC>(start, end - begin);
+    const int bytes = slot_access_bytes(start);
+    const int64_t slots = (end - begin) / VEC;
+    const int64_t rest = (end - begin) - slots * VEC;
 
-    for (int64_t i = lane; i < pl.head; i += group) {
-      t.add(static_cast<acc_t>(start[i]), begin + i, a.eps, e);
-    }
-    const VecT* body = reinterpret_cast<const VecT*>(start + pl.head);
-    const int64_t body_s = begin + pl.head;
-    // Up to kUnroll vector loads in flight per lane, issued before any of them is used.
-    for (int64_t v = lane; v < pl.vectors; v += kUnroll * group) {
+    // Up to kUnroll slot loads in flight per lane, issued before any of them is used.
+    for (int64_t v = lane; v < slots; v += kUnroll * group) {
       VecT loaded[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (v + u * group < pl.vectors) loaded[u] = body[v + u * group];
+        if (v + u * group < slots) loaded[u] = load_slot<scalar_t, VEC>(start + (v + u * group) * VEC, bytes);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (v + u * group < pl.vectors) {
+        if (v + u * group < slots) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            t.add(static_cast<acc_t>(loaded[u].v[j]), body_s + (v + u * group) * VEC + j, a.eps,
+            t.add(static_cast<acc_t>(loaded[u].v[j]), begin + (v + u * group) * VEC + j, a.eps,
                   e);
           }
         }
       }
     }
-    const int64_t tail_start = pl.head + pl.vectors * VEC;
-    for (int64_t i = lane; i < pl.tail; i += group) {
-      t.add(static_cast<acc_t>(start[tail_start + i]), begin + tail_start + i, a.eps, e);
+    if (rest > 0 && lane == static_cast<int>(slots & (group - 1))) {
+      const int64_t tail = slots * VEC;
+      for (int64_t i = 0; i < rest; ++i) {
+        t.add(static_cast<acc_t>(start[tail + i]), begin + tail + i, a.eps, e);
+      }
     }
   }
-  t.group_reduce(group);
-  if (valid && lane == 0) emit_piece<scalar_t, kStat>(a, r, piece, t);
+  t.group_reduce(group, e);
+  if (valid && lane == 0) emit_piece<scalar_t, kStat>(a, r, n, c, piece, t, e);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,12 +593,15 @@ __device__ __forceinline__ NscPlace nsc_place(const NscGeometry& g, int64_t N, i
   p.bx = 1 << g.bx_log2;
   p.by = kThreads >> g.bx_log2;
   p.ty = p.tid >> g.bx_log2;
-  const int64_t block = blockIdx.x;
-  const int64_t channel_block = block % g.channel_blocks;
-  const int64_t rest = block / g.channel_blocks;
-  p.n = rest % N;
-  p.piece = rest / N;
-  p.c0 = (channel_block * p.bx + (p.tid & (p.bx - 1))) * VEC;
+  // 32-bit divisions (no call): the grid has at most INT_MAX blocks = channel_blocks * N * split.
+  const uint32_t block = blockIdx.x;
+  const uint32_t channel_blocks = static_cast<uint32_t>(g.channel_blocks);
+  const uint32_t samples = static_cast<uint32_t>(N);
+  const uint32_t channel_block = block % channel_blocks;
+  const uint32_t rest = block / channel_blocks;
+  p.n = rest % samples;
+  p.piece = rest / samples;
+  p.c0 = (static_cast<int64_t>(channel_block) * p.bx + (p.tid & (p.bx - 1))) * VEC;
   p.channels_left = C - p.c0;
   p.s_begin = p.piece * g.s_chunk;
   p.s_end = p.s_begin + g.s_chunk < S ? p.s_begin + g.s_chunk : S;
@@ -448,7 +616,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int VEC = vec_size<scalar_t>();
   __shared__ acc_t shared_v0[VEC * kThreads];
   __shared__ acc_t shared_v1[VEC * kThreads];
-  __shared__ int64_t shared_index[VEC * kThreads];
+  // GeM keeps no index but (PowLog) a third sum.
+  __shared__ acc_t shared_v2[St::kLog ? VEC * kThreads : 1];
+  __shared__ int64_t shared_index[St::kPow ? 1 : VEC * kThreads];
 
   const NscPlace place = nsc_place<VEC>(g, a.N, a.C, a.S);
   const int tid = place.tid, bx = place.bx, by = place.by, ty = place.ty;
@@ -493,7 +663,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < VEC; ++j) {
     shared_v0[j * kThreads + tid] = t[j].v0;
     shared_v1[j * kThreads + tid] = t[j].v1;
-    shared_index[j * kThreads + tid] = t[j].index;
+    if constexpr (St::kLog) shared_v2[j * kThreads + tid] = t[j].v2;
+    if constexpr (!St::kPow) shared_index[j * kThreads + tid] = t[j].index;
   }
   __syncthreads();
   for (int stride = by >> 1; stride > 0; stride >>= 1) {
@@ -501,11 +672,14 @@ __global__ void __launch_bounds__(kThreads)
       const int other = tid + stride * bx;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        t[j].merge(shared_v0[j * kThreads + other], shared_v1[j * kThreads + other],
-                   shared_index[j * kThreads + other]);
+        const acc_t o2 = St::kLog ? shared_v2[j * kThreads + other] : acc_t(0);
+        const int64_t oindex = St::kPow ? kNoIndex : shared_index[j * kThreads + other];
+        t[j].merge(shared_v0[j * kThreads + other], shared_v1[j * kThreads + other], o2, oindex,
+                   e[j]);
         shared_v0[j * kThreads + tid] = t[j].v0;
         shared_v1[j * kThreads + tid] = t[j].v1;
-        shared_index[j * kThreads + tid] = t[j].index;
+        if constexpr (St::kLog) shared_v2[j * kThreads + tid] = t[j].v2;
+        if constexpr (!St::kPow) shared_index[j * kThreads + tid] = t[j].index;
       }
     }
     __syncthreads();
@@ -513,7 +687,9 @@ __global__ void __launch_bounds__(kThreads)
   if (ty == 0) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (j < channels_left) emit_piece<scalar_t, kStat>(a, n * a.C + c0 + j, piece, t[j]);
+      if (j < channels_left) {
+        emit_piece<scalar_t, kStat>(a, n * a.C + c0 + j, n, c0 + j, piece, t[j], e[j]);
+      }
     }
   }
 }
@@ -529,22 +705,27 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r =
       static_cast<int64_t>(blockIdx.x) * (kThreads >> group_log2) + (threadIdx.x >> group_log2);
   const bool valid = r < rows;
-  Stats<acc_t, kStat> t;
+  using St = Stats<acc_t, kStat>;
+  St t;
   t.init();
+  const int64_t n = valid ? divide_index(r, a.C) : 0;
+  const int64_t c = valid ? r - n * a.C : 0;
+  const Exponent<acc_t> e = gem_exponent<scalar_t, kStat>(a, c);
   if (valid) {
     for (int64_t piece = lane; piece < a.split; piece += group) {
       const int64_t slot = r * a.split + piece;
-      t.merge(a.partial_values[2 * slot], a.partial_values[2 * slot + 1],
-              a.partial_indices[slot]);
+      const acc_t* values = a.partial_values + St::kPartials * slot;
+      t.merge(values[0], values[1], St::kLog ? values[St::kPartials - 1] : acc_t(0),
+              a.partial_indices[slot], e);
     }
   }
-  t.group_reduce(group);
-  if (valid && lane == 0) write_row<scalar_t, kStat>(a, r, t);
+  t.group_reduce(group, e);
+  if (valid && lane == 0) write_row<scalar_t, kStat>(a, r, n, c, t, e);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward. Per row: grad_x = A + (s == index ? B : 0) (Uniform: B unused), or for GeM
-// grad_x = x >= eps ? A * x^(p-1) : 0.
+// grad_x = x >= eps ? A * (x * B)^(p-1) : 0 with A = g r^(1/p - 1) / S and B = 1/M.
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = acc_type<scalar_t>;
@@ -569,6 +750,7 @@ template <typename acc_t>
 struct RowGradient {
   acc_t A;
   acc_t B;
+  acc_t m;  // GeM: M
   int64_t index;
   Exponent<acc_t> e;  // GeM: p - 1
 };
@@ -579,7 +761,21 @@ __device__ __forceinline__ RowGradient<acc_type<scalar_t>> row_gradient(
   using acc_t = acc_type<scalar_t>;
   const int64_t r = n * a.C + c;
   const acc_t count = static_cast<acc_t>(a.S);
-  RowGradient<acc_t> rg{acc_t(0), acc_t(0), -1, {acc_t(0), 0}};
+  RowGradient<acc_t> rg{acc_t(0), acc_t(0), acc_t(0), -1, {acc_t(0), 0}};
+  if constexpr (kGrad == Grad::Gem) {
+    // GeM: A = g r^(1/p - 1) / S (r in [1/S, 1]: no overflow), B = 1/M. Reciprocals rather
+    // than divisions: no call (see reciprocal()), so nothing is spilled around one.
+    const acc_t g = static_cast<acc_t>(a.grad_out[r]);
+    const acc_t p = a.weight != nullptr ? a.weight[c * a.weight_stride] : a.scalar;
+    const acc_t big_m = a.aux[r * a.aux_columns];
+    const acc_t mean_r = a.aux[r * a.aux_columns + 1];
+    rg.A = g * accurate_pow(mean_r, reciprocal(p) - acc_t(1)) * reciprocal(count);
+    rg.B = reciprocal(big_m);  // as the forward's z = y * (1/M)
+    rg.m = big_m;
+    rg.e.p = p - acc_t(1);
+    rg.e.integral = integral_exponent(rg.e.p);
+    return rg;
+  }
   const Mode mode = static_cast<Mode>(a.mode);
   if (mode == Mode::Cat) {
     rg.A = static_cast<acc_t>(a.grad_out[n * 2 * a.C + c]) / count;
@@ -594,12 +790,6 @@ __device__ __forceinline__ RowGradient<acc_type<scalar_t>> row_gradient(
       const acc_t alpha = a.weight != nullptr ? a.weight[c * a.weight_stride] : a.scalar;
       rg.A = (acc_t(1) - alpha) * g / count;
       rg.B = alpha * g;
-    } else {
-      const acc_t p = a.weight != nullptr ? a.weight[c * a.weight_stride] : a.scalar;
-      const acc_t m = a.aux[r * a.aux_columns];
-      rg.A = g * accurate_pow(m, acc_t(1) / p - acc_t(1)) / count;
-      rg.e.p = p - acc_t(1);
-      rg.e.integral = integral_exponent(rg.e.p);
     }
   }
   if constexpr (kGrad == Grad::UniformPlusArgmax) rg.index = a.indices[r];
@@ -616,7 +806,11 @@ __device__ __forceinline__ acc_type<scalar_t> grad_value(const RowGradient<acc_t
   } else if constexpr (kGrad == Grad::UniformPlusArgmax) {
     return s == rg.index ? rg.A + rg.B : rg.A;
   } else {
-    return xv >= eps ? rg.A * power(xv, rg.e.p, rg.e.integral) : acc_t(0);  // NaN x: 0
+    // (y/M)^(p-1) with y = x (x >= eps), z as in the forward (1 for x == M, else x * (1/M)
+    // clamped to 1); NaN x: 0.
+    acc_t z = xv < rg.m ? xv * rg.B : acc_t(1);
+    z = z > acc_t(1) ? acc_t(1) : z;
+    return xv >= eps ? rg.A * power(z, rg.e.p, rg.e.integral) : acc_t(0);
   }
 }
 
@@ -776,7 +970,8 @@ void launch_forward(ForwardArgs<scalar_t> args, const PoolShape& shape, const at
     args.split = split;
     if (split > 1) {
       partial_values =
-          at::empty({rows * split * 2}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+          at::empty({rows * split * Stats<acc_t, kStat>::kPartials},
+                    x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       partial_indices = at::empty({rows * split}, x.options().dtype(at::kLong));
       args.partial_values = partial_values.data_ptr<acc_t>();
       args.partial_indices = partial_indices.data_ptr<int64_t>();
