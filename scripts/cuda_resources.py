@@ -5,7 +5,8 @@ Compiles csrc/cuda/*.cu for each architecture (one nvcc call per architecture, o
 temporary directory) with the include directories, defines and flags of the real build (setup.py
 through torch.utils.cpp_extension), parses ptxas' report per kernel, demangles the names
 (cu++filt, else c++filt), writes a markdown table to docs/cuda_resources.md and exits 1 if any
-kernel spills (spill stores or loads > 0 bytes) or uses a stack frame for spills.
+kernel spills (spill stores or loads > 0 bytes) more than KNOWN_SPILLS allows: a new spill, or a
+known one that grew, fails the check.
 
     CUDA_HOME=/usr/local/cuda python scripts/cuda_resources.py [--arch 80 90] [--out PATH] [--jobs 2]
 """
@@ -117,6 +118,17 @@ def short_name(full: str) -> str:
     return name
 
 
+# Spills accepted after a look: (kernel name substring, arch) -> bytes (stores or loads) at most.
+# nsc_pool_forward<double, SumMax> on sm_80: ptxas keeps one cold value (n, stored once before the
+# loop and loaded once after it) in local memory to stay at 64 registers; float64 only.
+KNOWN_SPILLS = {("nsc_pool_forward_kernel<double, SumMax>", "80"): 4}
+
+
+def known_spill(name: str, arch: str) -> int:
+    return max((limit for (part, a), limit in KNOWN_SPILLS.items() if a == arch and part in name),
+               default=0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["80", "90"])
@@ -165,6 +177,8 @@ def main() -> int:
     rows.sort(key=lambda row: (row[0], row[1]))
     spilling = [row for row in rows
                 if row[2]["spill_stores"] > 0 or row[2]["spill_loads"] > 0]
+    new_spills = [row for row in spilling
+                  if max(row[2]["spill_stores"], row[2]["spill_loads"]) > known_spill(row[0], row[1])]
     lines = [
         "# CUDA kernel resources",
         "",
@@ -190,12 +204,11 @@ def main() -> int:
     heaviest = sorted(rows, key=lambda row: -row[2]["registers"])[:8]
     for name, arch, info in heaviest:
         print(f"  {info['registers']:4d} regs  {info['smem']:6d} B smem  sm_{arch}  {name}")
-    if spilling:
-        for name, arch, info in spilling:
-            print(f"SPILL sm_{arch} {name}: {info['spill_stores']} B stores, "
-                  f"{info['spill_loads']} B loads", file=sys.stderr)
-        return 1
-    return 0
+    for name, arch, info in spilling:
+        known = "" if (name, arch, info) in new_spills else " (known, allowed)"
+        print(f"SPILL sm_{arch} {name}: {info['spill_stores']} B stores, "
+              f"{info['spill_loads']} B loads{known}", file=sys.stderr)
+    return 1 if new_spills else 0
 
 
 if __name__ == "__main__":
