@@ -1,25 +1,33 @@
 """Which backend `backend="auto"` prefers on a GPU, by dtype, layout and input size.
 
-Each row of CUDA_TABLE: (dtype, layout, min_bytes, backends in order of preference); "*" matches
-any dtype or layout. gapkernels.backends takes the first row whose dtype and layout match and
-whose min_bytes <= the input's size in bytes; a backend that is not available is skipped, and
-"reference" always is available.
-
-STATUS: NOT MEASURED. This table has not been measured on a GPU yet (MEASURED_ON is None).
-Until a GPU benchmark run regenerates it with `table_from_results`, the C++ CUDA kernels come
-first and Triton second, for every dtype, layout and size.
+The table is data: `gapkernels/auto_table.json`, which a GPU run of the benchmark writes
+(`python -m gapkernels.bench --write-auto-table`) and `gapkernels.backends` reads. Each row of
+CUDA_TABLE: (dtype, layout, min_bytes, backends in order of preference); "*" matches any dtype or
+layout. gapkernels.backends takes the first row whose dtype and layout match and whose
+min_bytes <= the input's size in bytes; a backend that is not available is skipped, and
+"reference" always is available. MEASURED_ON is the GPU it was measured on, or None.
 """
 from __future__ import annotations
 
-import pprint
-import textwrap
+import json
+import os
 from collections import defaultdict
 
-MEASURED_ON = None
+PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
 
-CUDA_TABLE = [
-    ("*", "*", 0, ("cuda", "triton")),
-]
+Row = tuple[str, str, int, tuple[str, ...]]
+
+
+def load(path: str = PATH) -> tuple[str | None, list[Row]]:
+    """(measured_on, CUDA_TABLE rows) from a table file."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows = [(r["dtype"], r["layout"], int(r["min_bytes"]), tuple(r["order"]))
+            for r in data["cuda_table"]]
+    return data["measured_on"], rows
+
+
+MEASURED_ON, CUDA_TABLE = load()
 
 GPU_BACKENDS = ("cuda", "triton")
 DEFAULT_ORDER = ("cuda", "triton")
@@ -67,20 +75,17 @@ def table_rows_from_results(rows) -> list[tuple[str, str, int, tuple[str, ...]]]
     return table
 
 
-def table_from_results(rows, *, measured_on: str = "an unnamed GPU") -> str:
-    """The source text of a new auto_table.py, from the measured rows described in
-    `table_rows_from_results`. The module's docstring, helper functions and defaults are kept;
-    only MEASURED_ON and CUDA_TABLE change."""
-    with open(__file__, encoding="utf-8") as f:
-        source = f.read()
-    docstring_start, rest = source.split("\nSTATUS: ", 1)
-    _, rest = rest.split('\n"""\n', 1)
-    code_start, rest = rest.split("\nMEASURED_ON = ", 1)
-    _, tail = rest.split("\n]\n", 1)
-    status = textwrap.fill(f"STATUS: measured on {measured_on} by the gapkernels benchmark; each "
-                           "row's order is fastest first for the measured sizes from its min_bytes "
-                           "up.", width=96)
-    head = f'{docstring_start}\n{status}\n"""\n{code_start}'
-    table = pprint.pformat(table_rows_from_results(rows), width=100, indent=4)
-    table = "[\n    " + table[1:-1].strip() + ",\n]"
-    return f"{head}\nMEASURED_ON = {measured_on!r}\n\nCUDA_TABLE = {table}\n{tail}"
+def table_from_results(rows, *, measured_on: str = "an unnamed GPU") -> dict:
+    """The content of a new auto_table.json (a dict), from the measured rows described in
+    `table_rows_from_results`."""
+    note = (f"measured on {measured_on} by the gapkernels benchmark; each row's order is "
+            "fastest first for the measured sizes from its min_bytes up")
+    table = [{"dtype": d, "layout": lay, "min_bytes": b, "order": list(order)}
+             for d, lay, b, order in table_rows_from_results(rows)]
+    return {"measured_on": measured_on, "note": note, "cuda_table": table}
+
+
+def write(data: dict, path: str = PATH) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")

@@ -279,13 +279,13 @@ def _fake_results():
     return rows
 
 
-def test_auto_table_from_fake_results():
-    source = auto_table.table_from_results(_fake_results(), measured_on="a fake GPU")
-    namespace: dict = {}
-    exec(compile(source, "auto_table_generated.py", "exec"), namespace)
-    table = namespace["CUDA_TABLE"]
-    assert namespace["MEASURED_ON"] == "a fake GPU"
-    assert "NOT MEASURED" not in namespace["__doc__"]
+def test_auto_table_from_fake_results(tmp_path):
+    data = auto_table.table_from_results(_fake_results(), measured_on="a fake GPU")
+    path = tmp_path / "auto_table.json"
+    auto_table.write(data, str(path))
+    measured_on, table = auto_table.load(str(path))
+    assert measured_on == "a fake GPU"
+    assert "NOT MEASURED" not in data["note"]
     assert ("float32", "contiguous", 2**20, ("triton", "cuda")) in table
     assert ("float32", "contiguous", 0, ("cuda", "triton")) in table
     assert table[-1] == ("*", "*", 0, ("cuda", "triton"))
@@ -295,9 +295,8 @@ def test_auto_table_from_fake_results():
     for i, (dtype, layout, min_bytes, _) in enumerate(table[:-1]):
         later = [r for r in table[i + 1:] if r[:2] == (dtype, layout)]
         assert all(r[2] < min_bytes for r in later), "larger thresholds must come first"
-    regenerated = namespace["table_from_results"]
-    assert callable(regenerated)
-    assert auto_table.MEASURED_ON is None and "NOT MEASURED" in auto_table.__doc__
+    assert auto_table.MEASURED_ON is None
+    assert auto_table.load() == (None, auto_table.CUDA_TABLE)
 
 
 # ---------------------------------------------------------------------------------------------

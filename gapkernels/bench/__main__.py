@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add this run's rows to today's files for this device, replacing "
                              "the cases measured again (a long run split over several commands)")
     parser.add_argument("--write-auto-table", action="store_true",
-                        help="regenerate gapkernels/auto_table.py from this run (GPU only)")
+                        help="rewrite gapkernels/auto_table.json from this run (GPU only)")
     return parser
 
 
@@ -128,17 +128,11 @@ def _write_auto_table(rows: list[dict], header: dict, console) -> None:
                          "times measured on a GPU")
     from gapkernels import auto_table
 
-    table_from_results = getattr(auto_table, "table_from_results", None)
-    if table_from_results is None:
-        console.print("[yellow]gapkernels.auto_table.table_from_results does not exist yet; "
-                      "auto_table.py left as it is")
-        return
     # The table is keyed by the input's size, and ranks backends by their summed times.
     measured = [{**r, "bytes": r["input_bytes"], "time_s": r["time_us"] * 1e-6}
                 for r in rows if r["time_us"] is not None]
-    source = table_from_results(measured, measured_on=header["device_name"])
-    Path(auto_table.__file__).write_text(source)
-    console.print(f"wrote {auto_table.__file__}")
+    auto_table.write(auto_table.table_from_results(measured, measured_on=header["device_name"]))
+    console.print(f"wrote {auto_table.PATH}")
 
 
 def run(argv: list[str] | None = None) -> dict:
