@@ -1,1 +1,1 @@
-"""The benchmark suite: `python -m gapkernels.bench` (see bench/README.md)."""
+"""The benchmark suite: `python -m gapkernels.bench` (see docs/BENCHMARKS.md)."""

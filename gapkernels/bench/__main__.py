@@ -1,5 +1,5 @@
 """`python -m gapkernels.bench`: time every op against torch eager, torch.compile and timm,
-next to a bandwidth probe taken in the same run. See bench/README.md.
+next to a bandwidth probe taken in the same run. See docs/BENCHMARKS.md.
 
 Only torch is required: without the `bench` extra (rich, matplotlib, timm) the CLI still starts,
 prints a plain table instead of rich's, skips the plots and the timm column, and says so.

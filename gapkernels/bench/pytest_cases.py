@@ -1,7 +1,7 @@
 """The benchmark cases under pytest-benchmark: one test per case and implementation.
 
-    python -m pytest bench/test_bench.py                      # the --quick cases on the CPU
-    GAPKERNELS_BENCH_MODE=full python -m pytest bench/test_bench.py --benchmark-json out.json
+    python -m pytest gapkernels/bench/pytest_cases.py                      # the --quick cases on the CPU
+    GAPKERNELS_BENCH_MODE=full python -m pytest gapkernels/bench/pytest_cases.py --benchmark-json out.json
 
 GAPKERNELS_BENCH_DEVICE=cuda runs them on a GPU, timed by pytest-benchmark's host clock with a
 synchronize after each call, which adds the launch latency; `python -m gapkernels.bench` (CUDA
