@@ -9,7 +9,18 @@ import torch
 
 from gapkernels import _ext
 
+# The mode numbers, defined here. csrc/ (enum class Mode) and gapkernels/triton/kernels.py (which
+# is loaded without torch for ahead-of-time compiles) mirror them; tests/test_definitions.py
+# fails if any of them disagrees.
 MODE_AVG, MODE_MAX, MODE_MIXED, MODE_CAT, MODE_GEM = range(5)
+MODES = {"avg": MODE_AVG, "max": MODE_MAX, "mixed": MODE_MIXED, "cat": MODE_CAT, "gem": MODE_GEM}
+
+# The op schemas (without the namespace), defined here for the Triton ops; csrc/ops.cpp registers
+# the same text for the C++ ops, and tests/test_definitions.py compares the two.
+FORWARD_SCHEMA = ("(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
+                  "-> (Tensor, Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
+                   "Tensor? weight, float scalar, float eps) -> Tensor")
 MAX_MODES = (MODE_MAX, MODE_MIXED, MODE_CAT)
 
 

@@ -8,13 +8,13 @@ import torch
 import gapkernels
 from conftest import DEVICE_BACKENDS, OP_CASES, make_input, make_weight, run_op
 from gapkernels.functional import _as_3d
-from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED
+from gapkernels import ops
+from gapkernels.ops import MODE_GEM, MODE_MIXED
 
 FORWARD = torch.ops.gapkernels.pool_forward.default
 BACKWARD = torch.ops.gapkernels.pool_backward.default
 
-MODES = {"avg": MODE_AVG, "max": MODE_MAX, "mixed": MODE_MIXED, "cat": MODE_CAT,
-         "gem": MODE_GEM}
+MODES = ops.MODES
 
 
 def _forward_args(mode_name, layout, dtype, device, weighted, gen, requires_grad):

@@ -52,10 +52,7 @@ def index_64(n: int, c: int, s: int, config: configs.LaunchConfig) -> bool:
             or 3 * (n * c + config.rows) >= 2**31)
 
 
-FORWARD_SCHEMA = ("(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
-                  "-> (Tensor, Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
-                   "Tensor? weight, float scalar, float eps) -> Tensor")
+FORWARD_SCHEMA, BACKWARD_SCHEMA = gk_ops.FORWARD_SCHEMA, gk_ops.BACKWARD_SCHEMA
 
 
 # torch < 2.14 ignores `schema` and infers one from the annotations (with `SymInt mode`).
