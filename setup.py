@@ -10,6 +10,7 @@ Environment:
   GAPKERNELS_CPU_ISA        x86-64 vector ISA for the CPU kernels: avx2 (default) or default
 """
 import glob
+import json
 import os
 import platform
 import re
@@ -98,8 +99,34 @@ def extension():
                         extra_compile_args={"cxx": cpu_flags()}, extra_link_args=["-fopenmp"])
 
 
+def build_info(cuda: bool) -> dict:
+    """What this build compiled in, for `python -m gapkernels.info` (gapkernels/_build_info.json)."""
+    nvcc = nvcc_version(CUDA_HOME) if cuda else None
+    return {
+        "torch": torch.__version__,
+        "cuda_kernels": cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
+        "nvcc": ".".join(map(str, nvcc)) if nvcc else None,
+        "cpu_isa": os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
+        if platform.machine() in ("x86_64", "AMD64") else "default",
+        "machine": platform.machine(),
+    }
+
+
+class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, which also writes gapkernels/_build_info.json next to the built
+    library (in the source tree for in-place and editable builds)."""
+
+    def run(self):
+        target = ROOT if self.inplace else self.build_lib
+        os.makedirs(os.path.join(target, "gapkernels"), exist_ok=True)
+        with open(os.path.join(target, "gapkernels", "_build_info.json"), "w") as f:
+            json.dump(build_info(with_cuda()), f, indent=2)
+        super().run()
+
+
 if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
     setup(
         ext_modules=[extension()],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExtensionWithInfo},
     )

@@ -1,0 +1,101 @@
+"""`python -m gapkernels.info`: what to paste into a bug report.
+
+Versions (gapkernels, Python, torch, CUDA, Triton), what the extension was built with (CUDA
+architectures, CPU instruction set, the torch it was built against), which backends load on each
+device and why not, and where `auto`'s GPU table comes from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import torch
+
+import gapkernels
+from gapkernels import _ext, auto_table, backends
+
+BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+
+
+def build_info() -> dict | None:
+    """What setup.py recorded when it built the extension, or None (not built, or built before
+    the record existed)."""
+    try:
+        with open(BUILD_INFO, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    return triton.__version__
+
+
+def _backend_lines(device: str) -> list[str]:
+    x = torch.empty((1, 1, 1), device=device)
+    lines = []
+    for name in backends.BACKENDS[1:]:
+        try:
+            reason = backends.unavailable_reason(name, x)
+        except Exception as exc:  # a report must not fail on one broken backend
+            reason = f"error while checking: {exc!r}"
+        lines.append(f"  {name:10s} {'available' if reason is None else 'no: ' + reason}")
+    return lines
+
+
+def report() -> str:
+    info = build_info()
+    lines = [
+        f"gapkernels {gapkernels.__version__} ({os.path.dirname(gapkernels.__file__)})",
+        f"python     {platform.python_version()} on {platform.platform()} ({platform.machine()})",
+        f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'}, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()})",
+        f"triton     {_triton_version()}"
+        + (f", TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"
+           if "TRITON_INTERPRET" in os.environ else ""),
+        f"GPU        {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
+        "",
+        "extension (gapkernels._C):",
+    ]
+    if _ext.loaded():
+        lines.append(f"  loaded from {_ext._C.__file__}")
+        lines.append(f"  kernels: CPU {_ext.has_kernel('CPU')}, CUDA {_ext.has_kernel('CUDA')}")
+    else:
+        lines.append(f"  not loaded: {_ext.broken_reason or _ext.missing_reason}")
+    if info is None:
+        lines.append("  build record: none (gapkernels/_build_info.json is written by setup.py)")
+    else:
+        lines += [
+            f"  built against torch {info.get('torch')} for {info.get('machine')}",
+            f"  CUDA kernels: {info.get('cuda_kernels')}; architectures "
+            f"{info.get('cuda_arch_list') or '-'}; nvcc {info.get('nvcc') or '-'}",
+            f"  CPU instruction set: {info.get('cpu_isa')} (chosen at build time)",
+        ]
+    lines += ["", "backends for CPU tensors:", *_backend_lines("cpu")]
+    if torch.cuda.is_available():
+        lines += ["backends for CUDA tensors:", *_backend_lines("cuda")]
+    env = os.environ.get(backends.ENV_VAR)
+    lines += [
+        "",
+        f"{backends.ENV_VAR}={env!r}" if env else f"{backends.ENV_VAR} not set",
+        "auto's GPU table: "
+        + (f"measured on {auto_table.MEASURED_ON}" if auto_table.MEASURED_ON
+           else "not measured (CUDA kernels first, then Triton)")
+        + f" ({auto_table.PATH})",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
