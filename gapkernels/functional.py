@@ -182,14 +182,21 @@ def global_avgmax_pool(x: torch.Tensor, concat: bool = False, *, keepdim: bool =
 
 
 def global_gem_pool(x: torch.Tensor, p: Weight = 3.0, eps: float = 1e-6, *,
-                    keepdim: bool = False, input_fmt: str = "NCHW", backend: str = "auto",
-                    _check_p_values: bool = True) -> torch.Tensor:
+                    keepdim: bool = False, input_fmt: str = "NCHW",
+                    backend: str = "auto") -> torch.Tensor:
     """Generalized mean, mean(clamp(x, min=eps) ** p) ** (1 / p); p a float or a () / (C,)
-    tensor (learnable), > 0."""
+    tensor (learnable), > 0. Computed relative to each row's maximum (finite for any p in
+    [1, 100] and any finite input)."""
+    return gem_pool(x, p, eps, keepdim, input_fmt, backend, check_p_values=True)
+
+
+def gem_pool(x, p, eps, keepdim, input_fmt, backend, check_p_values: bool) -> torch.Tensor:
+    """global_gem_pool, for callers that keep p > 0 themselves (nn.GlobalPool's
+    parametrization) and skip checking its values."""
     fn = "global_gem_pool"
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(p, "p", c, x, fn)
-    _check_gem_args(p, eps, fn, _check_p_values)
+    _check_gem_args(p, eps, fn, check_p_values)
     result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn)
     if result is None:
         return _plain().global_gem_pool(x, p, eps, keepdim=keepdim, input_fmt=input_fmt)

@@ -185,7 +185,8 @@ class GlobalPool(torch.nn.Module):
             return functional.global_avgmax_pool(x, concat=True, **kw)
         if self.pool_type == "mixed":
             return functional.global_mixed_pool(x, self.alpha, **kw)
-        return functional.global_gem_pool(x, self.p, self.eps, _check_p_values=False, **kw)
+        return functional.gem_pool(x, self.p, self.eps, kw["keepdim"], kw["input_fmt"],
+                                   kw["backend"], check_p_values=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial_dims is None:

@@ -236,8 +236,7 @@ class _Head(torch.nn.Module):
 
     def forward(self, x):
         mixed = gapkernels.global_mixed_pool(x, self.alpha, backend="triton")
-        gem = gapkernels.global_gem_pool(x.abs() + 0.1, self.p, backend="triton",
-                                         _check_p_values=False)
+        gem = gapkernels.global_gem_pool(x.abs() + 0.1, self.p, backend="triton")
         return mixed + gem + gapkernels.global_avgmax_pool(x, backend="triton")
 
 
