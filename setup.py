@@ -9,6 +9,7 @@ Environment:
                             or newer, with +PTX on the newest so that later GPUs still run
   GAPKERNELS_CPU_ISA        x86-64 vector ISA for the CPU kernels: avx2 (default) or default
 """
+
 import glob
 import json
 import os
@@ -43,8 +44,13 @@ def nvcc_version(cuda_home: str | None) -> tuple[int, int] | None:
     if not cuda_home:
         return None
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+)\.(\d+)", out)
@@ -62,11 +68,13 @@ def default_cuda_arch_list(nvcc: tuple[int, int] | None) -> str:
 
 def cpu_flags() -> list[str]:
     # The C++ standard: cpp_extension picks the one torch needs. OpenMP: at::parallel_for is an
-    # inline `#pragma omp parallel` in torch's headers, so without it every kernel runs on one thread.
+    # inline `#pragma omp parallel` in torch's headers, so without it every kernel runs on one
+    # thread.
     flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     isa = os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
     if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
-        # at::vec picks its implementation from these macros; AVX2 + FMA is every x86-64 CPU since 2013.
+        # at::vec picks its implementation from these macros; AVX2 + FMA is every x86-64 CPU
+        # since 2013.
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     else:
         flags += ["-DCPU_CAPABILITY=DEFAULT"]
@@ -85,8 +93,10 @@ def extension():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # the user's list, when given, always wins
             nvcc = nvcc_version(CUDA_HOME)
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(nvcc)
-            print(f"gapkernels: nvcc {'.'.join(map(str, nvcc)) if nvcc else 'version unknown'}, "
-                  f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)")
+            print(
+                f"gapkernels: nvcc {'.'.join(map(str, nvcc)) if nvcc else 'version unknown'}, "
+                f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)"
+            )
         return CUDAExtension(
             "gapkernels._C",
             sources,
@@ -95,12 +105,18 @@ def extension():
             extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
-    return CppExtension("gapkernels._C", sources, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cpu_flags()}, extra_link_args=["-fopenmp"])
+    return CppExtension(
+        "gapkernels._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cpu_flags()},
+        extra_link_args=["-fopenmp"],
+    )
 
 
 def build_info(cuda: bool) -> dict:
-    """What this build compiled in, for `python -m gapkernels.info` (gapkernels/_build_info.json)."""
+    """What this build compiled in, for `python -m gapkernels.info`
+    (gapkernels/_build_info.json)."""
     nvcc = nvcc_version(CUDA_HOME) if cuda else None
     return {
         "torch": torch.__version__,
@@ -108,7 +124,8 @@ def build_info(cuda: bool) -> dict:
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
         "nvcc": ".".join(map(str, nvcc)) if nvcc else None,
         "cpu_isa": os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
-        if platform.machine() in ("x86_64", "AMD64") else "default",
+        if platform.machine() in ("x86_64", "AMD64")
+        else "default",
         "machine": platform.machine(),
     }
 

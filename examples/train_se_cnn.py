@@ -5,6 +5,7 @@ and the head's learnable alpha / p should move away from their initial value.
 
     python examples/train_se_cnn.py --head gem --steps 30 --device auto
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,15 +59,20 @@ class SqueezeExcite(nn.Module):
 
 
 def block(c_in: int, c_out: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), SqueezeExcite(c_out))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        SqueezeExcite(c_out),
+    )
 
 
 class SECNN(nn.Module):
     def __init__(self, head: str, num_classes: int = 10, width: int = 16):
         super().__init__()
-        self.features = nn.Sequential(block(3, width), block(width, 2 * width),
-                                      block(2 * width, 4 * width))
+        self.features = nn.Sequential(
+            block(3, width), block(width, 2 * width), block(2 * width, 4 * width)
+        )
         self.pool = TorchMixedPool() if head == "mixed" else TorchGeMPool()
         self.fc = nn.Linear(4 * width, num_classes)
 
@@ -134,8 +140,10 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    print(f"device {device}, head {args.head}, {args.steps} steps, "
-          f"gapkernels backends: {gapkernels.available_backends()}")
+    print(
+        f"device {device}, head {args.head}, {args.steps} steps, "
+        f"gapkernels backends: {gapkernels.available_backends()}"
+    )
 
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
@@ -144,15 +152,19 @@ def main() -> None:
     gk_model = to_gapkernels(torch_model, args.head, device)
 
     print("torch pooling:")
-    torch_losses, torch_ms, _, _ = train("torch", torch_model, args.head, (images, labels),
-                                         args.steps, device)
+    torch_losses, torch_ms, _, _ = train(
+        "torch", torch_model, args.head, (images, labels), args.steps, device
+    )
     print("gapkernels pooling:")
-    gk_losses, gk_ms, start, end = train("gapkernels", gk_model, args.head, (images, labels),
-                                         args.steps, device)
+    gk_losses, gk_ms, start, end = train(
+        "gapkernels", gk_model, args.head, (images, labels), args.steps, device
+    )
 
-    drift = max(abs(a - b) for a, b in zip(torch_losses, gk_losses))
-    print(f"step time: torch {torch_ms:.2f} ms, gapkernels {gk_ms:.2f} ms "
-          f"({torch_ms / gk_ms:.2f}x); largest loss difference {drift:.2e}")
+    drift = max(abs(a - b) for a, b in zip(torch_losses, gk_losses, strict=True))
+    print(
+        f"step time: torch {torch_ms:.2f} ms, gapkernels {gk_ms:.2f} ms "
+        f"({torch_ms / gk_ms:.2f}x); largest loss difference {drift:.2e}"
+    )
     symbol = "alpha" if args.head == "mixed" else "p"
     moved = "moved" if end != start else "did NOT move"
     print(f"learnable {symbol} {moved}: {start:.4f} -> {end:.4f}")

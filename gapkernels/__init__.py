@@ -2,6 +2,7 @@
 
 One pass over memory forward, one backward, on CUDA (C++ extension), Triton and CPU (C++).
 """
+
 import warnings as _warnings
 
 import torch as _torch
@@ -18,14 +19,18 @@ def _check_torch(torch_version: str) -> None:
     """Refuse a torch older than TORCH_MIN with a message that says what to do; warn on one newer
     than TORCH_TESTED_MAX. Compared as versions (release numbers only, so that 2.11.0a0+git and
     2.14.1+cu130 count as 2.11 and 2.14), never as strings."""
+
     def name(release):
         return ".".join(map(str, release))
+
     supported = f"torch {name(TORCH_MIN)} through {name(TORCH_TESTED_MAX)} are supported"
     try:
         release = _Version(torch_version).release[:2]
     except _InvalidVersion:
-        raise ImportError(f"gapkernels {__version__} cannot read the version of the installed "
-                          f"torch ({torch_version!r}); {supported}") from None
+        raise ImportError(
+            f"gapkernels {__version__} cannot read the version of the installed "
+            f"torch ({torch_version!r}); {supported}"
+        ) from None
     if release < TORCH_MIN:
         raise ImportError(
             f"gapkernels {__version__} needs torch >= {name(TORCH_MIN)}, but torch "
@@ -43,8 +48,8 @@ def _check_torch(torch_version: str) -> None:
 
 _check_torch(_torch.__version__)
 
-from gapkernels import ops as _ops  # noqa: E402, F401  (registers fake kernels and autograd)
 from gapkernels import nn, reference  # noqa: E402
+from gapkernels import ops as _ops  # noqa: E402, F401  (registers fake kernels and autograd)
 from gapkernels.backends import available_backends  # noqa: E402
 from gapkernels.convert import convert_model  # noqa: E402
 from gapkernels.functional import (  # noqa: E402

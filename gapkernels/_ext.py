@@ -3,6 +3,7 @@
 A missing extension (never built) is a missing backend: `auto` falls back to another one.
 A broken extension (built, but fails to load) is an error that `auto` does not hide.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,7 +39,8 @@ def loaded() -> bool:
 
 # Read once here: the public functions consult it on every call, also inside torch.compile graphs.
 KERNEL_KEYS = frozenset(
-    key for key in ("CPU", "CUDA")
+    key
+    for key in ("CPU", "CUDA")
     if _C is not None
     and torch._C._dispatch_has_kernel_for_dispatch_key("gapkernels::pool_forward", key)
 )

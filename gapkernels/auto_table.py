@@ -7,6 +7,7 @@ layout. gapkernels.backends takes the first row whose dtype and layout match and
 min_bytes <= the input's size in bytes; a backend that is not available is skipped, and
 "reference" always is available. MEASURED_ON is the GPU it was measured on, or None.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,21 +23,24 @@ def load(path: str = PATH) -> tuple[str | None, list[Row]]:
     """(measured_on, CUDA_TABLE rows) from a table file."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    rows = [(r["dtype"], r["layout"], int(r["min_bytes"]), tuple(r["order"]))
-            for r in data["cuda_table"]]
+    rows = [
+        (r["dtype"], r["layout"], int(r["min_bytes"]), tuple(r["order"]))
+        for r in data["cuda_table"]
+    ]
     return data["measured_on"], rows
 
 
 MEASURED_ON, CUDA_TABLE = load()
 
 GPU_BACKENDS = ("cuda", "triton")
-DEFAULT_ORDER = ("cuda", "triton")
+DEFAULT_ORDER: tuple[str, ...] = ("cuda", "triton")
 
 
 def _case_orders(rows) -> dict[tuple[str, str], list[tuple[int, tuple[str, ...]]]]:
     """Per (dtype, layout): (input bytes, backends fastest first) for each measured size."""
     times: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(
-        lambda: defaultdict(list))
+        lambda: defaultdict(list)
+    )
     for row in rows:
         if row["backend"] in GPU_BACKENDS:
             key = (row["dtype"], row["layout"], int(row["bytes"]))
@@ -64,7 +68,7 @@ def table_rows_from_results(rows) -> list[tuple[str, str, int, tuple[str, ...]]]
     range becomes its min_bytes (0 for the first), larger thresholds first, as backends.py
     takes the first matching row. A final ("*", "*", 0, DEFAULT_ORDER) row catches the rest.
     """
-    table = []
+    table: list[Row] = []
     for (dtype, layout), sizes in sorted(_case_orders(rows).items()):
         ranges: list[tuple[int, tuple[str, ...]]] = []
         for size, order in sizes:
@@ -78,10 +82,14 @@ def table_rows_from_results(rows) -> list[tuple[str, str, int, tuple[str, ...]]]
 def table_from_results(rows, *, measured_on: str = "an unnamed GPU") -> dict:
     """The content of a new auto_table.json (a dict), from the measured rows described in
     `table_rows_from_results`."""
-    note = (f"measured on {measured_on} by the gapkernels benchmark; each row's order is "
-            "fastest first for the measured sizes from its min_bytes up")
-    table = [{"dtype": d, "layout": lay, "min_bytes": b, "order": list(order)}
-             for d, lay, b, order in table_rows_from_results(rows)]
+    note = (
+        f"measured on {measured_on} by the gapkernels benchmark; each row's order is "
+        "fastest first for the measured sizes from its min_bytes up"
+    )
+    table = [
+        {"dtype": d, "layout": lay, "min_bytes": b, "order": list(order)}
+        for d, lay, b, order in table_rows_from_results(rows)
+    ]
     return {"measured_on": measured_on, "note": note, "cuda_table": table}
 
 

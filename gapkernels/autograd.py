@@ -6,9 +6,9 @@ Two routes lead here, with one set of formulas:
   functions call. It is what makes `torch.func` (`grad`, `vjp`, `jacrev`, `hessian`, `vmap`,
   `functional_call`, per-sample gradients) work: functorch needs `setup_context`, and custom ops
   registered with `torch.library.register_autograd` cannot provide it. `PoolFunctionFwdAD` adds a
-  forward-mode formula (`jvp`, `jacfwd`, `torch.autograd.forward_ad`); Dynamo refuses a custom `jvp`,
-  so under `torch.compile` the class without it is used (forward mode of a compiled graph then
-  raises torch's "jvp is not implemented" error instead of giving zeros).
+  forward-mode formula (`jvp`, `jacfwd`, `torch.autograd.forward_ad`); Dynamo refuses a custom
+  `jvp`, so under `torch.compile` the class without it is used (forward mode of a compiled graph
+  then raises torch's "jvp is not implemented" error instead of giving zeros).
 - The ops' own autograd (`register_pool_ops` in `gapkernels/ops.py`), for callers of
   `torch.ops.gapkernels*.pool_forward` itself and for `opcheck`.
 
@@ -21,9 +21,11 @@ they use the forward's arg-max indices (so ties and NaNs go where the kernel sen
 written relative to the row maximum as the kernels compute it. No float atomics (a scatter to one
 index per row), so determinism is kept.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -31,7 +33,6 @@ import torch.autograd.forward_ad as fwAD
 from gapkernels.ops import (
     MAX_MODES,
     MODE_AVG,
-    MODE_CAT,
     MODE_GEM,
     MODE_MAX,
     MODE_MIXED,
@@ -43,7 +44,7 @@ from gapkernels.ops import (
 OpPair = tuple[Callable[..., Any], Callable[..., Any]]
 
 
-def _per_channel(weight: Optional[torch.Tensor], scalar: float):
+def _per_channel(weight: torch.Tensor | None, scalar: float):
     """alpha / p shaped to broadcast against (N, C) statistics: (1, C), (1, 1) or a float."""
     return scalar if weight is None else weight.view(1, -1)
 
@@ -124,8 +125,9 @@ def fused_grads(pair: OpPair, x3, aux, indices, mode, weight, scalar, eps, g, ne
     """(grad_x, grad_weight) from the backend's backward kernel and the forward's statistics."""
     grad_x = grad_w = None
     if need_x:
-        grad_x = _below_autograd(pair[1], g.contiguous(), x3, aux, indices, mode, weight, scalar,
-                                 eps)
+        grad_x = _below_autograd(
+            pair[1], g.contiguous(), x3, aux, indices, mode, weight, scalar, eps
+        )
     if need_w and weight is not None:
         grad_w = weight_grad(mode, g, aux, weight)
     return grad_x, grad_w
@@ -204,9 +206,19 @@ class PoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_aux, _grad_indices):
         x3, aux, indices, weight = ctx.saved_tensors
-        grad_x, grad_w = pool_grads(_pair(ctx.backend), x3, aux, indices, ctx.mode, weight,
-                                    ctx.scalar, ctx.eps, grad_out, ctx.needs_input_grad[0],
-                                    ctx.needs_input_grad[2])
+        grad_x, grad_w = pool_grads(
+            _pair(ctx.backend),
+            x3,
+            aux,
+            indices,
+            ctx.mode,
+            weight,
+            ctx.scalar,
+            ctx.eps,
+            grad_out,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2],
+        )
         return grad_x, None, grad_w, None, None, None, None
 
     @staticmethod
@@ -216,11 +228,18 @@ class PoolFunction(torch.autograd.Function):
         size = info.batch_size
         if w_dim is not None:
             results = [
-                pool_apply(x3 if x_dim is None else x3.select(x_dim, b), mode,
-                           weight.select(w_dim, b), scalar, eps, with_log, backend)
+                pool_apply(
+                    x3 if x_dim is None else x3.select(x_dim, b),
+                    mode,
+                    weight.select(w_dim, b),
+                    scalar,
+                    eps,
+                    with_log,
+                    backend,
+                )
                 for b in range(size)
             ]
-            return tuple(torch.stack(parts) for parts in zip(*results)), (0, 0, 0)
+            return tuple(torch.stack(parts) for parts in zip(*results, strict=True)), (0, 0, 0)
         if x_dim is None:
             x3 = x3.unsqueeze(0).expand(size, *x3.shape)
         else:
@@ -258,10 +277,11 @@ class PoolFunctionFwdAD(PoolFunction):
         return tangent, None, None
 
 
-def _differentiable(x3: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+def _differentiable(x3: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether this call can be differentiated (so it must go through PoolFunction)."""
-    if torch.is_grad_enabled() and (x3.requires_grad or
-                                    (weight is not None and weight.requires_grad)):
+    if torch.is_grad_enabled() and (
+        x3.requires_grad or (weight is not None and weight.requires_grad)
+    ):
         return True
     return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
 

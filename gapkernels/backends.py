@@ -1,4 +1,5 @@
 """Backend names, their availability, and the `auto` choice."""
+
 from __future__ import annotations
 
 import os
@@ -25,13 +26,17 @@ def unavailable_reason(backend: str, x: torch.Tensor) -> str | None:
         return None
     if backend == "cpu":
         if x.device.type != "cpu":
-            return (f"backend='cpu' runs on CPU tensors, and x is on {x.device}; "
-                    "use backend='cuda' or 'triton' for GPU tensors")
+            return (
+                f"backend='cpu' runs on CPU tensors, and x is on {x.device}; "
+                "use backend='cuda' or 'triton' for GPU tensors"
+            )
         return _ext.unavailable_reason("CPU")
     if backend == "cuda":
         if x.device.type != "cuda":
-            return (f"backend='cuda' runs on CUDA tensors, and x is on {x.device}; "
-                    "move x to a GPU, or use backend='cpu'")
+            return (
+                f"backend='cuda' runs on CUDA tensors, and x is on {x.device}; "
+                "move x to a GPU, or use backend='cpu'"
+            )
         return _ext.unavailable_reason("CUDA")
     if backend == "triton":
         return _triton_unavailable_reason(x)
@@ -43,6 +48,7 @@ def _layout_name(channels_last: bool) -> str:
 
 
 def _auto(x: torch.Tensor, channels_last: bool) -> str:
+    candidates: tuple[str, ...]
     if x.device.type == "cpu":
         candidates = ("cpu",)
     elif x.device.type == "cuda":
@@ -69,14 +75,17 @@ def _auto(x: torch.Tensor, channels_last: bool) -> str:
 def resolve(backend: str, x: torch.Tensor, channels_last: bool, fn: str) -> str:
     """The backend that runs `fn` on `x`; raises if an explicitly named one cannot."""
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, "
-                         f"got {backend!r}")
+        raise ValueError(
+            f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
+        )
     if backend == "auto":
         env = os.environ.get(ENV_VAR)
         if env:
             if env not in BACKENDS:
-                raise ValueError(f"{fn}: {ENV_VAR}={env!r} is not a backend; expected one of "
-                                 f"{', '.join(map(repr, BACKENDS))}")
+                raise ValueError(
+                    f"{fn}: {ENV_VAR}={env!r} is not a backend; expected one of "
+                    f"{', '.join(map(repr, BACKENDS))}"
+                )
             backend = env
     if backend == "auto":
         return _auto(x, channels_last)

@@ -1,4 +1,5 @@
 """convert_model: swap a model's global pooling modules for gapkernels.nn.GlobalPool, in place."""
+
 from __future__ import annotations
 
 import sys
@@ -59,8 +60,9 @@ def _timm_spec(module, timm_pools) -> dict | None:
         fmt = _fmt_of_dims(getattr(module, dim_attr))
         if fmt is None:
             return None
-        return dict(pool_type=pool_type, flatten=bool(module.flatten), input_fmt=fmt[0],
-                    spatial_dims=fmt[1])
+        return dict(
+            pool_type=pool_type, flatten=bool(module.flatten), input_fmt=fmt[0], spatial_dims=fmt[1]
+        )
     if kind is timm_pools.SelectAdaptivePool2d:
         if module.is_identity():
             return None

@@ -22,6 +22,7 @@ functions, `GlobalPool` or `convert_model` gives a graph of standard operators. 
 the reference's (`gapkernels.reference`) up to float rounding; max's index, where returned, is the
 first maximum (`ArgMax`), and a NaN's index is whatever the runtime's ArgMax gives.
 """
+
 from __future__ import annotations
 
 import torch
@@ -176,7 +177,7 @@ def decompositions() -> dict:
     try:
         from gapkernels import triton as gk_triton
     except ImportError:
-        gk_triton = None
-    if gk_triton is not None:
+        pass
+    else:
         table[gk_triton.pool_forward] = _pool_forward_decomposition
     return table

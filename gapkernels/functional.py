@@ -2,10 +2,10 @@
 
 Every check runs before any kernel does. See docs/DESIGN.md for the kernels' contract.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
@@ -13,7 +13,7 @@ from gapkernels import backends, export, reference
 from gapkernels.autograd import pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
-Weight = Union[float, torch.Tensor]
+Weight = float | torch.Tensor
 
 INPUT_FORMATS = ("NCHW", "NHWC")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,8 +32,10 @@ def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
         raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     spatial = x.shape[2:] if input_fmt == "NCHW" else x.shape[1:-1]
     if math.prod(spatial) == 0:
-        raise ValueError(f"{fn}: x has empty spatial dims {tuple(spatial)} (shape "
-                         f"{tuple(x.shape)}, input_fmt={input_fmt!r}); global pooling needs S >= 1")
+        raise ValueError(
+            f"{fn}: x has empty spatial dims {tuple(spatial)} (shape "
+            f"{tuple(x.shape)}, input_fmt={input_fmt!r}); global pooling needs S >= 1"
+        )
     return x.shape[0], x.shape[1] if input_fmt == "NCHW" else x.shape[-1]
 
 
@@ -43,14 +45,18 @@ def _check_weight(w, name: str, channels: int, x: torch.Tensor, fn: str) -> None
         if not w.is_floating_point():
             raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {w.dtype}")
         if w.shape not in ((), (channels,)):
-            raise ValueError(f"{fn}: {name} must have shape () or (C,) = ({channels},), "
-                             f"got {tuple(w.shape)}")
+            raise ValueError(
+                f"{fn}: {name} must have shape () or (C,) = ({channels},), got {tuple(w.shape)}"
+            )
         if w.device != x.device:
-            raise RuntimeError(f"{fn}: {name} is on {w.device} but x is on {x.device}; "
-                               "they must be on the same device")
+            raise RuntimeError(
+                f"{fn}: {name} is on {w.device} but x is on {x.device}; "
+                "they must be on the same device"
+            )
     elif isinstance(w, bool) or not isinstance(w, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a float or a tensor of shape () or (C,), "
-                        f"got {type(w).__name__}")
+        raise TypeError(
+            f"{fn}: {name} must be a float or a tensor of shape () or (C,), got {type(w).__name__}"
+        )
 
 
 def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
@@ -62,8 +68,11 @@ def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
         # device-side assert). Skipped inside torch.compile graphs, and by nn.GlobalPool, whose
         # parametrization keeps p > 0; and under torch.func transforms, where p may be batched
         # and its values cannot steer Python.
-        if (not check_p_values or torch.compiler.is_compiling()
-                or torch._C._are_functorch_transforms_active()):
+        if (
+            not check_p_values
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+        ):
             return
         if p.device.type == "cpu":
             if bool((p <= 0).any()):
@@ -109,8 +118,16 @@ def _plain():
     return export if export.onnx_exporting() else reference
 
 
-def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_fmt: str,
-         backend: str, fn: str):
+def _run(
+    x,
+    mode: int,
+    weight: Weight | None,
+    eps: float,
+    keepdim: bool,
+    input_fmt: str,
+    backend: str,
+    fn: str,
+):
     """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user,
     or None for the plain-torch path (backend 'reference', or an ONNX export)."""
     if export.onnx_exporting():
@@ -134,8 +151,9 @@ def _run(x, mode: int, weight: Weight | None, eps: float, keepdim: bool, input_f
     return out, indices
 
 
-def global_avg_pool(x: torch.Tensor, *, keepdim: bool = False, input_fmt: str = "NCHW",
-                    backend: str = "auto") -> torch.Tensor:
+def global_avg_pool(
+    x: torch.Tensor, *, keepdim: bool = False, input_fmt: str = "NCHW", backend: str = "auto"
+) -> torch.Tensor:
     """Mean over every spatial dim: (N, C) (or (N, C, 1, ...) with keepdim)."""
     fn = "global_avg_pool"
     _check_input(x, input_fmt, fn)
@@ -145,8 +163,14 @@ def global_avg_pool(x: torch.Tensor, *, keepdim: bool = False, input_fmt: str = 
     return result[0]
 
 
-def global_max_pool(x: torch.Tensor, return_indices: bool = False, *, keepdim: bool = False,
-                    input_fmt: str = "NCHW", backend: str = "auto"):
+def global_max_pool(
+    x: torch.Tensor,
+    return_indices: bool = False,
+    *,
+    keepdim: bool = False,
+    input_fmt: str = "NCHW",
+    backend: str = "auto",
+):
     """Max over every spatial dim, with `adaptive_max_pool2d`'s semantics (first max wins a tie,
     NaN wins); with return_indices, also the int64 flat spatial offset of the max."""
     fn = "global_max_pool"
@@ -157,8 +181,14 @@ def global_max_pool(x: torch.Tensor, return_indices: bool = False, *, keepdim: b
     return result if return_indices else result[0]
 
 
-def global_mixed_pool(x: torch.Tensor, alpha: Weight = 0.5, *, keepdim: bool = False,
-                      input_fmt: str = "NCHW", backend: str = "auto") -> torch.Tensor:
+def global_mixed_pool(
+    x: torch.Tensor,
+    alpha: Weight = 0.5,
+    *,
+    keepdim: bool = False,
+    input_fmt: str = "NCHW",
+    backend: str = "auto",
+) -> torch.Tensor:
     """alpha * max + (1 - alpha) * avg; alpha a float or a () / (C,) tensor (learnable)."""
     fn = "global_mixed_pool"
     _, c = _check_input(x, input_fmt, fn)
@@ -169,8 +199,14 @@ def global_mixed_pool(x: torch.Tensor, alpha: Weight = 0.5, *, keepdim: bool = F
     return result[0]
 
 
-def global_avgmax_pool(x: torch.Tensor, concat: bool = False, *, keepdim: bool = False,
-                       input_fmt: str = "NCHW", backend: str = "auto") -> torch.Tensor:
+def global_avgmax_pool(
+    x: torch.Tensor,
+    concat: bool = False,
+    *,
+    keepdim: bool = False,
+    input_fmt: str = "NCHW",
+    backend: str = "auto",
+) -> torch.Tensor:
     """0.5 * (avg + max) (timm's avgmax); with concat=True, cat([avg, max], dim=1) (catavgmax)."""
     fn = "global_avgmax_pool"
     _check_input(x, input_fmt, fn)
@@ -181,9 +217,15 @@ def global_avgmax_pool(x: torch.Tensor, concat: bool = False, *, keepdim: bool =
     return result[0]
 
 
-def global_gem_pool(x: torch.Tensor, p: Weight = 3.0, eps: float = 1e-6, *,
-                    keepdim: bool = False, input_fmt: str = "NCHW",
-                    backend: str = "auto") -> torch.Tensor:
+def global_gem_pool(
+    x: torch.Tensor,
+    p: Weight = 3.0,
+    eps: float = 1e-6,
+    *,
+    keepdim: bool = False,
+    input_fmt: str = "NCHW",
+    backend: str = "auto",
+) -> torch.Tensor:
     """Generalized mean, mean(clamp(x, min=eps) ** p) ** (1 / p); p a float or a () / (C,)
     tensor (learnable), > 0. Computed relative to each row's maximum (finite for any p in
     [1, 100] and any finite input)."""

@@ -4,6 +4,7 @@ Versions (gapkernels, Python, torch, CUDA, Triton), what the extension was built
 architectures, CPU instruction set, the torch it was built against), which backends load on each
 device and why not, and where `auto`'s GPU table comes from.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,14 +58,18 @@ def report() -> str:
         f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'}, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()})",
         f"triton     {_triton_version()}"
-        + (f", TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"
-           if "TRITON_INTERPRET" in os.environ else ""),
-        f"GPU        {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
+        + (
+            f", TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"
+            if "TRITON_INTERPRET" in os.environ
+            else ""
+        ),
+        "GPU        "
+        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"),
         "",
         "extension (gapkernels._C):",
     ]
     if _ext.loaded():
-        lines.append(f"  loaded from {_ext._C.__file__}")
+        lines.append(f"  loaded from {getattr(_ext._C, '__file__', '?')}")
         lines.append(f"  kernels: CPU {_ext.has_kernel('CPU')}, CUDA {_ext.has_kernel('CUDA')}")
     else:
         lines.append(f"  not loaded: {_ext.broken_reason or _ext.missing_reason}")
@@ -85,8 +90,11 @@ def report() -> str:
         "",
         f"{backends.ENV_VAR}={env!r}" if env else f"{backends.ENV_VAR} not set",
         "auto's GPU table: "
-        + (f"measured on {auto_table.MEASURED_ON}" if auto_table.MEASURED_ON
-           else "not measured (CUDA kernels first, then Triton)")
+        + (
+            f"measured on {auto_table.MEASURED_ON}"
+            if auto_table.MEASURED_ON
+            else "not measured (CUDA kernels first, then Triton)"
+        )
         + f" ({auto_table.PATH})",
     ]
     return "\n".join(lines)

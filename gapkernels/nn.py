@@ -1,4 +1,5 @@
 """GlobalPool: a drop-in for nn.AdaptiveAvgPool2d(1) and timm's SelectAdaptivePool2d."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,13 @@ POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "mixed", "gem")
 LEARNABLE_POOL_TYPES = ("mixed", "gem")
 # timm's SelectAdaptivePool2d names for its "fast" (mean / amax over the spatial dims) pools: the
 # same math, so the same GlobalPool. timm's "fast" alone is avg.
-TIMM_POOL_TYPES = {"fast": "avg", "fastavg": "avg", "fastmax": "max", "fastavgmax": "avgmax",
-                   "fastcatavgmax": "catavgmax"}
+TIMM_POOL_TYPES = {
+    "fast": "avg",
+    "fastavg": "avg",
+    "fastmax": "max",
+    "fastavgmax": "avgmax",
+    "fastcatavgmax": "catavgmax",
+}
 
 # GeM's p is softplus(p_raw) + P_MIN: strictly positive whatever an optimizer does to p_raw.
 P_MIN = 1e-3
@@ -71,32 +77,51 @@ class GlobalPool(torch.nn.Module):
             torch's adaptive pools do; convert_model sets it to keep their behavior exactly.
     """
 
-    def __init__(self, pool_type: str = "avg", flatten: bool = True, input_fmt: str = "NCHW",
-                 backend: str = "auto", channels: int | None = None, per_channel: bool = False,
-                 alpha: float = 0.5, p: float = 3.0, eps: float = 1e-6, learnable: bool = True,
-                 spatial_dims: int | None = None):
+    def __init__(
+        self,
+        pool_type: str = "avg",
+        flatten: bool = True,
+        input_fmt: str = "NCHW",
+        backend: str = "auto",
+        channels: int | None = None,
+        per_channel: bool = False,
+        alpha: float = 0.5,
+        p: float = 3.0,
+        eps: float = 1e-6,
+        learnable: bool = True,
+        spatial_dims: int | None = None,
+    ):
         super().__init__()
         if isinstance(pool_type, str) and pool_type in TIMM_POOL_TYPES:
             pool_type = TIMM_POOL_TYPES[pool_type]
         if pool_type not in POOL_TYPES:
-            raise ValueError(f"GlobalPool: pool_type must be one of "
-                             f"{', '.join(map(repr, POOL_TYPES + tuple(TIMM_POOL_TYPES)))}, "
-                             f"got {pool_type!r}")
+            raise ValueError(
+                f"GlobalPool: pool_type must be one of "
+                f"{', '.join(map(repr, POOL_TYPES + tuple(TIMM_POOL_TYPES)))}, "
+                f"got {pool_type!r}"
+            )
         if input_fmt not in functional.INPUT_FORMATS:
             raise ValueError(f"GlobalPool: input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
         if backend not in backends.BACKENDS:
-            raise ValueError(f"GlobalPool: backend must be one of "
-                             f"{', '.join(map(repr, backends.BACKENDS))}, got {backend!r}")
+            raise ValueError(
+                f"GlobalPool: backend must be one of "
+                f"{', '.join(map(repr, backends.BACKENDS))}, got {backend!r}"
+            )
         if spatial_dims is not None and (not isinstance(spatial_dims, int) or spatial_dims < 1):
-            raise ValueError(f"GlobalPool: spatial_dims must be None or an int >= 1, "
-                             f"got {spatial_dims!r}")
+            raise ValueError(
+                f"GlobalPool: spatial_dims must be None or an int >= 1, got {spatial_dims!r}"
+            )
         if per_channel:
             if pool_type not in LEARNABLE_POOL_TYPES:
-                raise ValueError(f"GlobalPool: per_channel=True applies to pool_type 'mixed' or "
-                                 f"'gem', got pool_type={pool_type!r}")
+                raise ValueError(
+                    f"GlobalPool: per_channel=True applies to pool_type 'mixed' or "
+                    f"'gem', got pool_type={pool_type!r}"
+                )
             if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-                raise ValueError(f"GlobalPool: per_channel=True needs channels=C (an int >= 1), "
-                                 f"got channels={channels!r}")
+                raise ValueError(
+                    f"GlobalPool: per_channel=True needs channels=C (an int >= 1), "
+                    f"got channels={channels!r}"
+                )
         self.pool_type = pool_type
         self.flatten = bool(flatten)
         self.input_fmt = input_fmt
@@ -108,7 +133,8 @@ class GlobalPool(torch.nn.Module):
         self.eps = eps
         if pool_type == "mixed":
             in_range = _is_number(alpha) and (
-                0.0 < alpha < 1.0 if learnable else 0.0 <= alpha <= 1.0)
+                0.0 < alpha < 1.0 if learnable else 0.0 <= alpha <= 1.0
+            )
             if not in_range:
                 accepted = "(0, 1) when learnable" if learnable else "[0, 1]"
                 raise ValueError(f"GlobalPool: alpha must be a float in {accepted}, got {alpha!r}")
@@ -122,25 +148,31 @@ class GlobalPool(torch.nn.Module):
 
     def _register_raw(self, name: str, raw: torch.Tensor) -> None:
         if self.per_channel:
+            assert self.channels is not None  # checked in __init__ with per_channel
             raw = raw.expand(self.channels).clone()
         if self.learnable:
             self.register_parameter(name, torch.nn.Parameter(raw))
         else:
             self.register_buffer(name, raw)
 
+    def _raw(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        assert isinstance(value, torch.Tensor), name
+        return value
+
     @property
     def alpha(self) -> torch.Tensor:
         """mixed's weight of max, sigmoid(alpha_raw): shape () or (C,), in [0, 1]."""
         if self.pool_type != "mixed":
             raise AttributeError(f"GlobalPool(pool_type={self.pool_type!r}) has no alpha")
-        return _alpha_from_raw(self.alpha_raw)
+        return _alpha_from_raw(self._raw("alpha_raw"))
 
     @property
     def p(self) -> torch.Tensor:
         """GeM's exponent, softplus(p_raw) + P_MIN: shape () or (C,), > 0."""
         if self.pool_type != "gem":
             raise AttributeError(f"GlobalPool(pool_type={self.pool_type!r}) has no p")
-        return _p_from_raw(self.p_raw)
+        return _p_from_raw(self._raw("p_raw"))
 
     def feat_mult(self) -> int:
         """How many times the input's channels the output has (2 for catavgmax), as in timm."""
@@ -155,12 +187,13 @@ class GlobalPool(torch.nn.Module):
             "GlobalPool does not support TorchScript (torch.jit.script), which PyTorch has "
             "deprecated. Use torch.export.export(model, (x,)) (and AOTInductor: "
             "torch._inductor.aoti_compile_and_package) or torch.onnx.export(model, (x,), "
-            "dynamo=True) to deploy a model that uses gapkernels; see README.md, 'Deploying'.")
+            "dynamo=True) to deploy a model that uses gapkernels; see README.md, 'Deploying'."
+        )
 
     def _export_pool(self, x: torch.Tensor) -> torch.Tensor:
         """The same math in plain torch ops, which torch.onnx translates to standard operators."""
         functional._check_input(x, self.input_fmt, "GlobalPool")
-        kw = dict(keepdim=not self.flatten, input_fmt=self.input_fmt)
+        kw: dict = dict(keepdim=not self.flatten, input_fmt=self.input_fmt)
         if self.pool_type == "avg":
             return export.global_avg_pool(x, **kw)
         if self.pool_type == "max":
@@ -174,19 +207,20 @@ class GlobalPool(torch.nn.Module):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if export.onnx_exporting():
             return self._export_pool(x)
-        kw = dict(keepdim=not self.flatten, input_fmt=self.input_fmt, backend=self.backend)
+        keepdim, fmt, backend = not self.flatten, self.input_fmt, self.backend
         if self.pool_type == "avg":
-            return functional.global_avg_pool(x, **kw)
+            return functional.global_avg_pool(x, keepdim=keepdim, input_fmt=fmt, backend=backend)
         if self.pool_type == "max":
-            return functional.global_max_pool(x, **kw)
-        if self.pool_type == "avgmax":
-            return functional.global_avgmax_pool(x, **kw)
-        if self.pool_type == "catavgmax":
-            return functional.global_avgmax_pool(x, concat=True, **kw)
+            return functional.global_max_pool(x, keepdim=keepdim, input_fmt=fmt, backend=backend)
+        if self.pool_type in ("avgmax", "catavgmax"):
+            return functional.global_avgmax_pool(
+                x, self.pool_type == "catavgmax", keepdim=keepdim, input_fmt=fmt, backend=backend
+            )
         if self.pool_type == "mixed":
-            return functional.global_mixed_pool(x, self.alpha, **kw)
-        return functional.gem_pool(x, self.p, self.eps, kw["keepdim"], kw["input_fmt"],
-                                   kw["backend"], check_p_values=False)
+            return functional.global_mixed_pool(
+                x, self.alpha, keepdim=keepdim, input_fmt=fmt, backend=backend
+            )
+        return functional.gem_pool(x, self.p, self.eps, keepdim, fmt, backend, check_p_values=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial_dims is None:
@@ -195,9 +229,11 @@ class GlobalPool(torch.nn.Module):
             return self._pool(x)
         if x.dim() == self.spatial_dims + 1:
             return self._pool(x.unsqueeze(0)).squeeze(0)
-        raise ValueError(f"GlobalPool(spatial_dims={self.spatial_dims}): expected a "
-                         f"{self.spatial_dims + 1}-D (unbatched) or {self.spatial_dims + 2}-D "
-                         f"(batched) input, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"GlobalPool(spatial_dims={self.spatial_dims}): expected a "
+            f"{self.spatial_dims + 1}-D (unbatched) or {self.spatial_dims + 2}-D "
+            f"(batched) input, got shape {tuple(x.shape)}"
+        )
 
     def _weight_repr(self, name: str, value: torch.Tensor) -> str:
         kind = "learnable" if self.learnable else "fixed"
@@ -206,8 +242,11 @@ class GlobalPool(torch.nn.Module):
         return f"{name}=per-channel {tuple(value.shape)} ({kind})"
 
     def extra_repr(self) -> str:
-        parts = [f"pool_type={self.pool_type!r}", f"flatten={self.flatten}",
-                 f"input_fmt={self.input_fmt!r}"]
+        parts = [
+            f"pool_type={self.pool_type!r}",
+            f"flatten={self.flatten}",
+            f"input_fmt={self.input_fmt!r}",
+        ]
         with torch.no_grad():
             if self.pool_type == "mixed":
                 parts.append(self._weight_repr("alpha", self.alpha))

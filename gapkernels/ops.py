@@ -3,6 +3,7 @@
 `register_pool_ops(forward, backward)` serves every backend's pair: the C++ one
 (torch.ops.gapkernels.pool_forward / pool_backward, CPU and CUDA kernels) and the Triton one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,10 +18,14 @@ MODES = {"avg": MODE_AVG, "max": MODE_MAX, "mixed": MODE_MIXED, "cat": MODE_CAT,
 
 # The op schemas (without the namespace), defined here for the Triton ops; csrc/ops.cpp registers
 # the same text for the C++ ops, and tests/test_definitions.py compares the two.
-FORWARD_SCHEMA = ("(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
-                  "-> (Tensor, Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
-                   "Tensor? weight, float scalar, float eps) -> Tensor")
+FORWARD_SCHEMA = (
+    "(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
+    "Tensor? weight, float scalar, float eps) -> Tensor"
+)
 MAX_MODES = (MODE_MAX, MODE_MIXED, MODE_CAT)
 
 
@@ -101,9 +106,19 @@ def register_pool_ops(forward_op, backward_op) -> None:
         from gapkernels.autograd import pool_grads
 
         x, aux, indices, weight = ctx.saved_tensors
-        grad_x, grad_weight = pool_grads((forward_op, backward_op), x, aux, indices, ctx.mode,
-                                         weight, ctx.scalar, ctx.eps, grad_out,
-                                         ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        grad_x, grad_weight = pool_grads(
+            (forward_op, backward_op),
+            x,
+            aux,
+            indices,
+            ctx.mode,
+            weight,
+            ctx.scalar,
+            ctx.eps,
+            grad_out,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2],
+        )
         return grad_x, None, grad_weight, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
@@ -119,5 +134,6 @@ def register_pool_ops(forward_op, backward_op) -> None:
 
 
 if _ext.loaded():
-    register_pool_ops(torch.ops.gapkernels.pool_forward.default,
-                      torch.ops.gapkernels.pool_backward.default)
+    register_pool_ops(
+        torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default
+    )

@@ -4,6 +4,7 @@ Same signatures and semantics as the public functions (without `backend`). Stati
 computed in float32 (float64 for float64) and rounded once to the input dtype, as the kernels do.
 Max follows `adaptive_max_pool` exactly (it is computed with it).
 """
+
 from __future__ import annotations
 
 import torch

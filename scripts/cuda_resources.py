@@ -8,8 +8,10 @@ through torch.utils.cpp_extension), parses ptxas' report per kernel, demangles t
 kernel spills (spill stores or loads > 0 bytes) more than KNOWN_SPILLS allows: a new spill, or a
 known one that grew, fails the check.
 
-    CUDA_HOME=/usr/local/cuda python scripts/cuda_resources.py [--arch 80 90] [--out PATH] [--jobs 2]
+    CUDA_HOME=/usr/local/cuda python scripts/cuda_resources.py [--arch 80 90] [--out PATH]
+        [--jobs 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +43,12 @@ def nvcc_command(arch: str, sources: list[str], out_dir: str) -> list[str]:
     cmd += [f"-I{d}" for d in includes]
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
     cmd += ["--compiler-options", "-fPIC"]
-    cmd += ["-DGAPKERNELS_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H",
-            "-DTORCH_EXTENSION_NAME=_C", "-std=c++20"]
+    cmd += [
+        "-DGAPKERNELS_WITH_CUDA=1",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-std=c++20",
+    ]
     cmd += ["-O3", "-lineinfo"]  # setup.py's extra nvcc flags
     cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     cmd += ["-Xptxas", "-v", "-c"]
@@ -67,9 +73,17 @@ def parse(log: str) -> dict[str, dict]:
     for line in log.splitlines():
         m = FUNCTION.search(line)
         if m:
-            current = kernels.setdefault(m.group(1), {"arch": m.group(2), "registers": 0,
-                                                      "stack": 0, "spill_stores": 0,
-                                                      "spill_loads": 0, "smem": 0})
+            current = kernels.setdefault(
+                m.group(1),
+                {
+                    "arch": m.group(2),
+                    "registers": 0,
+                    "stack": 0,
+                    "spill_stores": 0,
+                    "spill_loads": 0,
+                    "smem": 0,
+                },
+            )
             continue
         m = PROPERTIES.search(line)
         if m:
@@ -95,11 +109,12 @@ def demangle(names: list[str]) -> dict[str, str]:
     tool = shutil.which("cu++filt") or shutil.which("c++filt")
     if tool is None or not names:
         return {n: n for n in names}
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True,
-                         check=False).stdout.splitlines()
+    out = subprocess.run(
+        [tool], input="\n".join(names), capture_output=True, text=True, check=False
+    ).stdout.splitlines()
     if len(out) != len(names):
         return {n: n for n in names}
-    return dict(zip(names, out))
+    return dict(zip(names, out, strict=True))
 
 
 def short_name(full: str) -> str:
@@ -125,8 +140,10 @@ KNOWN_SPILLS = {("nsc_pool_forward_kernel<double, SumMax>", "80"): 4}
 
 
 def known_spill(name: str, arch: str) -> int:
-    return max((limit for (part, a), limit in KNOWN_SPILLS.items() if a == arch and part in name),
-               default=0)
+    return max(
+        (limit for (part, a), limit in KNOWN_SPILLS.items() if a == arch and part in name),
+        default=0,
+    )
 
 
 def main() -> int:
@@ -151,9 +168,13 @@ def main() -> int:
             while pending and len(running) < max(1, args.jobs):
                 arch = pending.pop(0)
                 cmd = nvcc_command(arch, sources, out_dir)
-                running[arch] = (subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True),
-                                 time.time(), cmd)
+                running[arch] = (
+                    subprocess.Popen(
+                        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    ),
+                    time.time(),
+                    cmd,
+                )
             arch = next(iter(running))
             proc, start, cmd = running.pop(arch)
             log, _ = proc.communicate()
@@ -170,15 +191,21 @@ def main() -> int:
             names = demangle(list(kernels))
             for mangled, info in kernels.items():
                 rows.append((short_name(names[mangled]), arch, info))
-        version = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"),
-                                  "--version"], capture_output=True, text=True, check=False)
+        version = subprocess.run(
+            [os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         nvcc_version = version.stdout.strip().splitlines()[-1] if version.stdout else ""
 
     rows.sort(key=lambda row: (row[0], row[1]))
-    spilling = [row for row in rows
-                if row[2]["spill_stores"] > 0 or row[2]["spill_loads"] > 0]
-    new_spills = [row for row in spilling
-                  if max(row[2]["spill_stores"], row[2]["spill_loads"]) > known_spill(row[0], row[1])]
+    spilling = [row for row in rows if row[2]["spill_stores"] > 0 or row[2]["spill_loads"] > 0]
+    new_spills = [
+        row
+        for row in spilling
+        if max(row[2]["spill_stores"], row[2]["spill_loads"]) > known_spill(row[0], row[1])
+    ]
     lines = [
         "# CUDA kernel resources",
         "",
@@ -191,12 +218,15 @@ def main() -> int:
         f"- kernels: {len(rows)}; spilling: {len(spilling)}",
         "- launch bounds: 256 threads per block for every kernel (at most 255 registers).",
         "",
-        "| kernel | arch | registers | spill stores (B) | spill loads (B) | stack (B) | static smem (B) |",
+        "| kernel | arch | registers | spill stores (B) | spill loads (B) | stack (B) "
+        "| static smem (B) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, arch, info in rows:
-        lines.append(f"| `{name}` | sm_{arch} | {info['registers']} | {info['spill_stores']} | "
-                     f"{info['spill_loads']} | {info['stack']} | {info['smem']} |")
+        lines.append(
+            f"| `{name}` | sm_{arch} | {info['registers']} | {info['spill_stores']} | "
+            f"{info['spill_loads']} | {info['stack']} | {info['smem']} |"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -206,8 +236,11 @@ def main() -> int:
         print(f"  {info['registers']:4d} regs  {info['smem']:6d} B smem  sm_{arch}  {name}")
     for name, arch, info in spilling:
         known = "" if (name, arch, info) in new_spills else " (known, allowed)"
-        print(f"SPILL sm_{arch} {name}: {info['spill_stores']} B stores, "
-              f"{info['spill_loads']} B loads{known}", file=sys.stderr)
+        print(
+            f"SPILL sm_{arch} {name}: {info['spill_stores']} B stores, "
+            f"{info['spill_loads']} B loads{known}",
+            file=sys.stderr,
+        )
     return 1 if new_spills else 0
 
 

@@ -1,4 +1,5 @@
 """The grid every test file shares: devices, backends, dtypes with tolerances, layouts, ops."""
+
 from __future__ import annotations
 
 import os
@@ -101,8 +102,14 @@ def run_op(op, x, weight, backend, **kw):
 
 def assert_close(actual, expected, dtype, scale=1.0, msg=""):
     rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True,
-                               msg=lambda m: f"{msg}\n{m}" if msg else m)
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=rtol,
+        atol=atol * scale,
+        equal_nan=True,
+        msg=lambda m: f"{msg}\n{m}" if msg else m,
+    )
 
 
 def assert_bitwise_equal(a, b):

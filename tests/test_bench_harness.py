@@ -1,4 +1,5 @@
 """The benchmark CLI runs on one tiny CPU case and fills every column; speed is not checked."""
+
 from __future__ import annotations
 
 import csv
@@ -10,12 +11,39 @@ import pytest
 from gapkernels.bench import __main__ as bench_cli
 from gapkernels.bench import cases as bench_cases
 
-TINY = ["--device", "cpu", "--shapes", "resnet50-head-b1", "--dtypes", "float32",
-        "--layouts", "channels_last"]
+TINY = [
+    "--device",
+    "cpu",
+    "--shapes",
+    "resnet50-head-b1",
+    "--dtypes",
+    "float32",
+    "--layouts",
+    "channels_last",
+]
 # Filled on every CPU row; copy_* are GPU-only, peers depend on the op and the flags.
-REQUIRED = ("op", "shape_name", "shape", "dtype", "layout", "pass", "backend", "time_us",
-            "input_bytes", "bytes_moved", "gbps", "check", "eager_us", "speedup_eager",
-            "sum_gbps", "frac_sum", "sum_f32_gbps", "frac_sum_f32", "frac_target", "device_name")
+REQUIRED = (
+    "op",
+    "shape_name",
+    "shape",
+    "dtype",
+    "layout",
+    "pass",
+    "backend",
+    "time_us",
+    "input_bytes",
+    "bytes_moved",
+    "gbps",
+    "check",
+    "eager_us",
+    "speedup_eager",
+    "sum_gbps",
+    "frac_sum",
+    "sum_f32_gbps",
+    "frac_sum_f32",
+    "frac_target",
+    "device_name",
+)
 
 
 def _filled(value) -> bool:
@@ -54,14 +82,14 @@ def test_cli_runs_without_compile(tmp_path):
     assert ops == set(bench_cases.OPS)
     for row in result["rows"]:
         assert row["compile_us"] is None
-        assert _filled(row["timm_us"]) == (row["op"] in bench_cases.TIMM_POOL_TYPES
-                                           and bench_cases.timm_available())
+        assert _filled(row["timm_us"]) == (
+            row["op"] in bench_cases.TIMM_POOL_TYPES and bench_cases.timm_available()
+        )
     _check_files(result, plots=True)
 
 
 def test_cli_runs_with_compile(tmp_path):
-    result = _run(tmp_path, "--ops", "avgmax,gem", "--passes", "fwdbwd", "--no-plots",
-                  "--no-timm")
+    result = _run(tmp_path, "--ops", "avgmax,gem", "--passes", "fwdbwd", "--no-plots", "--no-timm")
     for row in result["rows"]:
         assert _filled(row["compile_us"]) and _filled(row["speedup_compile"]), row
         assert not row["notes"], row["notes"]
@@ -70,8 +98,20 @@ def test_cli_runs_with_compile(tmp_path):
 
 def test_auto_table_needs_a_gpu_run(tmp_path):
     with pytest.raises(SystemExit, match="needs a GPU"):
-        bench_cli.run([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile", "--no-plots",
-                        "--out", str(tmp_path), "--write-auto-table"])
+        bench_cli.run(
+            [
+                *TINY,
+                "--ops",
+                "avg",
+                "--passes",
+                "fwd",
+                "--no-compile",
+                "--no-plots",
+                "--out",
+                str(tmp_path),
+                "--write-auto-table",
+            ]
+        )
 
 
 def test_bytes_moved():
@@ -95,11 +135,13 @@ def test_a_failing_backend_is_reported_not_fatal(tmp_path, monkeypatch):
     def broken(op, backend):
         def run(x, w):
             raise RuntimeError("kernel exploded")
+
         return run
 
     monkeypatch.setattr(bench_cases, "gapkernels_op", broken)
-    result = bench_cli.run([*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile",
-                             "--out", str(tmp_path)])
+    result = bench_cli.run(
+        [*TINY, "--ops", "avg", "--passes", "fwd", "--no-compile", "--out", str(tmp_path)]
+    )
     (row,) = result["rows"]
     assert row["check"].startswith("error: RuntimeError: kernel exploded")
     assert row["time_us"] is None and row["speedup_eager"] is None

@@ -1,6 +1,7 @@
 """What only the CUDA kernels need: inputs over 2**31 elements, the split reductions and their
 max semantics, unaligned pointers, every grad_x element written, bitwise determinism, agreement
 with the CPU kernels, and torch.use_deterministic_algorithms."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,7 +56,7 @@ def test_bitwise_deterministic(op, weight_kind, shape, layout, dtype, gen):
     first = _forward_backward(op, x, weight, "cuda")
     for _ in range(2):
         again = _forward_backward(op, x, weight, "cuda")
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             if a is not None:
                 assert_bitwise_equal(a, b)
 
@@ -72,7 +73,7 @@ def test_matches_cpu_backend(op, weight_kind, shape, layout, dtype, gen):
     cpu = _forward_backward(op, x, weight, "cpu")
     cuda = _forward_backward(op, x.cuda(), None if weight is None else weight.cuda(), "cuda")
     S = shape[2] * shape[3]
-    for name, a, b in zip(("out", "grad_x"), cuda, cpu):
+    for name, a, b in zip(("out", "grad_x"), cuda, cpu, strict=True):
         # Two float32 (float64) summation orders, each one rounding from the exact sum.
         assert_close(a.cpu(), b, dtype, msg=f"{op} {name} S={S}")
     if weight is not None:
@@ -99,7 +100,7 @@ def test_deterministic_algorithms_mode(op, weight_kind, layout, gen):
         strict_run = _forward_backward(op, x, weight, "cuda")
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-    for a, b in zip(free_run, strict_run):
+    for a, b in zip(free_run, strict_run, strict=True):
         if a is not None:
             assert_bitwise_equal(a, b)
 
@@ -107,7 +108,8 @@ def test_deterministic_algorithms_mode(op, weight_kind, layout, gen):
 def _reference_max(x3: torch.Tensor):
     """torch's adaptive max pooling semantics on the (N, C, S) view, on the CPU."""
     values, indices = torch.nn.functional.adaptive_max_pool1d(
-        x3.detach().cpu().double().contiguous(), 1, return_indices=True)
+        x3.detach().cpu().double().contiguous(), 1, return_indices=True
+    )
     return values[..., 0], indices[..., 0]
 
 
@@ -129,8 +131,9 @@ def test_max_semantics_across_pieces(layout, S, gen):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     values, indices = gapkernels.global_max_pool(x, return_indices=True, backend="cuda")
-    torch.testing.assert_close(values.cpu().double(), expected_values, equal_nan=True,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        values.cpu().double(), expected_values, equal_nan=True, rtol=0, atol=0
+    )
     assert torch.equal(indices.cpu(), expected_indices)
 
 
@@ -140,14 +143,16 @@ def test_max_semantics_across_pieces(layout, S, gen):
 def test_unaligned_storage_offsets(op, weight_kind, layout, dtype, gen):
     """Views that start off a 16-byte boundary: head/tail peeling and scalar fallbacks."""
     shape = (3, 7, 5, 11)
-    big, fmt = make_input((shape[0] + 1,) + shape[1:], dtype, layout, "cuda", gen,
-                          positive=op == "gem")
+    big, fmt = make_input(
+        (shape[0] + 1,) + shape[1:], dtype, layout, "cuda", gen, positive=op == "gem"
+    )
     x = big[1:]
     assert x.data_ptr() % 16 != 0
     weight = make_weight(op, weight_kind, shape[1], "cuda", gen=gen)
     out = run_op(op, x, weight, "cuda", input_fmt=fmt)
-    expected = run_op(op, x.double(), None if weight is None else weight.double(), "reference",
-                      input_fmt=fmt)
+    expected = run_op(
+        op, x.double(), None if weight is None else weight.double(), "reference", input_fmt=fmt
+    )
     assert_close(out.double(), expected, dtype, msg=op)
     got = _forward_backward_fmt(op, x, weight, "cuda", fmt)
     ref = _forward_backward_fmt(op, x, weight, "reference", fmt)
@@ -182,12 +187,14 @@ def test_every_grad_element_written(op, weight_kind, layout, gen):
     assert_close(xr.grad.double(), xref.grad, torch.float32, msg=op)
 
 
-@pytest.mark.parametrize("op,weight_kind", [("avg", "none"), ("max", "none"), ("avgmax", "none"),
-                                            ("gem", "none")])
+@pytest.mark.parametrize(
+    "op,weight_kind", [("avg", "none"), ("max", "none"), ("avgmax", "none"), ("gem", "none")]
+)
 def test_few_long_rows_split(op, weight_kind, gen):
     """(1, 1, 4096, 4096): one row split over thousands of blocks and combined."""
-    x, _ = make_input((1, 1, 4096, 4096), torch.float32, "contiguous", "cuda", gen,
-                      positive=op == "gem")
+    x, _ = make_input(
+        (1, 1, 4096, 4096), torch.float32, "contiguous", "cuda", gen, positive=op == "gem"
+    )
     out, grad_x, _ = _forward_backward(op, x, None, "cuda")
     out_ref, grad_ref, _ = _forward_backward(op, x.double(), None, "reference")
     assert_close(out.double(), out_ref, torch.float32, scale=10.0, msg=op)
@@ -215,7 +222,7 @@ def test_more_than_2_31_elements(op):
     if op == "avg":
         total = torch.zeros(2, dtype=torch.float64, device="cuda")
         for start in range(0, rows.shape[1], chunk):
-            total += rows[:, start:start + chunk].double().sum(dim=1)
+            total += rows[:, start : start + chunk].double().sum(dim=1)
         expected = (total / rows.shape[1]).view(1, 2)
         out = gapkernels.global_avg_pool(x, backend="cuda")
         torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=1e-4)
@@ -223,7 +230,7 @@ def test_more_than_2_31_elements(op):
         best = torch.full((2,), float("-inf"), dtype=torch.float32, device="cuda")
         best_index = torch.zeros(2, dtype=torch.int64, device="cuda")
         for start in range(0, rows.shape[1], chunk):
-            values, indices = rows[:, start:start + chunk].float().max(dim=1)
+            values, indices = rows[:, start : start + chunk].float().max(dim=1)
             # the first chunk that reaches the max keeps its (first) index
             better = values > best
             best = torch.where(better, values, best)
@@ -234,7 +241,8 @@ def test_more_than_2_31_elements(op):
 
     x.requires_grad_(True)
     pooled = (gapkernels.global_avg_pool if op == "avg" else gapkernels.global_max_pool)(
-        x, backend="cuda")
+        x, backend="cuda"
+    )
     # avg: a large gradient so that g / S is no float16 zero; the kernel divides in float32.
     grad_value = 60000.0 if op == "avg" else 1.0
     pooled.backward(torch.full_like(pooled, grad_value))
@@ -243,16 +251,19 @@ def test_more_than_2_31_elements(op):
         value = (torch.tensor(grad_value) / torch.tensor(float(rows.shape[1]))).half().cuda()
         assert value != 0
         for start in range(0, rows.shape[1], chunk):
-            assert bool((grad_rows[:, start:start + chunk] == value).all())
+            assert bool((grad_rows[:, start : start + chunk] == value).all())
     else:
-        nonzero = sum(int(torch.count_nonzero(grad_rows[:, start:start + chunk]))
-                      for start in range(0, rows.shape[1], chunk))
+        nonzero = sum(
+            int(torch.count_nonzero(grad_rows[:, start : start + chunk]))
+            for start in range(0, rows.shape[1], chunk)
+        )
         assert nonzero == 2
         assert bool((grad_rows[torch.arange(2, device="cuda"), best_index] == 1).all())
 
 
 # ---------------------------------------------------------------------------------------------
 # Stable GeM: statistics relative to the row maximum (docs/DESIGN.md "Modes").
+
 
 def _skip_without_cuda_kernels():
     if _ext.unavailable_reason("CUDA") is not None:
@@ -267,8 +278,9 @@ def _gem_channels(shape, dtype, gen):
     pieces meet a new maximum)."""
     N, C = shape[0], 8
     S = int(torch.tensor(shape[2:]).prod())
-    big = {torch.float16: 1.5e4, torch.bfloat16: 1e37, torch.float32: 1e37,
-           torch.float64: 1e300}[dtype]
+    big = {torch.float16: 1.5e4, torch.bfloat16: 1e37, torch.float32: 1e37, torch.float64: 1e300}[
+        dtype
+    ]
     x = torch.empty(N, C, S, dtype=torch.float64)
     x[:, 0:2] = 0.0
     x[:, 2:4] = 3.0
@@ -282,8 +294,11 @@ def _gem_channels(shape, dtype, gen):
 def _gem_fwd_bwd(x, p, backend, grad_out=None):
     x = x.detach().clone().requires_grad_(True)
     p = p.detach().clone().requires_grad_(True)
-    out = gapkernels.reference.global_gem_pool(x, p, 1e-6) if backend == "reference" else \
-        gapkernels.global_gem_pool(x, p, 1e-6, backend=backend)
+    out = (
+        gapkernels.reference.global_gem_pool(x, p, 1e-6)
+        if backend == "reference"
+        else gapkernels.global_gem_pool(x, p, 1e-6, backend=backend)
+    )
     if grad_out is None:
         grad_out = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64)
         grad_out = grad_out.to(device=out.device, dtype=out.dtype).view_as(out)
@@ -302,8 +317,8 @@ def _close_normwise(actual, expected, rtol, what):
     err = (actual - expected).abs()
     bound = rtol * (expected.abs() + 1e-3 * scale)
     assert bool((err <= bound).all()), (
-        f"{what}: max rel err {(err / (expected.abs() + 1e-3 * scale)).max().item():.3g} "
-        f"> {rtol}")
+        f"{what}: max rel err {(err / (expected.abs() + 1e-3 * scale)).max().item():.3g} > {rtol}"
+    )
 
 
 # (rtol value, rtol grads): grads carry (y/M)**(p-1) with p up to 90, i.e. about 90 roundings of
@@ -330,23 +345,29 @@ def test_gem_stable_large_p_dead_and_large_channels(shape, layout, dtype, gen):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     out, grad_x, grad_p, grad_out = _gem_fwd_bwd(x.cuda(), p.cuda(), "cuda")
-    ref_out, ref_gx, ref_gp, _ = _gem_fwd_bwd(x.double(), p.double(), "reference",
-                                              grad_out.double().cpu())
+    ref_out, ref_gx, ref_gp, _ = _gem_fwd_bwd(
+        x.double(), p.double(), "reference", grad_out.double().cpu()
+    )
     rtol_value, rtol_grad = GEM_RTOL[dtype]
     # Dead channels: eps = 1e-6 is subnormal in float16 (an ulp is 6e-8): absolute there.
-    torch.testing.assert_close(out[:, 0:2].double().cpu(), ref_out[:, 0:2], rtol=rtol_value,
-                               atol=1e-7)
+    torch.testing.assert_close(
+        out[:, 0:2].double().cpu(), ref_out[:, 0:2], rtol=rtol_value, atol=1e-7
+    )
     _close_normwise(out[:, 2:], ref_out[:, 2:], rtol_value, "out")
-    _close_normwise(grad_x.reshape(shape[0], 8, -1).transpose(0, 1).reshape(8, -1).T,
-                    ref_gx.reshape(shape[0], 8, -1).transpose(0, 1).reshape(8, -1).T,
-                    rtol_grad, "grad_x")
+    _close_normwise(
+        grad_x.reshape(shape[0], 8, -1).transpose(0, 1).reshape(8, -1).T,
+        ref_gx.reshape(shape[0], 8, -1).transpose(0, 1).reshape(8, -1).T,
+        rtol_grad,
+        "grad_x",
+    )
     _close_normwise(grad_p.view(1, -1), ref_gp.view(1, -1), rtol_grad, "grad_p")
     # The exact cases: a dead channel gives eps and a constant one itself, with grad_p = 0.
     if dtype in (torch.float32, torch.float64):  # (eps rounded once to the dtype)
         eps = torch.tensor(1e-6, dtype=dtype).double()
         assert torch.equal(out[:, 0:2].double().cpu(), eps.expand(shape[0], 2))
-    assert torch.equal(out[:, 2:4].double().cpu(), torch.full((shape[0], 2), 3.0,
-                                                              dtype=torch.float64))
+    assert torch.equal(
+        out[:, 2:4].double().cpu(), torch.full((shape[0], 2), 3.0, dtype=torch.float64)
+    )
     assert bool((grad_x[:, 0:2] == 0).all())
     assert torch.equal(grad_p[0:4].cpu(), torch.zeros(4))
 
@@ -363,8 +384,9 @@ def test_gem_integral_fast_path_and_pow_agree(p_value, layout, dtype, gen):
         x = x.contiguous(memory_format=torch.channels_last)
     p = torch.full((6,), p_value, dtype=torch.float32)
     out, grad_x, grad_p, grad_out = _gem_fwd_bwd(x.cuda(), p.cuda(), "cuda")
-    ref_out, ref_gx, ref_gp, _ = _gem_fwd_bwd(x.double(), p.double(), "reference",
-                                              grad_out.double().cpu())
+    ref_out, ref_gx, ref_gp, _ = _gem_fwd_bwd(
+        x.double(), p.double(), "reference", grad_out.double().cpu()
+    )
     rtol_value, rtol_grad = GEM_RTOL[dtype]
     _close_normwise(out, ref_out, rtol_value, "out")
     _close_normwise(grad_x.reshape(-1, 1), ref_gx.reshape(-1, 1), rtol_grad, "grad_x")
@@ -407,8 +429,9 @@ _OFFSET_MODES = [  # (name, mode, weight kind, scalar, with_log)
 def _view_at(values3, offset, nsc):
     """The (N, C, S) values as a view starting `offset` elements into a fresh buffer."""
     N, C, S = values3.shape
-    buf = torch.full((N * C * S + offset,), float("nan"), dtype=values3.dtype,
-                     device=values3.device)
+    buf = torch.full(
+        (N * C * S + offset,), float("nan"), dtype=values3.dtype, device=values3.device
+    )
     if nsc:
         view = buf[offset:].view(N, S, C).transpose(1, 2)
     else:
@@ -419,12 +442,17 @@ def _view_at(values3, offset, nsc):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("nsc", [False, True], ids=["ncs", "nsc"])
-@pytest.mark.parametrize("shape", [(3, 7, 55), (2, 4, 1155), (2, 3, 4900), (1, 2, 3)],
-                         ids=["S55", "S1155", "S4900_split", "S3"])
-@pytest.mark.parametrize("name,mode,weight_kind,scalar,with_log", _OFFSET_MODES,
-                         ids=[m[0] for m in _OFFSET_MODES])
-def test_bitwise_equal_at_any_offset(name, mode, weight_kind, scalar, with_log, shape, nsc,
-                                     dtype, gen):
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 7, 55), (2, 4, 1155), (2, 3, 4900), (1, 2, 3)],
+    ids=["S55", "S1155", "S4900_split", "S3"],
+)
+@pytest.mark.parametrize(
+    "name,mode,weight_kind,scalar,with_log", _OFFSET_MODES, ids=[m[0] for m in _OFFSET_MODES]
+)
+def test_bitwise_equal_at_any_offset(
+    name, mode, weight_kind, scalar, with_log, shape, nsc, dtype, gen
+):
     _skip_without_cuda_kernels()
     N, C, S = shape
     values = torch.randn(N, C, S, generator=gen, dtype=torch.float64)
@@ -449,8 +477,10 @@ def test_bitwise_equal_at_any_offset(name, mode, weight_kind, scalar, with_log, 
         grad_x = backward(grad_out, x3, aux, indices, mode, weight, scalar, 1e-6)
         results.append((out, aux, indices, grad_x.contiguous()))
     for offset in range(1, 4):
-        for what, a, b in zip(("out", "aux", "indices", "grad_x"), results[0], results[offset]):
+        names = ("out", "aux", "indices", "grad_x")
+        for what, a, b in zip(names, results[0], results[offset], strict=True):
             assert a.shape == b.shape, what
-            assert torch.equal(a.contiguous().view(torch.uint8) if a.is_floating_point() else a,
-                               b.contiguous().view(torch.uint8) if b.is_floating_point() else b), \
-                f"{name} {what} differs at offset {offset}"
+            assert torch.equal(
+                a.contiguous().view(torch.uint8) if a.is_floating_point() else a,
+                b.contiguous().view(torch.uint8) if b.is_floating_point() else b,
+            ), f"{name} {what} differs at offset {offset}"

@@ -1,5 +1,6 @@
 """No host sync on any path: every op, forward and backward, is captured in a CUDA graph and
 replayed with new data (runs when a GPU is visible; skips cleanly here)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Defined once: the mode numbers (gapkernels.ops) and the op schemas (gapkernels.ops) against
 every place that mirrors them (the C++ enum and registered schema, the Triton kernels)."""
+
 from __future__ import annotations
 
 import glob
@@ -23,8 +24,10 @@ def _cpp_modes() -> dict[str, int]:
         with open(path, encoding="utf-8") as f:
             m = re.search(r"enum class Mode\s*:\s*int64_t\s*\{([^}]*)\}", f.read())
         if m:
-            found[path] = {name.lower(): int(value) for name, value in
-                           re.findall(r"(\w+)\s*=\s*(\d+)", m.group(1))}
+            found[path] = {
+                name.lower(): int(value)
+                for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", m.group(1))
+            }
     assert len(found) == 1, f"expected one `enum class Mode` under csrc/, found {list(found)}"
     return next(iter(found.values()))
 
@@ -56,8 +59,9 @@ def test_cpp_schemas_match_python():
 def test_cpp_rejects_the_first_mode_past_the_last():
     x = torch.randn(1, 2, 3)
     with pytest.raises(RuntimeError, match="mode"):
-        torch.ops.gapkernels.pool_forward.default(x, max(ops.MODES.values()) + 1, None, 0.5,
-                                                  1e-6, False)
+        torch.ops.gapkernels.pool_forward.default(
+            x, max(ops.MODES.values()) + 1, None, 0.5, 1e-6, False
+        )
 
 
 def test_triton_schemas_match_python():

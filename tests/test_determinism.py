@@ -1,12 +1,20 @@
 """Bitwise the same output and gradients every run, whatever the thread count, and under
 torch.use_deterministic_algorithms(True)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, OP_CASES, assert_bitwise_equal, channels_of, make_input,
-                      make_weight, run_op)
+from conftest import (
+    DEVICE_BACKENDS,
+    OP_CASES,
+    assert_bitwise_equal,
+    channels_of,
+    make_input,
+    make_weight,
+    run_op,
+)
 
 
 def _forward_backward(op, x, w, fmt, backend, grad_seed):
@@ -39,14 +47,22 @@ def test_bitwise_across_runs_and_threads(device, backend, shape, layout, dtype, 
         again = _forward_backward(op, x, w, fmt, backend, 1)
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, single, again):
+    for a, b, c in zip(first, single, again, strict=True):
         assert_bitwise_equal(a, b)
         assert_bitwise_equal(a, c)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("op,wkind", [("max", "none"), ("mixed", "channel"), ("catavgmax", "none"),
-                                      ("gem", "channel"), ("avg", "none")])
+@pytest.mark.parametrize(
+    "op,wkind",
+    [
+        ("max", "none"),
+        ("mixed", "channel"),
+        ("catavgmax", "none"),
+        ("gem", "channel"),
+        ("avg", "none"),
+    ],
+)
 def test_use_deterministic_algorithms(device, backend, op, wkind, gen):
     x, fmt = make_input((3, 8, 5, 5), torch.float32, "channels_last", device, gen)
     w = make_weight(op, wkind, 8, device, gen=gen)
@@ -56,5 +72,5 @@ def test_use_deterministic_algorithms(device, backend, op, wkind, gen):
         results = _forward_backward(op, x, w, fmt, backend, 2)
     finally:
         torch.use_deterministic_algorithms(before)
-    for a, b in zip(results, _forward_backward(op, x, w, fmt, backend, 2)):
+    for a, b in zip(results, _forward_backward(op, x, w, fmt, backend, 2), strict=True):
         assert_bitwise_equal(a, b)

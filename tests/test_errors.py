@@ -1,5 +1,6 @@
 """Every bad input of SPEC.md raises a clear error (naming the argument, what was given and
 what is accepted) before any kernel runs."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ ALL_FUNCTIONS = [
 FUNCTION_IDS = ["avg", "max", "mixed", "avgmax", "gem"]
 
 
-@pytest.fixture(params=list(zip(FUNCTION_IDS, ALL_FUNCTIONS)), ids=FUNCTION_IDS)
+@pytest.fixture(params=list(zip(FUNCTION_IDS, ALL_FUNCTIONS, strict=True)), ids=FUNCTION_IDS)
 def pool(request):
     return request.param[1]
 
@@ -28,16 +29,18 @@ def test_rank_below_three(pool, shape):
         pool(torch.randn(shape))
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
-                                   torch.complex64])
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
+)
 def test_non_float_dtype(pool, dtype):
     x = torch.zeros((2, 3, 4, 4), dtype=dtype)
     with pytest.raises(TypeError, match=r"float16, bfloat16, float32 or float64, got"):
         pool(x)
 
 
-@pytest.mark.parametrize("shape,fmt", [((2, 3, 0, 4), "NCHW"), ((2, 3, 0), "NCHW"),
-                                       ((2, 0, 4, 3), "NHWC")])
+@pytest.mark.parametrize(
+    "shape,fmt", [((2, 3, 0, 4), "NCHW"), ((2, 3, 0), "NCHW"), ((2, 0, 4, 3), "NHWC")]
+)
 def test_empty_spatial(pool, shape, fmt):
     with pytest.raises(ValueError, match="empty spatial dims"):
         pool(torch.randn(shape), input_fmt=fmt)
@@ -63,8 +66,10 @@ def test_not_a_tensor():
         gapkernels.global_avg_pool([[[1.0]]])
 
 
-WEIGHTED = [("alpha", lambda x, w: gapkernels.global_mixed_pool(x, w)),
-            ("p", lambda x, w: gapkernels.global_gem_pool(x, w))]
+WEIGHTED = [
+    ("alpha", lambda x, w: gapkernels.global_mixed_pool(x, w)),
+    ("p", lambda x, w: gapkernels.global_gem_pool(x, w)),
+]
 
 
 @pytest.mark.parametrize("name,fn", WEIGHTED, ids=["alpha", "p"])
@@ -75,9 +80,11 @@ def test_weight_wrong_shape(name, fn, shape):
 
 
 @pytest.mark.parametrize("name,fn", WEIGHTED, ids=["alpha", "p"])
-@pytest.mark.parametrize("weight", [torch.tensor(1), torch.tensor([1, 2, 3]),
-                                    torch.tensor(True), "0.5", True, None],
-                         ids=["int_tensor", "int_channels", "bool_tensor", "str", "bool", "none"])
+@pytest.mark.parametrize(
+    "weight",
+    [torch.tensor(1), torch.tensor([1, 2, 3]), torch.tensor(True), "0.5", True, None],
+    ids=["int_tensor", "int_channels", "bool_tensor", "str", "bool", "none"],
+)
 def test_weight_wrong_type(name, fn, weight):
     with pytest.raises(TypeError, match=name):
         fn(torch.randn(2, 3, 4, 4), weight)
@@ -89,9 +96,11 @@ def test_weight_wrong_device(name, fn):
         fn(torch.randn(2, 3, 4, 4), torch.empty(3, device="meta"))
 
 
-@pytest.mark.parametrize("p", [0.0, -1.0, float("inf"), float("nan"),
-                               torch.tensor(0.0), torch.tensor([1.0, -2.0, 3.0])],
-                         ids=["zero", "negative", "inf", "nan", "zero_tensor", "neg_channel"])
+@pytest.mark.parametrize(
+    "p",
+    [0.0, -1.0, float("inf"), float("nan"), torch.tensor(0.0), torch.tensor([1.0, -2.0, 3.0])],
+    ids=["zero", "negative", "inf", "nan", "zero_tensor", "neg_channel"],
+)
 def test_gem_p_not_positive(p):
     with pytest.raises(ValueError, match="p must be"):
         gapkernels.global_gem_pool(torch.rand(2, 3, 4, 4), p)

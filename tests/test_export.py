@@ -9,6 +9,7 @@
 
 The ONNX tests skip, with the reason, where onnx / onnxscript / onnxruntime are not installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,22 +18,25 @@ import warnings
 
 import pytest
 import torch
-from conftest import TOLERANCES, make_input, needs_cuda
 
 import gapkernels
+from conftest import TOLERANCES, make_input, needs_cuda
 from gapkernels import _ext, functional
 from gapkernels.nn import GlobalPool
 
-ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime")
-                if importlib.util.find_spec(m) is None]
+ONNX_MISSING = [
+    m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None
+]
 needs_onnx = pytest.mark.skipif(
     bool(ONNX_MISSING),
     reason=f"ONNX export tests need {', '.join(ONNX_MISSING)}: "
-           "pip install onnx onnxscript onnxruntime")
+    "pip install onnx onnxscript onnxruntime",
+)
 # The public functions route to gapkernels.export during an ONNX export (functional.py imports it).
 needs_functional_routing = pytest.mark.skipif(
     getattr(functional, "export", None) is not gapkernels.export,
-    reason="gapkernels.functional does not route to gapkernels.export during torch.onnx.export yet")
+    reason="gapkernels.functional does not route to gapkernels.export during torch.onnx.export yet",
+)
 
 Dim = torch.export.Dim
 
@@ -46,8 +50,10 @@ POOLS = {
     "mixed": (dict(), {"ReduceMean", "ReduceMax", "Mul", "Add"}),
     "mixed-per-channel": (dict(per_channel=True), {"ReduceMean", "ReduceMax", "Mul", "Add"}),
     "gem": (dict(), {"Clip", "ReduceMax", "Div", "Pow", "ReduceMean", "Mul"}),
-    "gem-per-channel": (dict(per_channel=True), {"Clip", "ReduceMax", "Div", "Pow", "ReduceMean",
-                                                 "Mul"}),
+    "gem-per-channel": (
+        dict(per_channel=True),
+        {"Clip", "ReduceMax", "Div", "Pow", "ReduceMean", "Mul"},
+    ),
 }
 
 # (logical shape, layout of conftest.make_input, flatten)
@@ -60,13 +66,13 @@ LAYOUTS = {
 }
 
 
-def make_pool(name: str, channels: int, input_fmt: str = "NCHW", flatten: bool = True,
-              gen=None) -> GlobalPool:
+def make_pool(
+    name: str, channels: int, input_fmt: str = "NCHW", flatten: bool = True, gen=None
+) -> GlobalPool:
     """A GlobalPool in eval mode; learnable weights set to random in-range values."""
     pool_type = name.removesuffix("-per-channel")
     kwargs = POOLS[name][0]
-    pool = GlobalPool(pool_type, flatten=flatten, input_fmt=input_fmt, channels=channels,
-                      **kwargs)
+    pool = GlobalPool(pool_type, flatten=flatten, input_fmt=input_fmt, channels=channels, **kwargs)
     with torch.no_grad():
         for raw in pool.parameters():
             raw.copy_(torch.rand(raw.shape, generator=gen, dtype=torch.float64) * 2 + 0.2)
@@ -93,8 +99,9 @@ def onnx_export(model, args, *, dynamic_batch: bool = True, opset: int | None = 
     kwargs = {} if opset is None else dict(opset_version=opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, args, dynamo=True, verbose=False,
-                                    dynamic_shapes=dynamic_shapes, **kwargs)
+        program = torch.onnx.export(
+            model, args, dynamo=True, verbose=False, dynamic_shapes=dynamic_shapes, **kwargs
+        )
     return program.model_proto
 
 
@@ -116,11 +123,12 @@ def run_ort(proto, *inputs: torch.Tensor) -> list[torch.Tensor]:
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {}
-    for arg, x in zip(session.get_inputs(), inputs):
+    for arg, x in zip(session.get_inputs(), inputs, strict=True):
         x = x.contiguous()
         if x.dtype == torch.bfloat16:
             value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                x.view(torch.uint16).numpy(), onnx.TensorProto.BFLOAT16)
+                x.view(torch.uint16).numpy(), onnx.TensorProto.BFLOAT16
+            )
         else:
             value = ort.OrtValue.ortvalue_from_numpy(x.numpy())
         feeds[arg.name] = value
@@ -134,8 +142,12 @@ def run_ort(proto, *inputs: torch.Tensor) -> list[torch.Tensor]:
     return result
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32,
-                 scale: float = 1.0):
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
+):
     rtol, atol = TOLERANCES[dtype]
     assert actual.dtype == expected.dtype
     assert actual.shape == expected.shape
@@ -152,7 +164,8 @@ class Pools(torch.nn.Module):
         super().__init__()
         self.names = list(names)
         self.pools = torch.nn.ModuleList(
-            make_pool(n, channels, input_fmt, flatten, gen=gen) for n in self.names)
+            make_pool(n, channels, input_fmt, flatten, gen=gen) for n in self.names
+        )
 
     def forward(self, x):
         return tuple(pool(x) for pool in self.pools)
@@ -166,7 +179,7 @@ def check_pools(model: Pools, proto, x: torch.Tensor, dtype=torch.float32):
     with torch.no_grad():
         expected = model(x)
     assert len(actual) == len(expected)
-    for name, a, e in zip(model.names, actual, expected):
+    for name, a, e in zip(model.names, actual, expected, strict=True):
         try:
             assert_close(a, e, dtype)
         except AssertionError as exc:
@@ -216,8 +229,9 @@ def test_onnx_learnable_weights_are_initializers(pool_name, gen):
     assert [i.name for i in proto.graph.input] == ["x"]
     values = [numpy_helper.to_array(t).ravel() for t in proto.graph.initializer]
     # Stored as the constrained value (sigmoid / softplus folded by the exporter's optimizer).
-    assert any(v.shape == (6,) and torch.allclose(torch.from_numpy(v.copy()), weight)
-               for v in values)
+    assert any(
+        v.shape == (6,) and torch.allclose(torch.from_numpy(v.copy()), weight) for v in values
+    )
 
 
 @needs_onnx
@@ -235,11 +249,15 @@ def test_onnx_functional_api(layout, gen):
         def forward(self, x):
             kw = dict(input_fmt=input_fmt)
             values, indices = gapkernels.global_max_pool(x, return_indices=True, keepdim=True, **kw)
-            return (gapkernels.global_avg_pool(x, keepdim=True, **kw), values, indices,
-                    gapkernels.global_mixed_pool(x, self.alpha, **kw),
-                    gapkernels.global_avgmax_pool(x, **kw),
-                    gapkernels.global_avgmax_pool(x, concat=True, keepdim=True, **kw),
-                    gapkernels.global_gem_pool(x, self.p, 1e-6, **kw))
+            return (
+                gapkernels.global_avg_pool(x, keepdim=True, **kw),
+                values,
+                indices,
+                gapkernels.global_mixed_pool(x, self.alpha, **kw),
+                gapkernels.global_avgmax_pool(x, **kw),
+                gapkernels.global_avgmax_pool(x, concat=True, keepdim=True, **kw),
+                gapkernels.global_gem_pool(x, self.p, 1e-6, **kw),
+            )
 
     model = Heads().eval()
     proto = onnx_export(model, (x,))
@@ -249,7 +267,7 @@ def test_onnx_functional_api(layout, gen):
         expected = model(x3)
     actual = run_ort(proto, x3)
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         if e.dtype == torch.int64:
             assert torch.equal(a, e)
         else:
@@ -257,8 +275,11 @@ def test_onnx_functional_api(layout, gen):
 
 
 @needs_onnx
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["contiguous", "channels_last"],
+)
 def test_onnx_converted_torchvision_resnet18(memory_format, gen):
     torchvision = pytest.importorskip("torchvision")
     model, replaced = gapkernels.convert_model(torchvision.models.resnet18(weights=None))
@@ -276,8 +297,7 @@ def test_onnx_converted_torchvision_resnet18(memory_format, gen):
 @needs_onnx
 def test_onnx_converted_timm_catavgmax(gen):
     timm = pytest.importorskip("timm")
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10,
-                              global_pool="catavgmax")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, global_pool="catavgmax")
     model, replaced = gapkernels.convert_model(model)
     assert replaced == 1
     model.eval()
@@ -299,8 +319,15 @@ def test_onnx_torchscript_exporter(pool_name, gen):
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(pool, (x,), f, dynamo=False, opset_version=18, input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(
+            pool,
+            (x,),
+            f,
+            dynamo=False,
+            opset_version=18,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
     import onnx
 
     proto = onnx.load_from_string(f.getvalue())
@@ -340,18 +367,23 @@ def test_export_path_matches_the_kernels_and_is_off_outside_onnx_export(gen):
 
 
 def _pool_targets(ep) -> list[str]:
-    return [str(n.target) for n in ep.graph.nodes
-            if n.op == "call_function" and "gapkernels" in str(n.target)]
+    return [
+        str(n.target)
+        for n in ep.graph.nodes
+        if n.op == "call_function" and "gapkernels" in str(n.target)
+    ]
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
-@pytest.mark.parametrize("pool_name", ["avg", "max", "avgmax", "catavgmax", "mixed-per-channel",
-                                       "gem"])
+@pytest.mark.parametrize(
+    "pool_name", ["avg", "max", "avgmax", "catavgmax", "mixed-per-channel", "gem"]
+)
 def test_torch_export_dynamic_shapes(pool_name, strict, gen):
     x, input_fmt = make_input((2, 6, 5, 7), torch.float32, "channels_last", gen=gen)
     pool = make_pool(pool_name, 6, input_fmt, flatten=False, gen=gen)
-    ep = torch.export.export(pool, (x,), strict=strict,
-                             dynamic_shapes=({0: Dim("batch"), 2: Dim("h"), 3: Dim("w")},))
+    ep = torch.export.export(
+        pool, (x,), strict=strict, dynamic_shapes=({0: Dim("batch"), 2: Dim("h"), 3: Dim("w")},)
+    )
     if _ext.loaded():
         assert _pool_targets(ep) == ["gapkernels.pool_forward.default"]  # the fused kernel
     params = set(ep.graph_signature.parameters)
@@ -363,9 +395,11 @@ def test_torch_export_dynamic_shapes(pool_name, strict, gen):
             assert_close(module(x2), pool(x2))
 
 
-@pytest.mark.parametrize("shape,layout", [((2, 6, 9), "nhwc"), ((2, 6, 3, 4, 5), "channels_last"),
-                                          ((2, 6, 3, 4, 5), "contiguous")],
-                         ids=["rank3-nlc", "rank5-channels_last_3d", "rank5"])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((2, 6, 9), "nhwc"), ((2, 6, 3, 4, 5), "channels_last"), ((2, 6, 3, 4, 5), "contiguous")],
+    ids=["rank3-nlc", "rank5-channels_last_3d", "rank5"],
+)
 def test_torch_export_ranks_and_formats(shape, layout, gen):
     x, input_fmt = make_input(shape, torch.float32, layout, gen=gen)
     pool = make_pool("gem-per-channel", 6, input_fmt, flatten=False, gen=gen)
@@ -373,8 +407,10 @@ def test_torch_export_ranks_and_formats(shape, layout, gen):
     spatial = range(1, x.dim() - 1) if input_fmt == "NHWC" else range(2, x.dim())
     batch_spatial.update({d: Dim(f"s{d}") for d in spatial})
     ep = torch.export.export(pool, (x,), dynamic_shapes=(batch_spatial,))
-    x2 = torch.randn(*[3 if d == 0 else (s + 2 if d in spatial else s)
-                       for d, s in enumerate(x.shape)], generator=gen)
+    x2 = torch.randn(
+        *[3 if d == 0 else (s + 2 if d in spatial else s) for d, s in enumerate(x.shape)],
+        generator=gen,
+    )
     if layout == "channels_last":
         x2 = x2.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
@@ -443,8 +479,9 @@ class _AotiNet(torch.nn.Module):
 def test_aoti_compile_and_load(device, tmp_path, gen):
     model = _AotiNet(gen).eval().to(device)
     x = torch.randn(2, 3, 9, 11, generator=gen).to(device)
-    ep = torch.export.export(model, (x,),
-                             dynamic_shapes=({0: Dim("batch"), 2: Dim("h"), 3: Dim("w")},))
+    ep = torch.export.export(
+        model, (x,), dynamic_shapes=({0: Dim("batch"), 2: Dim("h"), 3: Dim("w")},)
+    )
     if device == "cpu" and _ext.loaded() or device == "cuda" and _ext.has_kernel("CUDA"):
         assert _pool_targets(ep) == ["gapkernels.pool_forward.default"] * 3
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "net.pt2"))
@@ -453,4 +490,3 @@ def test_aoti_compile_and_load(device, tmp_path, gen):
         x2 = torch.randn(shape, generator=gen).to(device)
         with torch.no_grad():
             assert_close(compiled(x2), model(x2), scale=5)
-

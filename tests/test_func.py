@@ -1,5 +1,6 @@
 """torch.func over gapkernels: vmap, grad, jacrev, jacfwd, hessian, jvp, functional_call and
 per-sample gradients (the DP-SGD pattern) give the reference's values."""
+
 from __future__ import annotations
 
 import os
@@ -10,11 +11,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from torch import func  # noqa: E402
+from test_gradients import BACKENDS, TOL  # noqa: E402
+from torch import func
+from torch.utils import _pytree as pytree  # noqa: E402
 
 import gapkernels  # noqa: E402
 from conftest import OP_CASES, make_input, make_weight, run_op  # noqa: E402
-from test_gradients import BACKENDS, TOL  # noqa: E402
 
 
 def _setup(op, wkind, device, dtype, gen, shape=(2, 3, 3, 4), layout="contiguous"):
@@ -48,11 +50,13 @@ def test_vmap(device, backend, dtype, op, wkind, layout, gen):
     if layout == "channels_last":  # each vmapped slice channels_last
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     got, want = _both(op, backend, fmt)
-    _close(func.vmap(got, in_dims=(0, None))(x, w), func.vmap(want, in_dims=(0, None))(x, w),
-           dtype)
+    _close(func.vmap(got, in_dims=(0, None))(x, w), func.vmap(want, in_dims=(0, None))(x, w), dtype)
     moved = x.movedim(0, 1)  # the vmapped dimension second
-    _close(func.vmap(got, in_dims=(1, None))(moved, w),
-           func.vmap(want, in_dims=(1, None))(moved, w), dtype)
+    _close(
+        func.vmap(got, in_dims=(1, None))(moved, w),
+        func.vmap(want, in_dims=(1, None))(moved, w),
+        dtype,
+    )
     if w is not None:  # a batched weight
         wb = torch.stack([w, w * 1.1, w * 0.9])
         _close(func.vmap(got)(x, wb), func.vmap(want)(x, wb), dtype)
@@ -72,7 +76,8 @@ def test_grad_jacrev_jacfwd_hessian(device, backend, dtype, op, wkind, gen):
     for transform in (func.grad, func.jacrev, func.jacfwd, func.hessian):
         a = transform(loss(got, dtype), argnums=argnums)(x, w)
         b = transform(loss(want, torch.float64), argnums=argnums)(xd, wd)
-        for ga, gb in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
+        leaves_a, leaves_b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+        for ga, gb in zip(leaves_a, leaves_b, strict=True):
             _close(ga, gb, dtype)
     tx = torch.randn_like(x)
     _, ta = func.jvp(lambda z: got(z, w), (x,), (tx,))
@@ -84,8 +89,11 @@ class Head(torch.nn.Module):
     def __init__(self, pool_type, channels=3, classes=4):
         super().__init__()
         self.conv = torch.nn.Conv2d(2, channels, 3, padding=1)
-        self.pool = gapkernels.nn.GlobalPool(pool_type, per_channel=True, channels=channels) \
-            if pool_type in ("mixed", "gem") else gapkernels.nn.GlobalPool(pool_type)
+        self.pool = (
+            gapkernels.nn.GlobalPool(pool_type, per_channel=True, channels=channels)
+            if pool_type in ("mixed", "gem")
+            else gapkernels.nn.GlobalPool(pool_type)
+        )
         self.fc = torch.nn.LazyLinear(classes)
 
     def forward(self, x):
@@ -108,6 +116,6 @@ def test_per_sample_gradients_match_a_loop(pool_type, gen):
     per_sample = func.vmap(func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
     for i in range(x.shape[0]):
         model.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-7, atol=1e-9)

@@ -1,6 +1,7 @@
 """GeM relative to the row maximum: finite and accurate values and gradients (to x and p) for every
 p in [1, 100] and every finite input, dead channels included, on every backend; the same as the
 textbook formula where that one is finite."""
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_gradients import BACKENDS  # noqa: E402
 
 import gapkernels  # noqa: E402
 from gapkernels import reference  # noqa: E402
-from test_gradients import BACKENDS  # noqa: E402
 
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 
@@ -43,20 +44,20 @@ def _check_case(device, backend, dtype, x, p_value, per_channel):
     x = x.to(device)
     got = _grads(lambda z, w: gapkernels.global_gem_pool(z, w, backend=backend), x, p)
     want = _grads(lambda z, w: reference.global_gem_pool(z, w), x.double(), p.double())
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert torch.isfinite(a).all(), a
         assert torch.isfinite(b).all(), b
         scale = b.abs().max().clamp(min=1e-300)
-        torch.testing.assert_close(a.double() / scale, b / scale, rtol=RTOL[dtype],
-                                   atol=RTOL[dtype])
+        torch.testing.assert_close(
+            a.double() / scale, b / scale, rtol=RTOL[dtype], atol=RTOL[dtype]
+        )
 
 
 @pytest.mark.parametrize("device,backend,dtype", BACKENDS)
 @pytest.mark.parametrize("p_value", [1.0, 3.0, 7.5, 30.0, 90.0, 100.0])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["p_scalar", "p_channel"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_dead_channel_and_large_values(device, backend, dtype, p_value, per_channel,
-                                       channels_last):
+def test_dead_channel_and_large_values(device, backend, dtype, p_value, per_channel, channels_last):
     rows = [
         [0.0] * 8,  # a dead ReLU channel: every y = eps
         [3.0] * 8,  # 3**90 overflows float32
@@ -75,7 +76,7 @@ def test_dead_channel_and_large_values(device, backend, dtype, p_value, per_chan
 )
 def test_cpu_any_p_any_scale(p_value, log_scale, seed, dead):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64) * 10.0 ** log_scale
+    x = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64) * 10.0**log_scale
     if dead:
         x[:, 1] = 0.0
     for dtype in (torch.float64, torch.float32):  # 1e30 ** 1 fits float32; powers are relative
@@ -90,7 +91,7 @@ def test_cpu_any_p_any_scale(p_value, log_scale, seed, dead):
 )
 def test_reference_matches_textbook_formula_where_finite(p_value, seed, log_scale):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64) * 10.0 ** log_scale
+    x = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64) * 10.0**log_scale
     p = torch.tensor(p_value, dtype=torch.float64)
     plain = reference.global_gem_pool_plain(x, p)
     stable = reference.global_gem_pool(x, p)

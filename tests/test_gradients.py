@@ -1,6 +1,7 @@
 """Every derivative of every op: second order, forward mode and torch.func against the reference,
 on every backend that runs here (cpu; triton in the interpreter; cuda with a GPU). A derivative
 either matches the reference or raises: never zeros, never a wrong value."""
+
 from __future__ import annotations
 
 import os
@@ -14,21 +15,33 @@ import pytest  # noqa: E402
 import torch.autograd.forward_ad as fwAD  # noqa: E402
 from torch import autograd  # noqa: E402
 
-import gapkernels  # noqa: E402
 from conftest import HAS_CUDA, OP_CASES, OPS, make_input, make_weight, run_op  # noqa: E402
 from gapkernels import backends, reference  # noqa: E402
 
 
 def _backend_params():
     params = [pytest.param("cpu", "cpu", torch.float64, id="cpu")]
-    params.append(pytest.param("cuda", "cuda", torch.float64, id="cuda",
-                               marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")))
+    params.append(
+        pytest.param(
+            "cuda",
+            "cuda",
+            torch.float64,
+            id="cuda",
+            marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"),
+        )
+    )
     triton_device = "cuda" if HAS_CUDA else "cpu"
     reason = backends.unavailable_reason("triton", torch.empty(1, 1, 1, device=triton_device))
     # Triton accumulates in float32 and has no float64: compared with a float32 tolerance.
-    params.append(pytest.param(triton_device, "triton", torch.float32, id="triton",
-                               marks=pytest.mark.skipif(reason is not None,
-                                                        reason=str(reason))))
+    params.append(
+        pytest.param(
+            triton_device,
+            "triton",
+            torch.float32,
+            id="triton",
+            marks=pytest.mark.skipif(reason is not None, reason=str(reason)),
+        )
+    )
     return params
 
 
@@ -52,8 +65,8 @@ def _second_order(op, x, w, fmt, backend):
     """A gradient penalty: d/d(x, w) of |d/dx sum(pool(x)**2)|**2 (+ the weight's own term)."""
     out = run_op(op, x, w, backend, input_fmt=fmt)
     params = [x] if w is None else [x, w]
-    grads = autograd.grad((out ** 2).sum(), params, create_graph=True)
-    penalty = sum((g ** 2).sum() for g in grads)
+    grads = autograd.grad((out**2).sum(), params, create_graph=True)
+    penalty = sum((g**2).sum() for g in grads)
     return autograd.grad(penalty, params)
 
 
@@ -66,7 +79,7 @@ def test_second_order_matches_reference(device, backend, dtype, op, wkind, layou
     xr = x.detach().double().requires_grad_(True)
     wr = None if w is None else w.detach().double().requires_grad_(True)
     want = _second_order(op, xr, wr, fmt, "reference")
-    for g, e in zip(got, want):
+    for g, e in zip(got, want, strict=True):
         assert g.abs().sum() > 0 or e.abs().sum() == 0  # no silent zeros
         torch.testing.assert_close(g.double(), e, **TOL[dtype])
 
@@ -155,8 +168,14 @@ def test_direct_op_double_backward(device, backend, dtype, op, wkind, gen):
     from gapkernels.autograd import _pair
     from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED
 
-    mode = {"avg": MODE_AVG, "max": MODE_MAX, "mixed": MODE_MIXED, "avgmax": MODE_MIXED,
-            "catavgmax": MODE_CAT, "gem": MODE_GEM}[op]
+    mode = {
+        "avg": MODE_AVG,
+        "max": MODE_MAX,
+        "mixed": MODE_MIXED,
+        "avgmax": MODE_MIXED,
+        "catavgmax": MODE_CAT,
+        "gem": MODE_GEM,
+    }[op]
     x, _, w = _inputs(op, wkind, "contiguous", device, dtype, gen)
     x3 = x.detach().flatten(2).requires_grad_(True)
     scalar = {"mixed": 0.3, "avgmax": 0.5, "gem": 3.0}.get(op, 0.5)
@@ -166,11 +185,14 @@ def test_direct_op_double_backward(device, backend, dtype, op, wkind, gen):
     def penalty(z, wt, fn):
         out = fn(z, wt)
         params = [z] if wt is None else [z, wt]
-        grads = autograd.grad((out ** 2).sum(), params, create_graph=True)
-        return autograd.grad(sum((g ** 2).sum() for g in grads), params)
+        grads = autograd.grad((out**2).sum(), params, create_graph=True)
+        return autograd.grad(sum((g**2).sum() for g in grads), params)
 
-    got = penalty(x3, weight, lambda z, wt: fwd(z, mode, wt, scalar, 1e-6,
-                                                 wt is not None and mode == MODE_GEM)[0])
+    got = penalty(
+        x3,
+        weight,
+        lambda z, wt: fwd(z, mode, wt, scalar, 1e-6, wt is not None and mode == MODE_GEM)[0],
+    )
     x4 = x3.detach().double().unflatten(2, (4, 5)).requires_grad_(True)
     wr = None if w is None else w.detach().double().requires_grad_(True)
     want = penalty(x4, wr, lambda z, wt: OPS[op](reference, z, wt))

@@ -1,4 +1,5 @@
 """`python -m gapkernels.info`: the bug-report summary runs and says what it should."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from gapkernels import _ext, info
 
 
 def test_info_runs_and_names_versions_and_backends():
-    out = subprocess.run([sys.executable, "-m", "gapkernels.info"], capture_output=True,
-                         text=True, check=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gapkernels.info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
     assert f"gapkernels {gapkernels.__version__}" in out
     assert torch.__version__ in out
     assert "backends for CPU tensors:" in out and "reference  available" in out
@@ -22,8 +28,14 @@ def test_info_runs_and_names_versions_and_backends():
 
 
 def test_build_record_is_reported(tmp_path, monkeypatch):
-    record = {"torch": "9.9.9", "cuda_kernels": True, "cuda_arch_list": "8.0;9.0+PTX",
-              "nvcc": "13.0", "cpu_isa": "avx2", "machine": "x86_64"}
+    record = {
+        "torch": "9.9.9",
+        "cuda_kernels": True,
+        "cuda_arch_list": "8.0;9.0+PTX",
+        "nvcc": "13.0",
+        "cpu_isa": "avx2",
+        "machine": "x86_64",
+    }
     path = tmp_path / "_build_info.json"
     path.write_text(json.dumps(record))
     monkeypatch.setattr(info, "BUILD_INFO", str(path))

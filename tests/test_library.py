@@ -1,5 +1,6 @@
 """The custom ops as torch.library sees them: opcheck on every op, gradcheck in float64,
 and torch.compile(fullgraph=True) of a small CNN with no graph break."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 import gapkernels
 from conftest import DEVICE_BACKENDS, OP_CASES, make_input, make_weight, run_op
-from gapkernels.functional import _as_3d
 from gapkernels import ops
+from gapkernels.functional import _as_3d
 from gapkernels.ops import MODE_GEM, MODE_MIXED
 
 FORWARD = torch.ops.gapkernels.pool_forward.default
@@ -26,14 +27,29 @@ def _forward_args(mode_name, layout, dtype, device, weighted, gen, requires_grad
     if weighted:
         weight = (0.3 if mode == MODE_MIXED else 2.5) + torch.rand(5, generator=gen, dtype=acc)
         weight = weight.to(device).requires_grad_(requires_grad)
-    return (x3, mode, weight, 0.4 if mode == MODE_MIXED else 3.0, 1e-6, weighted and
-            mode == MODE_GEM)
+    return (
+        x3,
+        mode,
+        weight,
+        0.4 if mode == MODE_MIXED else 3.0,
+        1e-6,
+        weighted and mode == MODE_GEM,
+    )
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("mode_name,weighted", [("avg", False), ("max", False), ("mixed", False),
-                                                ("mixed", True), ("cat", False), ("gem", False),
-                                                ("gem", True)])
+@pytest.mark.parametrize(
+    "mode_name,weighted",
+    [
+        ("avg", False),
+        ("max", False),
+        ("mixed", False),
+        ("mixed", True),
+        ("cat", False),
+        ("gem", False),
+        ("gem", True),
+    ],
+)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck_forward(device, backend, mode_name, weighted, layout, dtype, gen):
@@ -42,18 +58,23 @@ def test_opcheck_forward(device, backend, mode_name, weighted, layout, dtype, ge
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("mode_name,weighted", [("avg", False), ("max", False), ("mixed", True),
-                                                ("cat", False), ("gem", True)])
+@pytest.mark.parametrize(
+    "mode_name,weighted",
+    [("avg", False), ("max", False), ("mixed", True), ("cat", False), ("gem", True)],
+)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck_backward(device, backend, mode_name, weighted, layout, gen):
     x3, mode, weight, scalar, eps, with_log = _forward_args(
-        mode_name, layout, torch.float32, device, weighted, gen, requires_grad=False)
+        mode_name, layout, torch.float32, device, weighted, gen, requires_grad=False
+    )
     out, aux, indices = FORWARD(x3, mode, weight, scalar, eps, with_log)
     grad_out = torch.randn(out.shape, generator=gen).to(device)
     # The backward op has no derivative of its own (double backward is not supported).
-    torch.library.opcheck(BACKWARD, (grad_out, x3, aux, indices, mode, weight, scalar, eps),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        BACKWARD,
+        (grad_out, x3, aux, indices, mode, weight, scalar, eps),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
     grad_x = BACKWARD(grad_out, x3, aux, indices, mode, weight, scalar, eps)
     assert grad_x.stride() == x3.stride()
 
@@ -92,20 +113,27 @@ class SmallSENet(torch.nn.Module):
     def forward(self, x):
         b = self.backend
         h = torch.relu(self.conv(x))
-        scale = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(
-            gapkernels.global_avg_pool(h, backend=b)))))
+        scale = torch.sigmoid(
+            self.se_expand(torch.relu(self.se_reduce(gapkernels.global_avg_pool(h, backend=b))))
+        )
         h = h * scale[:, :, None, None]
-        feats = torch.cat([
-            gapkernels.global_gem_pool(h, self.p, backend=b),
-            gapkernels.global_mixed_pool(h, self.alpha, backend=b),
-            gapkernels.global_avgmax_pool(h, concat=True, backend=b),
-        ], dim=1)
+        feats = torch.cat(
+            [
+                gapkernels.global_gem_pool(h, self.p, backend=b),
+                gapkernels.global_mixed_pool(h, self.alpha, backend=b),
+                gapkernels.global_avgmax_pool(h, concat=True, backend=b),
+            ],
+            dim=1,
+        )
         return self.fc(feats)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["contiguous", "channels_last"],
+)
 def test_torch_compile_fullgraph(device, backend, memory_format, gen):
     torch._dynamo.reset()
     model = SmallSENet(backend).to(device)
@@ -116,5 +144,5 @@ def test_torch_compile_fullgraph(device, backend, memory_format, gen):
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
     grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
     grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
-    for g_c, g_e in zip(grads_compiled, grads_eager):
+    for g_c, g_e in zip(grads_compiled, grads_eager, strict=True):
         torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """convert_model on torch's and timm's pooling modules and on whole torchvision / timm models:
 outputs and gradients unchanged, in NCHW and channels_last, eager and under torch.compile;
 and the training example runs."""
+
 from __future__ import annotations
 
 import copy
@@ -23,14 +24,15 @@ MODEL_TOLERANCES = {
     torch.float32: (1e-4, 1e-5),
     torch.bfloat16: (5e-2, 5e-2),
 }
-MEMORY_FORMATS = [pytest.param(torch.contiguous_format, id="contiguous"),
-                  pytest.param(torch.channels_last, id="channels_last")]
+MEMORY_FORMATS = [
+    pytest.param(torch.contiguous_format, id="contiguous"),
+    pytest.param(torch.channels_last, id="channels_last"),
+]
 
 
 def _assert_close(actual, expected, dtype, what):
     rtol, atol = MODEL_TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def _forward_backward(model, x, weight):
@@ -41,8 +43,15 @@ def _forward_backward(model, x, weight):
     return out, grads
 
 
-def check_converted(model, expected_count, memory_format=torch.contiguous_format,
-                    dtype=torch.float32, shape=(2, 3, 64, 64), compile_it=False, backend="auto"):
+def check_converted(
+    model,
+    expected_count,
+    memory_format=torch.contiguous_format,
+    dtype=torch.float32,
+    shape=(2, 3, 64, 64),
+    compile_it=False,
+    backend="auto",
+):
     """Converts a copy of `model` and checks its outputs and gradients against the original."""
     torch.manual_seed(0)
     original = model.eval().to(dtype=dtype, memory_format=memory_format)
@@ -61,23 +70,28 @@ def check_converted(model, expected_count, memory_format=torch.contiguous_format
     expected, expected_grads = _forward_backward(original, x, weight)
     out, grads = _forward_backward(converted, x, weight)
     _assert_close(out, expected, dtype, "output")
-    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+    for i, (g, e) in enumerate(zip(grads, expected_grads, strict=True)):
         _assert_close(g, e, dtype, "grad to x" if i == 0 else f"grad to parameter {i - 1}")
     return converted
 
 
 # --- torch's modules -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module,shape", [
-    (torch.nn.AdaptiveAvgPool1d(1), (2, 6, 9)),
-    (torch.nn.AdaptiveMaxPool1d((1,)), (2, 6, 9)),
-    (torch.nn.AdaptiveAvgPool2d((1, 1)), (2, 6, 5, 4)),
-    (torch.nn.AdaptiveMaxPool2d(1), (2, 6, 5, 4)),
-    (torch.nn.AdaptiveAvgPool3d(1), (2, 6, 3, 4, 2)),
-    (torch.nn.AdaptiveMaxPool3d((1, 1, 1)), (2, 6, 3, 4, 2)),
-    (torch.nn.AdaptiveAvgPool2d(1), (6, 5, 4)),  # unbatched input, as torch allows
-    (torch.nn.AdaptiveMaxPool3d(1), (6, 3, 4, 2)),
-], ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else "x".join(map(str, v)))
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [
+        (torch.nn.AdaptiveAvgPool1d(1), (2, 6, 9)),
+        (torch.nn.AdaptiveMaxPool1d((1,)), (2, 6, 9)),
+        (torch.nn.AdaptiveAvgPool2d((1, 1)), (2, 6, 5, 4)),
+        (torch.nn.AdaptiveMaxPool2d(1), (2, 6, 5, 4)),
+        (torch.nn.AdaptiveAvgPool3d(1), (2, 6, 3, 4, 2)),
+        (torch.nn.AdaptiveMaxPool3d((1, 1, 1)), (2, 6, 3, 4, 2)),
+        (torch.nn.AdaptiveAvgPool2d(1), (6, 5, 4)),  # unbatched input, as torch allows
+        (torch.nn.AdaptiveMaxPool3d(1), (6, 3, 4, 2)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else "x".join(map(str, v)),
+)
 def test_torch_pools(module, shape):
     converted = check_converted(torch.nn.Sequential(module), 1, shape=shape)
     assert converted[0].flatten is False
@@ -87,21 +101,30 @@ def test_leaves_other_modules_alone():
     class MyPool(torch.nn.AdaptiveAvgPool2d):
         pass
 
-    keep = [torch.nn.AdaptiveAvgPool2d(2), torch.nn.AdaptiveAvgPool2d((1, 2)),
-            torch.nn.AdaptiveAvgPool2d((1, None)),
-            torch.nn.AdaptiveMaxPool2d(1, return_indices=True),
-            torch.nn.AdaptiveAvgPool3d((1, 1, 2)), MyPool(1), torch.nn.AvgPool2d(2),
-            torch.nn.Identity()]
+    keep = [
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.AdaptiveAvgPool2d((1, 2)),
+        torch.nn.AdaptiveAvgPool2d((1, None)),
+        torch.nn.AdaptiveMaxPool2d(1, return_indices=True),
+        torch.nn.AdaptiveAvgPool3d((1, 1, 2)),
+        MyPool(1),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Identity(),
+    ]
     model = torch.nn.ModuleList(keep)
     converted, count = gapkernels.convert_model(model)
     assert count == 0 and converted is model
-    assert all(a is b for a, b in zip(converted, keep))
+    assert all(a is b for a, b in zip(converted, keep, strict=True))
 
 
 def test_in_place_shared_and_root():
     shared = torch.nn.AdaptiveAvgPool2d(1)
-    model = torch.nn.ModuleDict({"a": torch.nn.Sequential(shared),
-                                 "b": torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), shared)})
+    model = torch.nn.ModuleDict(
+        {
+            "a": torch.nn.Sequential(shared),
+            "b": torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), shared),
+        }
+    )
     converted, count = gapkernels.convert_model(model, backend="reference")
     assert converted is model and count == 1
     assert isinstance(model["a"][0], GlobalPool) and model["a"][0] is model["b"][1]
@@ -113,8 +136,17 @@ def test_in_place_shared_and_root():
 
 # --- timm's modules --------------------------------------------------------------------------
 
-TIMM_POOL_TYPES = ["avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax",
-                   "fastavgmax", "fastcatavgmax"]
+TIMM_POOL_TYPES = [
+    "avg",
+    "max",
+    "avgmax",
+    "catavgmax",
+    "fast",
+    "fastavg",
+    "fastmax",
+    "fastavgmax",
+    "fastcatavgmax",
+]
 
 
 @pytest.mark.parametrize("pool_type", TIMM_POOL_TYPES)
@@ -129,13 +161,20 @@ def test_timm_select_adaptive_pool(pool_type, flatten, input_fmt):
     assert converted[0].flatten is flatten and converted[0].input_fmt == input_fmt
 
 
-@pytest.mark.parametrize("name,pool_type", [("FastAdaptiveAvgPool", "avg"),
-                                            ("FastAdaptiveMaxPool", "max"),
-                                            ("FastAdaptiveAvgMaxPool", "avgmax"),
-                                            ("FastAdaptiveCatAvgMaxPool", "catavgmax")])
+@pytest.mark.parametrize(
+    "name,pool_type",
+    [
+        ("FastAdaptiveAvgPool", "avg"),
+        ("FastAdaptiveMaxPool", "max"),
+        ("FastAdaptiveAvgMaxPool", "avgmax"),
+        ("FastAdaptiveCatAvgMaxPool", "catavgmax"),
+    ],
+)
 @pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "keepdim"])
-@pytest.mark.parametrize("fmt,shape", [("NCHW", (2, 6, 5, 4)), ("NHWC", (2, 5, 4, 6)),
-                                       ("NCL", (2, 6, 7)), ("NLC", (2, 7, 6))])
+@pytest.mark.parametrize(
+    "fmt,shape",
+    [("NCHW", (2, 6, 5, 4)), ("NHWC", (2, 5, 4, 6)), ("NCL", (2, 6, 7)), ("NLC", (2, 7, 6))],
+)
 def test_timm_fast_pools(name, pool_type, flatten, fmt, shape):
     pools = pytest.importorskip("timm.layers.adaptive_avgmax_pool")
     pool = getattr(pools, name)(flatten=flatten, input_fmt=fmt)
@@ -162,6 +201,7 @@ def test_timm_leaves_identity_and_non_global_pools():
 
 # --- whole models ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 @pytest.mark.parametrize("name,count", [("resnet18", 1), ("efficientnet_b0", 17)])
 def test_torchvision_models(name, count, memory_format):
@@ -173,23 +213,30 @@ def test_torchvision_models(name, count, memory_format):
 def test_torchvision_resnet18_bfloat16():
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
-    check_converted(models.resnet18(weights=None, num_classes=10), 1, torch.channels_last,
-                    dtype=torch.bfloat16)
+    check_converted(
+        models.resnet18(weights=None, num_classes=10), 1, torch.channels_last, dtype=torch.bfloat16
+    )
 
 
 def _timm_model(global_pool):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return timm.create_model("resnet18", pretrained=False, num_classes=10,
-                             global_pool=global_pool)
+    return timm.create_model("resnet18", pretrained=False, num_classes=10, global_pool=global_pool)
 
 
 # Each pool type in one memory format (the pool tests above cover every combination).
-@pytest.mark.parametrize("global_pool,memory_format", [
-    ("avg", torch.contiguous_format), ("max", torch.channels_last),
-    ("avgmax", torch.contiguous_format), ("catavgmax", torch.channels_last),
-    ("fastavg", torch.channels_last), ("fastcatavgmax", torch.contiguous_format),
-], ids=lambda v: v if isinstance(v, str) else str(v).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "global_pool,memory_format",
+    [
+        ("avg", torch.contiguous_format),
+        ("max", torch.channels_last),
+        ("avgmax", torch.contiguous_format),
+        ("catavgmax", torch.channels_last),
+        ("fastavg", torch.channels_last),
+        ("fastcatavgmax", torch.contiguous_format),
+    ],
+    ids=lambda v: v if isinstance(v, str) else str(v).removeprefix("torch."),
+)
 def test_timm_models(global_pool, memory_format):
     converted = check_converted(_timm_model(global_pool), 1, memory_format)
     assert isinstance(converted.global_pool, GlobalPool)
@@ -213,14 +260,31 @@ def test_compiled_converted_model():
 
 # --- the example -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("head", ["mixed", "gem"])
 def test_example_runs(head):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        ),
+    )
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_se_cnn.py"), "--head", head,
-         "--steps", "2", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_se_cnn.py"),
+            "--head",
+            head,
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     symbol = "alpha" if head == "mixed" else "p"
     assert f"learnable {symbol} moved" in result.stdout, result.stdout

@@ -1,5 +1,6 @@
 """gapkernels.nn.GlobalPool: every pool type against the reference, learnable alpha / p,
 serialization, repr, errors, and torch.compile of a CNN that uses it."""
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,15 @@ def _params(module):
 def test_matches_reference(pool_type, flatten, layout, dtype, gen):
     x, input_fmt = make_input((3, 6, 5, 4), dtype, layout, gen=gen, positive=pool_type == "gem")
     x.requires_grad_(True)
-    module = GlobalPool(pool_type, flatten=flatten, input_fmt=input_fmt, channels=6,
-                        per_channel=pool_type in ("mixed", "gem"), alpha=0.3, p=2.5)
+    module = GlobalPool(
+        pool_type,
+        flatten=flatten,
+        input_fmt=input_fmt,
+        channels=6,
+        per_channel=pool_type in ("mixed", "gem"),
+        alpha=0.3,
+        p=2.5,
+    )
     out = module(x)
     expected = _reference(module, x, input_fmt)
     c_out = 6 * module.feat_mult()
@@ -57,7 +65,7 @@ def test_matches_reference(pool_type, flatten, layout, dtype, gen):
     inputs = [x] + _params(module)
     grads = torch.autograd.grad(out, inputs, grad_out)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out)
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grads, expected_grads, strict=True):
         rtol, atol = TOLERANCES[dtype]
         torch.testing.assert_close(g, e.to(g.dtype), rtol=rtol * 4, atol=atol * 4)
 
@@ -82,12 +90,17 @@ def test_backend_reference_matches_default(pool_type, gen):
 
 
 @pytest.mark.parametrize("flatten", [True, False])
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["contiguous", "channels_last"],
+)
 def test_drop_in_for_adaptive_pools(flatten, memory_format, gen):
     x = torch.randn((2, 8, 5, 5), generator=gen).contiguous(memory_format=memory_format)
-    for pool_type, torch_pool in (("avg", torch.nn.AdaptiveAvgPool2d(1)),
-                                  ("max", torch.nn.AdaptiveMaxPool2d((1, 1)))):
+    for pool_type, torch_pool in (
+        ("avg", torch.nn.AdaptiveAvgPool2d(1)),
+        ("max", torch.nn.AdaptiveMaxPool2d((1, 1))),
+    ):
         expected = torch_pool(x)
         if flatten:
             expected = expected.flatten(1)
@@ -108,13 +121,13 @@ def test_learnable_parameter(pool_type, name, value, per_channel):
     module = GlobalPool(pool_type, channels=4, per_channel=per_channel, **{name: value})
     constrained = getattr(module, name)
     assert constrained.shape == ((4,) if per_channel else ())
-    torch.testing.assert_close(constrained, torch.full_like(constrained, value), rtol=3e-7,
-                               atol=0)
+    torch.testing.assert_close(constrained, torch.full_like(constrained, value), rtol=3e-7, atol=0)
     (raw,) = module.parameters()
     assert raw.requires_grad and raw.shape == constrained.shape
 
-    fixed = GlobalPool(pool_type, channels=4, per_channel=per_channel, learnable=False,
-                       **{name: value})
+    fixed = GlobalPool(
+        pool_type, channels=4, per_channel=per_channel, learnable=False, **{name: value}
+    )
     assert list(fixed.parameters()) == []
     assert list(fixed.state_dict()) == list(module.state_dict())
     torch.testing.assert_close(getattr(fixed, name), constrained)
@@ -163,8 +176,9 @@ def test_any_raw_value_is_valid(pool_type):
 @pytest.mark.parametrize("pool_type", POOL_TYPES)
 def test_serialization_round_trips(pool_type, gen):
     learnable = pool_type in ("mixed", "gem")
-    module = GlobalPool(pool_type, flatten=False, input_fmt="NHWC", channels=5,
-                        per_channel=learnable)
+    module = GlobalPool(
+        pool_type, flatten=False, input_fmt="NHWC", channels=5, per_channel=learnable
+    )
     with torch.no_grad():
         for raw in module.parameters():
             raw.copy_(torch.randn(raw.shape, generator=gen))
@@ -174,8 +188,9 @@ def test_serialization_round_trips(pool_type, gen):
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     buffer.seek(0)
-    loaded = GlobalPool(pool_type, flatten=False, input_fmt="NHWC", channels=5,
-                        per_channel=learnable)
+    loaded = GlobalPool(
+        pool_type, flatten=False, input_fmt="NHWC", channels=5, per_channel=learnable
+    )
     loaded.load_state_dict(torch.load(buffer))
     copies = [loaded, pickle.loads(pickle.dumps(module)), copy.deepcopy(module)]
     for other in copies:
@@ -186,8 +201,13 @@ def test_serialization_round_trips(pool_type, gen):
 def test_repr():
     assert repr(GlobalPool("avg")) == "GlobalPool(pool_type='avg', flatten=True, input_fmt='NCHW')"
     text = repr(GlobalPool("gem", flatten=False, input_fmt="NHWC", p=4.0, backend="reference"))
-    for part in ("pool_type='gem'", "flatten=False", "input_fmt='NHWC'", "p=4 (learnable)",
-                 "backend='reference'"):
+    for part in (
+        "pool_type='gem'",
+        "flatten=False",
+        "input_fmt='NHWC'",
+        "p=4 (learnable)",
+        "backend='reference'",
+    ):
         assert part in text
     text = repr(GlobalPool("mixed", channels=7, per_channel=True, learnable=False))
     assert "alpha=per-channel (7,) (fixed)" in text
@@ -227,21 +247,24 @@ def test_torch_jit_script_points_to_torch_export(wrap):
         torch.jit.script(model)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(pool_type="fastgem"), ValueError, "pool_type"),
-    (dict(pool_type="Avg"), ValueError, "pool_type"),
-    (dict(pool_type=""), ValueError, "pool_type"),
-    (dict(input_fmt="NCL"), ValueError, "input_fmt"),
-    (dict(backend="gpu"), ValueError, "backend"),
-    (dict(pool_type="gem", per_channel=True), ValueError, "channels"),
-    (dict(pool_type="avg", per_channel=True, channels=3), ValueError, "per_channel"),
-    (dict(pool_type="mixed", alpha=1.0), ValueError, "alpha"),
-    (dict(pool_type="mixed", alpha=-0.1, learnable=False), ValueError, "alpha"),
-    (dict(pool_type="gem", p=0.0), ValueError, "p must be"),
-    (dict(pool_type="gem", p=float("inf")), ValueError, "p must be"),
-    (dict(pool_type="gem", eps=0.0), ValueError, "eps"),
-    (dict(spatial_dims=0), ValueError, "spatial_dims"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(pool_type="fastgem"), ValueError, "pool_type"),
+        (dict(pool_type="Avg"), ValueError, "pool_type"),
+        (dict(pool_type=""), ValueError, "pool_type"),
+        (dict(input_fmt="NCL"), ValueError, "input_fmt"),
+        (dict(backend="gpu"), ValueError, "backend"),
+        (dict(pool_type="gem", per_channel=True), ValueError, "channels"),
+        (dict(pool_type="avg", per_channel=True, channels=3), ValueError, "per_channel"),
+        (dict(pool_type="mixed", alpha=1.0), ValueError, "alpha"),
+        (dict(pool_type="mixed", alpha=-0.1, learnable=False), ValueError, "alpha"),
+        (dict(pool_type="gem", p=0.0), ValueError, "p must be"),
+        (dict(pool_type="gem", p=float("inf")), ValueError, "p must be"),
+        (dict(pool_type="gem", eps=0.0), ValueError, "eps"),
+        (dict(spatial_dims=0), ValueError, "spatial_dims"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         GlobalPool(**kwargs)
@@ -249,10 +272,12 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_fixed_alpha_may_be_0_or_1(gen):
     x = torch.randn((2, 3, 4, 4), generator=gen)
-    torch.testing.assert_close(GlobalPool("mixed", alpha=1.0, learnable=False)(x),
-                               gapkernels.global_max_pool(x))
-    torch.testing.assert_close(GlobalPool("mixed", alpha=0.0, learnable=False)(x),
-                               gapkernels.global_avg_pool(x))
+    torch.testing.assert_close(
+        GlobalPool("mixed", alpha=1.0, learnable=False)(x), gapkernels.global_max_pool(x)
+    )
+    torch.testing.assert_close(
+        GlobalPool("mixed", alpha=0.0, learnable=False)(x), gapkernels.global_avg_pool(x)
+    )
 
 
 def test_wrong_channel_count_is_an_error(gen):
@@ -295,5 +320,5 @@ def test_torch_compile_fullgraph(pool_type, backend, gen):
     params = list(model.parameters())
     grads_eager = torch.autograd.grad(out_eager.sum(), params)
     grads_compiled = torch.autograd.grad(out_compiled.sum(), params)
-    for g_c, g_e in zip(grads_compiled, grads_eager):
+    for g_c, g_e in zip(grads_compiled, grads_eager, strict=True):
         torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)

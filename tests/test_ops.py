@@ -1,13 +1,23 @@
 """Every op x layout x dtype x rank on each extension backend, against gapkernels.reference:
 values, indices, gradients to x and to alpha / p, shapes, dtypes and gradient layouts."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import gapkernels
-from conftest import (DEVICE_BACKENDS, DTYPES, LAYOUTS, OP_CASES, assert_close, channels_of,
-                      make_input, make_weight, run_op)
+from conftest import (
+    DEVICE_BACKENDS,
+    DTYPES,
+    LAYOUTS,
+    OP_CASES,
+    assert_close,
+    channels_of,
+    make_input,
+    make_weight,
+    run_op,
+)
 
 SHAPES = {3: (2, 5, 13), 4: (3, 6, 5, 7), 5: (2, 3, 3, 4, 5)}
 WEIGHT_GRAD_TOL = {torch.float64: (1e-9, 1e-10)}
@@ -39,8 +49,9 @@ def check_against_reference(op, wkind, x, fmt, backend, gen, **kw):
     assert_close(grads[0], grads_ref[0], dtype, msg=f"{op} grad x")
     if w is not None:
         rtol, atol = WEIGHT_GRAD_TOL.get(dtype, (2e-4, 2e-5))
-        torch.testing.assert_close(grads[1], grads_ref[1], rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{op} grad weight\n{m}")
+        torch.testing.assert_close(
+            grads[1], grads_ref[1], rtol=rtol, atol=atol, msg=lambda m: f"{op} grad weight\n{m}"
+        )
     return out, grads[0]
 
 
@@ -87,8 +98,17 @@ EDGE_SHAPES = [
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("op,wkind", [("avg", "none"), ("max", "none"), ("mixed", "channel"),
-                                      ("catavgmax", "none"), ("gem", "none"), ("gem", "channel")])
+@pytest.mark.parametrize(
+    "op,wkind",
+    [
+        ("avg", "none"),
+        ("max", "none"),
+        ("mixed", "channel"),
+        ("catavgmax", "none"),
+        ("gem", "none"),
+        ("gem", "channel"),
+    ],
+)
 def test_edge_shapes(device, backend, shape, layout, dtype, op, wkind, gen):
     x, fmt = make_input(shape, dtype, layout, device, gen)
     check_against_reference(op, wkind, x, fmt, backend, gen)
@@ -130,8 +150,10 @@ def test_keepdim(device, backend, layout, op, gen):
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 0, 3, 3)])
-@pytest.mark.parametrize("op,wkind", [("avg", "none"), ("max", "none"), ("catavgmax", "none"),
-                                      ("mixed", "scalar"), ("gem", "none")])
+@pytest.mark.parametrize(
+    "op,wkind",
+    [("avg", "none"), ("max", "none"), ("catavgmax", "none"), ("mixed", "scalar"), ("gem", "none")],
+)
 def test_empty_batch_or_channels(device, backend, shape, op, wkind):
     x = torch.randn(shape, device=device, requires_grad=True)
     w = make_weight(op, wkind, shape[1], device)

@@ -1,6 +1,7 @@
 """Packaging: the version in one place, the torch range enforced at import, setup.py's CUDA
 architecture default, and MANIFEST.in covering csrc/. The built sdist and wheel themselves are
 checked by scripts/check_dist.sh (run by .ci/run before the tests)."""
+
 from __future__ import annotations
 
 import ast
@@ -22,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # --- the version -------------------------------------------------------------------------------
+
 
 def test_version_is_written_once():
     # _version.py is one plain assignment, so that setuptools reads it without importing torch.
@@ -49,8 +51,10 @@ def test_installed_metadata_matches():
 
 # --- the torch range ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("version", ["2.11.0", "2.11.0a0+git1234abc", "2.12.1", "2.14.1+cu130",
-                                     "2.14.0.dev20260101"])
+
+@pytest.mark.parametrize(
+    "version", ["2.11.0", "2.11.0a0+git1234abc", "2.12.1", "2.14.1+cu130", "2.14.0.dev20260101"]
+)
 def test_supported_torch_passes(version):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -82,8 +86,9 @@ def test_newer_torch_warns(version):
 def test_import_refuses_old_torch():
     # The check runs at import, before the extension is loaded.
     code = "import torch; torch.__version__ = '2.10.0'; import gapkernels"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert proc.returncode != 0
     assert "ImportError: gapkernels" in proc.stderr
     assert "needs torch >= 2.11, but torch 2.10.0 is installed" in proc.stderr
@@ -91,23 +96,29 @@ def test_import_refuses_old_torch():
 
 # --- setup.py: the CUDA architectures ----------------------------------------------------------
 
+
 @pytest.fixture
 def setup_py(monkeypatch):
     """setup.py's functions, without running setup() (it runs only as __main__)."""
     # setup.py sets CUDA_HOME when it is unset; monkeypatch puts the environment back afterwards.
     monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     namespace = runpy.run_path(str(ROOT / "setup.py"), run_name="gapkernels_setup")
-    return namespace["extension"].__globals__  # the functions' own globals (run_path returns a copy)
+    return namespace[
+        "extension"
+    ].__globals__  # the functions' own globals (run_path returns a copy)
 
 
-@pytest.mark.parametrize("nvcc, expected", [
-    (None, "8.0;8.6;8.9;9.0+PTX"),
-    ((11, 8), "8.0;8.6;8.9;9.0+PTX"),
-    ((12, 6), "8.0;8.6;8.9;9.0+PTX"),
-    ((12, 8), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
-    ((12, 9), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
-    ((13, 0), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
-])
+@pytest.mark.parametrize(
+    "nvcc, expected",
+    [
+        (None, "8.0;8.6;8.9;9.0+PTX"),
+        ((11, 8), "8.0;8.6;8.9;9.0+PTX"),
+        ((12, 6), "8.0;8.6;8.9;9.0+PTX"),
+        ((12, 8), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
+        ((12, 9), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
+        ((13, 0), "8.0;8.6;8.9;9.0;10.0;12.0+PTX"),
+    ],
+)
 def test_default_cuda_arch_list(setup_py, nvcc, expected):
     assert setup_py["default_cuda_arch_list"](nvcc) == expected
 
@@ -115,8 +126,10 @@ def test_default_cuda_arch_list(setup_py, nvcc, expected):
 def test_nvcc_version(setup_py, tmp_path):
     (tmp_path / "bin").mkdir()
     nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
-                    "echo 'Cuda compilation tools, release 12.8, V12.8.93'\n")
+    nvcc.write_text(
+        "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+        "echo 'Cuda compilation tools, release 12.8, V12.8.93'\n"
+    )
     nvcc.chmod(0o755)
     assert setup_py["nvcc_version"](str(tmp_path)) == (12, 8)
     assert setup_py["nvcc_version"](str(tmp_path / "missing")) is None
@@ -147,14 +160,19 @@ def test_users_arch_list_wins(setup_py, monkeypatch):
 
 # --- MANIFEST.in -------------------------------------------------------------------------------
 
+
 def test_manifest_covers_every_file_under_csrc():
     # A file type under csrc/ that MANIFEST.in does not name would be left out of the sdist.
     lines = (ROOT / "MANIFEST.in").read_text().splitlines()
-    patterns = [p for line in lines if line.startswith("recursive-include csrc ")
-                for p in line.split()[2:]]
+    patterns = [
+        p for line in lines if line.startswith("recursive-include csrc ") for p in line.split()[2:]
+    ]
     assert patterns
     files = [p for p in (ROOT / "csrc").rglob("*") if p.is_file()]
     assert files
-    missed = [str(p.relative_to(ROOT)) for p in files
-              if not any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)]
+    missed = [
+        str(p.relative_to(ROOT))
+        for p in files
+        if not any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)
+    ]
     assert not missed, f"add these file types to MANIFEST.in's recursive-include csrc: {missed}"

@@ -1,5 +1,6 @@
 """Property-based: hypothesis draws shapes, layouts, dtypes, values (with NaN, infinities and
 ties) and ops; every extension backend agrees with the reference."""
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,20 @@ def pool_cases(draw):
     spatial = draw(st.lists(st.integers(1, 9), min_size=rank - 2, max_size=rank - 2))
     dtype = draw(st.sampled_from(list(TOLERANCES)))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "nhwc", "permuted"]))
-    op, wkind = draw(st.sampled_from([("avg", "none"), ("max", "none"), ("mixed", "channel"),
-                                      ("mixed", "scalar"), ("avgmax", "none"),
-                                      ("catavgmax", "none"), ("gem", "none"),
-                                      ("gem", "channel")]))
+    op, wkind = draw(
+        st.sampled_from(
+            [
+                ("avg", "none"),
+                ("max", "none"),
+                ("mixed", "channel"),
+                ("mixed", "scalar"),
+                ("avgmax", "none"),
+                ("catavgmax", "none"),
+                ("gem", "none"),
+                ("gem", "channel"),
+            ]
+        )
+    )
     seed = draw(st.integers(0, 2**31 - 1))
     n_special = draw(st.integers(0, 3)) if op in ("max", "avg", "catavgmax") else 0
     ties = draw(st.booleans())

@@ -1,5 +1,6 @@
 """Against torch itself: adaptive_{avg,max}_pool, timm's formulas, max semantics (ties, NaN,
 infinities), and for half types an error against float64 no worse than twice torch's own."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,10 +30,14 @@ def test_matches_torch_pools(device, backend, layout, dtype, gen):
     values, indices = gapkernels.global_max_pool(x, True, backend=backend)
     assert torch.equal(values, mx) and torch.equal(indices, idx)
     # timm's avgmax and catavgmax formulas
-    assert_close(gapkernels.global_avgmax_pool(x, backend=backend), 0.5 * (avg + mx), dtype,
-                 scale=4)
-    assert_close(gapkernels.global_avgmax_pool(x, concat=True, backend=backend),
-                 torch.cat([avg, mx], 1), dtype)
+    assert_close(
+        gapkernels.global_avgmax_pool(x, backend=backend), 0.5 * (avg + mx), dtype, scale=4
+    )
+    assert_close(
+        gapkernels.global_avgmax_pool(x, concat=True, backend=backend),
+        torch.cat([avg, mx], 1),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -70,8 +75,15 @@ def _max_case(name, dtype):
     return torch.tensor(rows[name], dtype=dtype)
 
 
-MAX_CASES = ["tie_first_wins", "nan_wins", "several_nans", "all_neg_inf", "pos_inf_tie",
-             "nan_last", "negative_zero"]
+MAX_CASES = [
+    "tie_first_wins",
+    "nan_wins",
+    "several_nans",
+    "all_neg_inf",
+    "pos_inf_tie",
+    "nan_last",
+    "negative_zero",
+]
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -87,8 +99,9 @@ def test_max_semantics_match_adaptive_max_pool(device, backend, case, layout, dt
     ref_values, ref_idx = F.adaptive_max_pool2d(x.float(), 1, return_indices=True)
     values, idx = gapkernels.global_max_pool(x, True, backend=backend)
     assert torch.equal(idx, ref_idx.flatten(1))
-    torch.testing.assert_close(values.float(), ref_values.flatten(1), rtol=0, atol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        values.float(), ref_values.flatten(1), rtol=0, atol=0, equal_nan=True
+    )
     # the whole gradient goes to the one index
     xg = x.detach().requires_grad_(True)
     gapkernels.global_max_pool(xg, backend=backend).sum().backward()
@@ -103,9 +116,11 @@ def test_nan_and_inf_propagate_like_torch(device, backend, op):
     x = torch.ones((2, 3, 4, 4), device=device)
     x[0, 0, 1, 1] = float("nan")
     x[1, 2, 0, 0] = float("inf")
-    fn = {"avg": lambda t, **kw: gapkernels.global_avg_pool(t, **kw),
-          "mixed": lambda t, **kw: gapkernels.global_mixed_pool(t, 0.25, **kw),
-          "gem": lambda t, **kw: gapkernels.global_gem_pool(t, 3.0, **kw)}[op]
+    fn = {
+        "avg": lambda t, **kw: gapkernels.global_avg_pool(t, **kw),
+        "mixed": lambda t, **kw: gapkernels.global_mixed_pool(t, 0.25, **kw),
+        "gem": lambda t, **kw: gapkernels.global_gem_pool(t, 3.0, **kw),
+    }[op]
     ref = fn(x, backend="reference")
     out = fn(x, backend=backend)
     torch.testing.assert_close(out, ref, equal_nan=True)

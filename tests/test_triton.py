@@ -7,6 +7,7 @@ import them, with a GPU it leaves the kernels compiled.
 matter. Without Triton, or with the kernels built for the GPU and no GPU, every test here skips
 and says why. Sizes are small: the interpreter runs each program in numpy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,12 @@ import pytest  # noqa: E402
 
 import gapkernels  # noqa: E402
 from conftest import (  # noqa: E402
-    OP_CASES, assert_bitwise_equal, assert_close, make_input, make_weight, run_op,
+    OP_CASES,
+    assert_bitwise_equal,
+    assert_close,
+    make_input,
+    make_weight,
+    run_op,
 )
 from gapkernels import auto_table, backends  # noqa: E402
 
@@ -39,13 +45,18 @@ from gapkernels.triton import pool as tpool  # noqa: E402
 DEVICE = "cpu" if gk_triton.INTERPRETED else "cuda"
 _REASON = gk_triton.unavailable_reason(torch.empty(1, device="meta"))
 if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytestmark = [pytest.mark.skip(
-        reason="gapkernels.triton was imported without TRITON_INTERPRET=1 and there is no GPU; "
-               "run pytest with TRITON_INTERPRET=1 set")]
+    pytestmark = [
+        pytest.mark.skip(
+            reason="gapkernels.triton was imported without TRITON_INTERPRET=1 and there is no GPU; "
+            "run pytest with TRITON_INTERPRET=1 set"
+        )
+    ]
 
 # numpy's warnings from lanes the kernels mask out (log2(0), inf - inf); the GPU has none.
-pytestmark = [*globals().get("pytestmark", []),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+pytestmark = [
+    *globals().get("pytestmark", []),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
 
 TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "nhwc"]
@@ -77,8 +88,9 @@ def _check_against_reference(op, kind, x, input_fmt, gen):
     assert_close(grad_x, ref_grad_x, dtype, msg=f"{op}/{kind} grad_x")
     if ref_grad_w is not None:
         # A sum over N*C (N*C*S for GeM's statistics) float32 terms: a few float32 roundings.
-        torch.testing.assert_close(grad_w, ref_grad_w, rtol=1e-4, atol=1e-5,
-                                   msg=f"{op}/{kind} grad to weight")
+        torch.testing.assert_close(
+            grad_w, ref_grad_w, rtol=1e-4, atol=1e-5, msg=f"{op}/{kind} grad to weight"
+        )
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
@@ -116,8 +128,16 @@ def test_path_shapes_take_their_paths():
     assert configs.forward_config(1, 2, 128 * 130, True).s_programs > 1
 
 
-@pytest.mark.parametrize("op,kind", [("avg", "none"), ("max", "none"), ("mixed", "channel"),
-                                     ("catavgmax", "none"), ("gem", "scalar")])
+@pytest.mark.parametrize(
+    "op,kind",
+    [
+        ("avg", "none"),
+        ("max", "none"),
+        ("mixed", "channel"),
+        ("catavgmax", "none"),
+        ("gem", "scalar"),
+    ],
+)
 @pytest.mark.parametrize("path", PATH_SHAPES)
 def test_forward_backward_paths(path, op, kind, gen):
     shape, layout = PATH_SHAPES[path]
@@ -148,8 +168,11 @@ def _ties_and_nans(shape, layout):
     return x, "NCHW"
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 6, 96, 96), (1, 6, 128, 130)],
-                         ids=["small", "ncs_split", "nsc_split"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 5, 7), (1, 6, 96, 96), (1, 6, 128, 130)],
+    ids=["small", "ncs_split", "nsc_split"],
+)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_max_ties_and_nan_follow_torch(shape, layout, dtype):
@@ -173,8 +196,7 @@ def test_max_backward_sends_gradient_to_the_torch_index():
     out = gapkernels.global_max_pool(x, backend="triton")
     (grad,) = torch.autograd.grad(out.nansum(), x)
     ref_x = x.detach().clone().requires_grad_()
-    (ref_grad,) = torch.autograd.grad(
-        gapkernels.reference.global_max_pool(ref_x).nansum(), ref_x)
+    (ref_grad,) = torch.autograd.grad(gapkernels.reference.global_max_pool(ref_x).nansum(), ref_x)
     assert torch.equal(grad, ref_grad)
 
 
@@ -185,7 +207,7 @@ def test_bitwise_deterministic(path, op, kind, gen):
     x, input_fmt = _inputs(shape, torch.float32, layout, op, gen)
     first = _forward_backward(op, kind, x, input_fmt, "triton", gen)
     second = _forward_backward(op, kind, x, input_fmt, "triton", gen)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert_bitwise_equal(a, b)
 
 
@@ -194,7 +216,9 @@ def test_keepdim_and_empty_batch():
     out = gapkernels.global_gem_pool(x.abs(), keepdim=True, backend="triton")
     assert out.shape == (2, 3, 1, 1)
     assert_close(out, gapkernels.reference.global_gem_pool(x.abs(), keepdim=True), x.dtype)
-    empty = gapkernels.global_max_pool(torch.randn(0, 3, 4, 5, device=DEVICE), True, backend="triton")
+    empty = gapkernels.global_max_pool(
+        torch.randn(0, 3, 4, 5, device=DEVICE), True, backend="triton"
+    )
     assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)
 
 
@@ -223,9 +247,11 @@ def test_op_schema_and_fake_kernels():
         torch.library.opcheck(gk_triton.pool_forward, args, test_utils=checks)
         out, aux, indices = gk_triton.pool_forward(*args)
         grad_out = torch.randn_like(out)
-        torch.library.opcheck(gk_triton.pool_backward,
-                              (grad_out, args[0], aux, indices, args[1], args[2], args[3],
-                               args[4]), test_utils=checks[:2])
+        torch.library.opcheck(
+            gk_triton.pool_backward,
+            (grad_out, args[0], aux, indices, args[1], args[2], args[3], args[4]),
+            test_utils=checks[:2],
+        )
 
 
 class _Head(torch.nn.Module):
@@ -253,9 +279,11 @@ def test_torch_compile_fullgraph_traces_without_graph_breaks():
 
 def test_torch_compile_inductor():
     if gk_triton.INTERPRETED:
-        pytest.skip("under TRITON_INTERPRET=1, torch.library.wrap_triton returns the "
-                    "InterpretedFunction unwrapped, so AOTAutograd's decomposition of a triton_op "
-                    "runs the interpreter on fake tensors; this test runs on a GPU only")
+        pytest.skip(
+            "under TRITON_INTERPRET=1, torch.library.wrap_triton returns the "
+            "InterpretedFunction unwrapped, so AOTAutograd's decomposition of a triton_op "
+            "runs the interpreter on fake tensors; this test runs on a GPU only"
+        )
     head = _Head().to(DEVICE)
     x = torch.randn(2, 4, 3, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(head, fullgraph=True)
@@ -269,12 +297,21 @@ def _fake_results():
         for layout in ("contiguous", "channels_last"):
             for size, cuda_s, triton_s in ((4096, 1.0, 2.0), (2**20, 1.0, 0.5), (2**26, 3.0, 1.0)):
                 for _op in ("avg", "max"):
-                    rows.append(dict(dtype=dtype, layout=layout, bytes=size, backend="cuda",
-                                     time_s=cuda_s))
-                    rows.append(dict(dtype=dtype, layout=layout, bytes=size, backend="triton",
-                                     time_s=triton_s))
-                    rows.append(dict(dtype=dtype, layout=layout, bytes=size, backend="eager",
-                                     time_s=0.1))
+                    rows.append(
+                        dict(dtype=dtype, layout=layout, bytes=size, backend="cuda", time_s=cuda_s)
+                    )
+                    rows.append(
+                        dict(
+                            dtype=dtype,
+                            layout=layout,
+                            bytes=size,
+                            backend="triton",
+                            time_s=triton_s,
+                        )
+                    )
+                    rows.append(
+                        dict(dtype=dtype, layout=layout, bytes=size, backend="eager", time_s=0.1)
+                    )
     return rows
 
 
@@ -292,7 +329,7 @@ def test_auto_table_from_fake_results(tmp_path):
         assert isinstance(dtype, str) and isinstance(layout, str) and isinstance(min_bytes, int)
         assert set(order) <= set(backends.BACKENDS) and "eager" not in order
     for i, (dtype, layout, min_bytes, _) in enumerate(table[:-1]):
-        later = [r for r in table[i + 1:] if r[:2] == (dtype, layout)]
+        later = [r for r in table[i + 1 :] if r[:2] == (dtype, layout)]
         assert all(r[2] < min_bytes for r in later), "larger thresholds must come first"
     assert auto_table.MEASURED_ON is None
     assert auto_table.load() == (None, auto_table.CUDA_TABLE)
@@ -345,8 +382,9 @@ def _gem_triton_and_reference(x, p, eps=1e-6):
     x64 = x.detach().double().requires_grad_()
     p64 = p.detach().double().requires_grad_() if isinstance(p, torch.Tensor) else p
     ref = reference.global_gem_pool(x64, p64, eps)
-    ref_grads = torch.autograd.grad(ref, [x64] + ([p64] if isinstance(p, torch.Tensor) else []),
-                                    g.double())
+    ref_grads = torch.autograd.grad(
+        ref, [x64] + ([p64] if isinstance(p, torch.Tensor) else []), g.double()
+    )
     return (out, *grads), (ref, *ref_grads)
 
 
@@ -364,8 +402,7 @@ def test_gem_stable_against_float64_reference(path, p_kind, gen):
     torch.testing.assert_close(out[:, 0], torch.full_like(out[:, 0], 1e-6), rtol=1e-6, atol=0)
     # grad_x: (x/M)**(p-1) with p up to 100, a few float32 roundings of the exponent
     scale = ref_grad_x.abs().amax(dim=(2, 3), keepdim=True).clamp(min=1e-30)
-    torch.testing.assert_close(grad_x.double() / scale, ref_grad_x / scale, rtol=1e-4,
-                               atol=1e-6)
+    torch.testing.assert_close(grad_x.double() / scale, ref_grad_x / scale, rtol=1e-4, atol=1e-6)
     assert (grad_x[:, 0] == 0).all(), "a dead channel gets no gradient"
     if grad_p:
         torch.testing.assert_close(grad_p[0].double(), ref_grad_p[0], rtol=1e-4, atol=1e-6)
@@ -377,13 +414,15 @@ def test_gem_stable_half_precision(path, dtype, gen):
     shape, layout = GEM_PATHS[path]
     x = _gem_input(shape, layout, gen, dtype, large=5e3 if dtype == torch.float16 else 1e30)
     (out, grad_x, grad_p), (ref, ref_grad_x, ref_grad_p) = _gem_triton_and_reference(
-        x, _gem_p("channel", shape[1]))
+        x, _gem_p("channel", shape[1])
+    )
     assert torch.isfinite(out).all() and torch.isfinite(grad_x).all()
     assert_close(out, ref.to(dtype), dtype)
     assert (out[:, 2] == 3).all()
     scale = ref_grad_x.abs().amax(dim=(2, 3), keepdim=True).clamp(min=1e-30)
-    torch.testing.assert_close(grad_x.double() / scale, ref_grad_x / scale,
-                               rtol=TOL_HALF[dtype], atol=TOL_HALF[dtype])
+    torch.testing.assert_close(
+        grad_x.double() / scale, ref_grad_x / scale, rtol=TOL_HALF[dtype], atol=TOL_HALF[dtype]
+    )
     torch.testing.assert_close(grad_p.double(), ref_grad_p, rtol=1e-3, atol=1e-5)
 
 
@@ -432,6 +471,7 @@ def test_gem_nan_and_inf():
 # ---------------------------------------------------------------------------------------------
 # Weights of any strides (issue 13.2): the op reads them through their stride.
 
+
 def _weights(mode, c):
     base = 0.3 if mode == 2 else 2.5
     wide = base + 0.2 * torch.rand(2 * c + 1, generator=torch.Generator().manual_seed(4))
@@ -455,7 +495,7 @@ def test_op_reads_weights_of_any_strides(layout, mode, kind, gen):
     dense = weight.contiguous()
     got = gk_triton.pool_forward(x3, mode, weight, 0.5, 1e-6, True)
     want = gk_triton.pool_forward(x3, mode, dense, 0.5, 1e-6, True)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_bitwise_equal(a, b)
     grad_out = torch.randn(got[0].shape, generator=gen).to(got[0])
     grad = gk_triton.pool_backward(grad_out, x3, got[1], got[2], mode, weight, 0.5, 1e-6)
@@ -466,8 +506,10 @@ def test_op_reads_weights_of_any_strides(layout, mode, kind, gen):
 @pytest.mark.parametrize("op", ["mixed", "gem"])
 def test_functional_with_expanded_and_sliced_weights(op, gen):
     x, _ = make_input((2, 6, 3, 4), torch.float32, "contiguous", DEVICE, gen, positive=True)
-    for make in (lambda: torch.tensor(0.7, device=DEVICE).expand(6),
-                 lambda: (torch.arange(12, device=DEVICE, dtype=torch.float32) / 24 + 0.5)[::2]):
+    for make in (
+        lambda: torch.tensor(0.7, device=DEVICE).expand(6),
+        lambda: (torch.arange(12, device=DEVICE, dtype=torch.float32) / 24 + 0.5)[::2],
+    ):
         w = make().detach().requires_grad_()
         w_dense = w.detach().contiguous().requires_grad_()
         if op == "gem":
@@ -484,12 +526,22 @@ def test_functional_with_expanded_and_sliced_weights(op, gen):
 # 64-bit index arithmetic (issue 13.1): the kernels' helpers, run on shapes past 2**31 without
 # allocating them.
 
+
 @triton.jit
-def _index_probe_kernel(out_ptr, pid_rows, pid_s, N, C, S, per_program,
-                        ROWS: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                        INDEX_64: tl.constexpr):
-    row, channel, row_mask, base = tk._row_block(pid_rows, N, C, S, ROWS, CHANNELS_LAST,
-                                                 INDEX_64)
+def _index_probe_kernel(
+    out_ptr,
+    pid_rows,
+    pid_s,
+    N,
+    C,
+    S,
+    per_program,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
+    row, channel, row_mask, base = tk._row_block(pid_rows, N, C, S, ROWS, CHANNELS_LAST, INDEX_64)
     s_begin, s_end = tk._piece(pid_s, per_program, S, INDEX_64)
     s = s_end - BLOCK_S + tl.arange(0, BLOCK_S)  # the piece's last BLOCK_S offsets
     offsets = tk._offsets(base, s, C, CHANNELS_LAST)
@@ -523,8 +575,16 @@ def _expected_indices(pid_rows, pid_s, n, c, s, per_program, rows, block_s, chan
     s_end = min(s, s_begin + per_program)
     offs = torch.arange(s_end - block_s, s_end, dtype=torch.int64)
     offsets = base[:, None] + (offs[None, :] * c if channels_last else offs[None, :])
-    return torch.cat([row, channel, mask.long(), 2 * row - channel,
-                      torch.tensor([s_begin, s_end]), offsets.flatten()])
+    return torch.cat(
+        [
+            row,
+            channel,
+            mask.long(),
+            2 * row - channel,
+            torch.tensor([s_begin, s_end]),
+            offsets.flatten(),
+        ]
+    )
 
 
 # (N, C, S, layout): a row of 2**31 + 2**24 elements (issue 13's (1, 1, 2**16, 2**15 + 2**8)),
@@ -548,12 +608,23 @@ def test_index_arithmetic_past_2e31(shape, which):
     largest = 0
     for pid_rows in (config.row_programs - 1, config.row_programs // 2):
         for pid_s in (config.s_programs - 1, config.s_programs // 2):
-            want = _expected_indices(pid_rows, pid_s, n, c, s, config.s_per_program, rows,
-                                     block_s, channels_last)
+            want = _expected_indices(
+                pid_rows, pid_s, n, c, s, config.s_per_program, rows, block_s, channels_last
+            )
             got = torch.full_like(want, -7).to(DEVICE)
-            _index_probe_kernel[(1,)](got, pid_rows, pid_s, n, c, s, config.s_per_program,
-                                      ROWS=rows, BLOCK_S=block_s, CHANNELS_LAST=channels_last,
-                                      INDEX_64=tpool.index_64(n, c, s, config))
+            _index_probe_kernel[(1,)](
+                got,
+                pid_rows,
+                pid_s,
+                n,
+                c,
+                s,
+                config.s_per_program,
+                ROWS=rows,
+                BLOCK_S=block_s,
+                CHANNELS_LAST=channels_last,
+                INDEX_64=tpool.index_64(n, c, s, config),
+            )
             assert torch.equal(got.cpu(), want), (shape, which, pid_rows, pid_s)
             largest = max(largest, int(want.max()))
     assert largest >= 2**31, "the shape must take the index math past 2**31"
@@ -564,18 +635,30 @@ def test_index_64_when_indices_could_wrap():
     piece's end or the loop's last step, or a row-indexed offset (3 aux columns, CAT's 2C)
     could pass 2**31 - 1; int32 (fewer registers) below."""
     for choose in (configs.forward_config, configs.backward_config):
-        for n, c, s, cl in [(1, 1, 2**31 - 1, False), (1, 1, 2**31 - 2000, False),
-                            (1, 24, 2**31 - 100, True), (1, 1, 2**31 + 2**24, False),
-                            (2**20, 2**11 + 3, 4, False), (2**20, 2**11 + 3, 4, True),
-                            (2**29, 2, 1, False), (716_000_000, 1, 1, False)]:
+        for n, c, s, cl in [
+            (1, 1, 2**31 - 1, False),
+            (1, 1, 2**31 - 2000, False),
+            (1, 24, 2**31 - 100, True),
+            (1, 1, 2**31 + 2**24, False),
+            (2**20, 2**11 + 3, 4, False),
+            (2**20, 2**11 + 3, 4, True),
+            (2**29, 2, 1, False),
+            (716_000_000, 1, 1, False),
+        ]:
             assert tpool.index_64(n, c, s, choose(n, c, s, cl)), (n, c, s, cl)
-        for n, c, s, cl in [(2, 3, 2**20, False), (8, 2048, 49, True), (1, 2, 2**29, False),
-                            (2**18, 2048, 1, False), (700_000_000, 1, 1, False)]:
+        for n, c, s, cl in [
+            (2, 3, 2**20, False),
+            (8, 2048, 49, True),
+            (1, 2, 2**29, False),
+            (2**18, 2048, 1, False),
+            (700_000_000, 1, 1, False),
+        ]:
             assert not tpool.index_64(n, c, s, choose(n, c, s, cl)), (n, c, s, cl)
 
 
 # ---------------------------------------------------------------------------------------------
 # Device guard (issue 13.3): every launch runs with x's CUDA device current.
+
 
 def test_device_guard_selects_the_tensors_device():
     fake = types.SimpleNamespace(device=torch.device("cuda", 1))
@@ -608,6 +691,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch, gen):
             def run(*args, **kwargs):
                 launches.append((self.kernel.fn.__name__, depth[0]))
                 return launch(*args, **kwargs)
+
             return run
 
     monkeypatch.setattr(tpool, "_device_of", guard)
@@ -617,15 +701,16 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch, gen):
         x3 = x.flatten(2) if layout == "contiguous" else x.permute(0, 2, 3, 1).flatten(1, 2).mT
         for mode in (2, 4):
             out, aux, indices = gk_triton.pool_forward(x3, mode, None, 0.5, 1e-6, True)
-            gk_triton.pool_backward(torch.ones_like(out), x3, aux, indices, mode, None, 0.5,
-                                    1e-6)
+            gk_triton.pool_backward(torch.ones_like(out), x3, aux, indices, mode, None, 0.5, 1e-6)
     names = {name for name, _ in launches}
     assert names == {"pool_forward_kernel", "pool_combine_kernel", "pool_backward_kernel"}
     assert all(d == 1 for _, d in launches), launches
 
 
-@pytest.mark.skipif(gk_triton.INTERPRETED or torch.cuda.device_count() < 2,
-                    reason="needs 2 or more GPUs and compiled (not interpreted) kernels")
+@pytest.mark.skipif(
+    gk_triton.INTERPRETED or torch.cuda.device_count() < 2,
+    reason="needs 2 or more GPUs and compiled (not interpreted) kernels",
+)
 def test_tensor_on_a_second_gpu(gen):
     torch.cuda.set_device(0)
     for layout in ("contiguous", "channels_last"):
@@ -635,8 +720,7 @@ def test_tensor_on_a_second_gpu(gen):
             w = make_weight(op, kind, 6, "cuda:1", gen=gen)
             out = run_op(op, x, w, "triton")
             assert out.device == x.device and torch.cuda.current_device() == 0
-            ref = run_op(op, x.detach().cpu(), None if w is None else w.detach().cpu(),
-                         "reference")
+            ref = run_op(op, x.detach().cpu(), None if w is None else w.detach().cpu(), "reference")
             assert_close(out.detach().cpu(), ref, torch.float32)
             (grad,) = torch.autograd.grad(out.sum(), x)
             torch.cuda.synchronize(1)

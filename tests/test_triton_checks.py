@@ -1,6 +1,7 @@
 """The Triton ops, called directly, refuse bad arguments before any kernel runs, with the checks
 and messages of csrc/ops.cpp (gapkernels/triton/checks.py); where the C++ extension is built,
 its ops give the same message for the same arguments."""
+
 from __future__ import annotations
 
 import os
@@ -37,42 +38,103 @@ def _forward_ok(x, mode, weight=None, with_log=False):
 
 # (id, args of pool_forward, exception, message fragment)
 FORWARD_CASES = [
-    ("mode_negative", lambda: (_x(), -1, None), RuntimeError,
-     "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got -1"),
-    ("mode_too_large", lambda: (_x(), 5, None), RuntimeError,
-     "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got 5"),
-    ("rank_2", lambda: (_x()[0], AVG, None), RuntimeError,
-     "x must be the 3-D (N, C, S) view, got 2 dims"),
-    ("rank_4", lambda: (_x()[..., None], MAX, None), RuntimeError,
-     "x must be the 3-D (N, C, S) view, got 4 dims"),
-    ("int_dtype", lambda: (torch.ones(2, 3, 4, dtype=torch.int32, device=DEVICE), AVG, None),
-     RuntimeError, "x must be float16, bfloat16, float32 or float64, got Int"),
-    ("bool_dtype", lambda: (torch.ones(2, 3, 4, dtype=torch.bool, device=DEVICE), MAX, None),
-     RuntimeError, "x must be float16, bfloat16, float32 or float64, got Bool"),
-    ("complex_dtype", lambda: (torch.ones(2, 3, 4, dtype=torch.complex64, device=DEVICE), AVG,
-                               None),
-     RuntimeError, "x must be float16, bfloat16, float32 or float64, got ComplexFloat"),
-    ("empty_spatial", lambda: (_x(s=0), AVG, None), RuntimeError,
-     "the spatial size S must be > 0"),
-    ("empty_spatial_empty_batch", lambda: (_x(n=0, s=0), GEM, None), RuntimeError,
-     "the spatial size S must be > 0"),
-    ("strides_neither_ncs_nor_nsc", lambda: (_x(s=8)[..., ::2], AVG, None), RuntimeError,
-     "x must have NCS (contiguous) or NSC (channels_last) strides, got [24, 8, 2]"),
-    ("strides_transposed_batch", lambda: (_x(n=2, c=3, s=4).transpose(0, 1), MAX, None),
-     RuntimeError, "x must have NCS (contiguous) or NSC (channels_last) strides"),
-    ("weight_2d", lambda: (_x(), MIXED, _w()[None]), RuntimeError,
-     "weight must be 1-D with 1 or C=3 elements, got shape [1, 3]"),
-    ("weight_0d", lambda: (_x(), GEM, torch.tensor(3.0, device=DEVICE)), RuntimeError,
-     "weight must be 1-D with 1 or C=3 elements, got shape []"),
-    ("weight_wrong_numel", lambda: (_x(), GEM, _w(c=2)), RuntimeError,
-     "weight must be 1-D with 1 or C=3 elements, got shape [2]"),
-    ("weight_float64", lambda: (_x(), MIXED, _w(dtype=torch.float64)), RuntimeError,
-     "weight must be Float for x of Float, got Double"),
-    ("weight_half_for_half_x", lambda: (_x(dtype=torch.float16), GEM,
-                                        _w(dtype=torch.float16)), RuntimeError,
-     "weight must be Float for x of Half, got Half"),
-    ("weight_on_another_device", lambda: (_x(), MIXED, _w(device="meta")), RuntimeError,
-     f"weight is on meta, x on {torch.device(DEVICE)}"),
+    (
+        "mode_negative",
+        lambda: (_x(), -1, None),
+        RuntimeError,
+        "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got -1",
+    ),
+    (
+        "mode_too_large",
+        lambda: (_x(), 5, None),
+        RuntimeError,
+        "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got 5",
+    ),
+    (
+        "rank_2",
+        lambda: (_x()[0], AVG, None),
+        RuntimeError,
+        "x must be the 3-D (N, C, S) view, got 2 dims",
+    ),
+    (
+        "rank_4",
+        lambda: (_x()[..., None], MAX, None),
+        RuntimeError,
+        "x must be the 3-D (N, C, S) view, got 4 dims",
+    ),
+    (
+        "int_dtype",
+        lambda: (torch.ones(2, 3, 4, dtype=torch.int32, device=DEVICE), AVG, None),
+        RuntimeError,
+        "x must be float16, bfloat16, float32 or float64, got Int",
+    ),
+    (
+        "bool_dtype",
+        lambda: (torch.ones(2, 3, 4, dtype=torch.bool, device=DEVICE), MAX, None),
+        RuntimeError,
+        "x must be float16, bfloat16, float32 or float64, got Bool",
+    ),
+    (
+        "complex_dtype",
+        lambda: (torch.ones(2, 3, 4, dtype=torch.complex64, device=DEVICE), AVG, None),
+        RuntimeError,
+        "x must be float16, bfloat16, float32 or float64, got ComplexFloat",
+    ),
+    ("empty_spatial", lambda: (_x(s=0), AVG, None), RuntimeError, "the spatial size S must be > 0"),
+    (
+        "empty_spatial_empty_batch",
+        lambda: (_x(n=0, s=0), GEM, None),
+        RuntimeError,
+        "the spatial size S must be > 0",
+    ),
+    (
+        "strides_neither_ncs_nor_nsc",
+        lambda: (_x(s=8)[..., ::2], AVG, None),
+        RuntimeError,
+        "x must have NCS (contiguous) or NSC (channels_last) strides, got [24, 8, 2]",
+    ),
+    (
+        "strides_transposed_batch",
+        lambda: (_x(n=2, c=3, s=4).transpose(0, 1), MAX, None),
+        RuntimeError,
+        "x must have NCS (contiguous) or NSC (channels_last) strides",
+    ),
+    (
+        "weight_2d",
+        lambda: (_x(), MIXED, _w()[None]),
+        RuntimeError,
+        "weight must be 1-D with 1 or C=3 elements, got shape [1, 3]",
+    ),
+    (
+        "weight_0d",
+        lambda: (_x(), GEM, torch.tensor(3.0, device=DEVICE)),
+        RuntimeError,
+        "weight must be 1-D with 1 or C=3 elements, got shape []",
+    ),
+    (
+        "weight_wrong_numel",
+        lambda: (_x(), GEM, _w(c=2)),
+        RuntimeError,
+        "weight must be 1-D with 1 or C=3 elements, got shape [2]",
+    ),
+    (
+        "weight_float64",
+        lambda: (_x(), MIXED, _w(dtype=torch.float64)),
+        RuntimeError,
+        "weight must be Float for x of Float, got Double",
+    ),
+    (
+        "weight_half_for_half_x",
+        lambda: (_x(dtype=torch.float16), GEM, _w(dtype=torch.float16)),
+        RuntimeError,
+        "weight must be Float for x of Half, got Half",
+    ),
+    (
+        "weight_on_another_device",
+        lambda: (_x(), MIXED, _w(device="meta")),
+        RuntimeError,
+        f"weight is on meta, x on {torch.device(DEVICE)}",
+    ),
 ]
 
 
@@ -102,14 +164,18 @@ def test_forward_refuses_tensors_on_two_devices():
         _forward_ok(_x(), MIXED, _w(device="cpu"))
     out, aux, indices = _forward_ok(_x(), MAX)
     with pytest.raises(RuntimeError, match="pool_backward: every tensor must be on cuda:0"):
-        gk_triton.pool_backward(torch.ones_like(out), _x(), aux, indices.cpu(), MAX, None, 0.5,
-                                1e-6)
+        gk_triton.pool_backward(
+            torch.ones_like(out), _x(), aux, indices.cpu(), MAX, None, 0.5, 1e-6
+        )
 
 
 def test_forward_refuses_float64_and_says_where_it_runs():
-    with pytest.raises(TypeError, match=r"pool_forward: x must be float16, bfloat16 or float32 "
-                                        r"\(the Triton kernels accumulate in float32\), got "
-                                        r"Double; the cuda and cpu backends take float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"pool_forward: x must be float16, bfloat16 or float32 "
+        r"\(the Triton kernels accumulate in float32\), got "
+        r"Double; the cuda and cpu backends take float64",
+    ):
         _forward_ok(_x(dtype=torch.float64), AVG)
 
 
@@ -126,54 +192,136 @@ def _backward_args(base_mode, **change):
     x = _x()
     weight = _w() if mode in (MIXED, GEM) else None
     out, aux, indices = _forward_ok(x, mode, weight, with_log=mode == GEM)
-    args = dict(grad_out=torch.ones_like(out), x=x, aux=aux, indices=indices, mode=mode,
-                weight=weight, scalar=0.5, eps=1e-6)
+    args = dict(
+        grad_out=torch.ones_like(out),
+        x=x,
+        aux=aux,
+        indices=indices,
+        mode=mode,
+        weight=weight,
+        scalar=0.5,
+        eps=1e-6,
+    )
     args.update({k: (v(args) if callable(v) else v) for k, v in change.items()})
     return args
 
 
 BACKWARD_CASES = [
-    ("mode", MAX, dict(mode=7), "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), "
-                                "got 7"),
+    (
+        "mode",
+        MAX,
+        dict(mode=7),
+        "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got 7",
+    ),
     ("x_rank", AVG, dict(x=lambda a: a["x"][0]), "x must be the 3-D (N, C, S) view, got 2 dims"),
-    ("x_strides", AVG, dict(x=lambda a: a["x"].transpose(0, 1)),
-     "x must have NCS (contiguous) or NSC (channels_last) strides"),
-    ("weight_shape", MIXED, dict(weight=_w(c=4)),
-     "weight must be 1-D with 1 or C=3 elements, got shape [4]"),
-    ("grad_out_shape", AVG, dict(grad_out=lambda a: a["grad_out"][:, :2]),
-     "grad_out must be (2, 3), got [2, 2]"),
-    ("grad_out_shape_cat", CAT, dict(grad_out=lambda a: a["grad_out"][:, :3]),
-     "grad_out must be (2, 6), got [2, 3]"),
-    ("grad_out_rank", MAX, dict(grad_out=lambda a: a["grad_out"][..., None]),
-     "grad_out must be (2, 3), got [2, 3, 1]"),
-    ("grad_out_dtype", AVG, dict(grad_out=lambda a: a["grad_out"].half()),
-     "grad_out must be Float, got Half"),
-    ("grad_out_strides", MIXED,
-     dict(grad_out=lambda a: torch.ones(3, 2, device=DEVICE).t()),
-     "grad_out must be contiguous"),
-    ("grad_out_device", AVG, dict(grad_out=lambda a: a["grad_out"].to("meta")),
-     f"every tensor must be on {torch.device(DEVICE)}"),
-    ("aux_device", GEM, dict(aux=lambda a: a["aux"].to("meta")),
-     f"every tensor must be on {torch.device(DEVICE)}"),
-    ("indices_device", MAX, dict(indices=lambda a: a["indices"].to("meta")),
-     f"every tensor must be on {torch.device(DEVICE)}"),
-    ("indices_dtype", MAX, dict(indices=lambda a: a["indices"].int()),
-     "indices must be contiguous int64 (N, C)"),
-    ("indices_shape", CAT, dict(indices=lambda a: a["indices"][:1]),
-     "indices must be contiguous int64 (N, C)"),
-    ("indices_strides", MIXED,
-     dict(indices=lambda a: torch.zeros(3, 2, dtype=torch.int64, device=DEVICE).t()),
-     "indices must be contiguous int64 (N, C)"),
-    ("indices_empty", MAX, dict(indices=lambda a: a["indices"].new_empty(0)),
-     "indices must be contiguous int64 (N, C)"),
-    ("aux_columns", GEM, dict(aux=lambda a: a["aux"][..., :1].contiguous()),
-     "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned"),
-    ("aux_dtype", GEM, dict(aux=lambda a: a["aux"].double()),
-     "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned"),
-    ("aux_strides", GEM, dict(aux=lambda a: a["aux"][..., :2]),
-     "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned"),
-    ("aux_shape", GEM, dict(aux=lambda a: a["aux"][:1]),
-     "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned"),
+    (
+        "x_strides",
+        AVG,
+        dict(x=lambda a: a["x"].transpose(0, 1)),
+        "x must have NCS (contiguous) or NSC (channels_last) strides",
+    ),
+    (
+        "weight_shape",
+        MIXED,
+        dict(weight=_w(c=4)),
+        "weight must be 1-D with 1 or C=3 elements, got shape [4]",
+    ),
+    (
+        "grad_out_shape",
+        AVG,
+        dict(grad_out=lambda a: a["grad_out"][:, :2]),
+        "grad_out must be (2, 3), got [2, 2]",
+    ),
+    (
+        "grad_out_shape_cat",
+        CAT,
+        dict(grad_out=lambda a: a["grad_out"][:, :3]),
+        "grad_out must be (2, 6), got [2, 3]",
+    ),
+    (
+        "grad_out_rank",
+        MAX,
+        dict(grad_out=lambda a: a["grad_out"][..., None]),
+        "grad_out must be (2, 3), got [2, 3, 1]",
+    ),
+    (
+        "grad_out_dtype",
+        AVG,
+        dict(grad_out=lambda a: a["grad_out"].half()),
+        "grad_out must be Float, got Half",
+    ),
+    (
+        "grad_out_strides",
+        MIXED,
+        dict(grad_out=lambda a: torch.ones(3, 2, device=DEVICE).t()),
+        "grad_out must be contiguous",
+    ),
+    (
+        "grad_out_device",
+        AVG,
+        dict(grad_out=lambda a: a["grad_out"].to("meta")),
+        f"every tensor must be on {torch.device(DEVICE)}",
+    ),
+    (
+        "aux_device",
+        GEM,
+        dict(aux=lambda a: a["aux"].to("meta")),
+        f"every tensor must be on {torch.device(DEVICE)}",
+    ),
+    (
+        "indices_device",
+        MAX,
+        dict(indices=lambda a: a["indices"].to("meta")),
+        f"every tensor must be on {torch.device(DEVICE)}",
+    ),
+    (
+        "indices_dtype",
+        MAX,
+        dict(indices=lambda a: a["indices"].int()),
+        "indices must be contiguous int64 (N, C)",
+    ),
+    (
+        "indices_shape",
+        CAT,
+        dict(indices=lambda a: a["indices"][:1]),
+        "indices must be contiguous int64 (N, C)",
+    ),
+    (
+        "indices_strides",
+        MIXED,
+        dict(indices=lambda a: torch.zeros(3, 2, dtype=torch.int64, device=DEVICE).t()),
+        "indices must be contiguous int64 (N, C)",
+    ),
+    (
+        "indices_empty",
+        MAX,
+        dict(indices=lambda a: a["indices"].new_empty(0)),
+        "indices must be contiguous int64 (N, C)",
+    ),
+    (
+        "aux_columns",
+        GEM,
+        dict(aux=lambda a: a["aux"][..., :1].contiguous()),
+        "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned",
+    ),
+    (
+        "aux_dtype",
+        GEM,
+        dict(aux=lambda a: a["aux"].double()),
+        "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned",
+    ),
+    (
+        "aux_strides",
+        GEM,
+        dict(aux=lambda a: a["aux"][..., :2]),
+        "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned",
+    ),
+    (
+        "aux_shape",
+        GEM,
+        dict(aux=lambda a: a["aux"][:1]),
+        "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned",
+    ),
 ]
 
 
@@ -183,8 +331,14 @@ def test_backward_refuses(case):
     args = _backward_args(mode, **change)
     with pytest.raises(RuntimeError) as info:
         if _on_meta(*(a for a in args.values() if isinstance(a, torch.Tensor))):
-            checks.check_backward_inputs(args["grad_out"], args["x"], args["aux"],
-                                         args["indices"], args["mode"], args["weight"])
+            checks.check_backward_inputs(
+                args["grad_out"],
+                args["x"],
+                args["aux"],
+                args["indices"],
+                args["mode"],
+                args["weight"],
+            )
         else:
             gk_triton.pool_backward(**args)
     assert str(info.value).startswith("gapkernels_triton::pool_backward: ")

@@ -7,6 +7,7 @@ registers and spills and the kernels' shared memory. docs/triton_resources.md ho
 
 About a minute on two free cores (264 compiles).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,7 @@ RESOURCES = ROOT / "docs" / "triton_resources.md"
 def _load_configs():
     """gapkernels/triton/configs.py from its file: importing gapkernels.triton here would fix
     the kernels as compiled or interpreted for the whole session (see test_triton.py)."""
-    spec = importlib.util.spec_from_file_location("_gapkernels_configs",
-                                                  AOT.parent / "configs.py")
+    spec = importlib.util.spec_from_file_location("_gapkernels_configs", AOT.parent / "configs.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -46,9 +46,24 @@ def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")
     result_json, result_md = tmp / "results.json", tmp / "resources.md"
-    done = subprocess.run([sys.executable, str(AOT), "--arch", "90", "--arch", "80",
-                           "--json", str(result_json), "--markdown", str(result_md)],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(AOT),
+            "--arch",
+            "90",
+            "--arch",
+            "80",
+            "--json",
+            str(result_json),
+            "--markdown",
+            str(result_md),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     if done.returncode == 0 and os.environ.get("GAPKERNELS_WRITE_RESOURCES") == "1":
         RESOURCES.write_text(result_md.read_text())
     results = json.loads(result_json.read_text())["results"] if result_json.exists() else []
@@ -67,8 +82,11 @@ def test_every_tile_of_the_chooser_was_compiled(compiled):
     _, results = compiled
     for arch in (90, 80):
         for kernel in ("pool_forward_kernel", "pool_backward_kernel"):
-            seen = {" ".join(r["variant"].split()[1:4]) for r in results
-                    if r["arch"] == arch and r["kernel"] == kernel}
+            seen = {
+                " ".join(r["variant"].split()[1:4])
+                for r in results
+                if r["arch"] == arch and r["kernel"] == kernel
+            }
             for tile in configs.tile_configs():
                 layout = "NSC" if tile.channels_last else "NCS"
                 key = f"{layout} {tile.rows}x{tile.block_s} w{tile.num_warps}"
@@ -80,8 +98,36 @@ def test_the_chooser_picks_only_listed_tiles():
     """tile_configs() is complete: every shape's forward and backward tile is in it (so the
     compile test covers every tile a launch can use)."""
     listed = set(configs.tile_configs())
-    sizes = sorted({1, 2, 3, 4, 5, 7, 9, 16, 17, 31, 49, 64, 65, 100, 196, 256, 257, 300, 512,
-                    784, 1024, 1025, 3136, 2**14, 2**20 + 3, 2**31 + 2**24})
+    sizes = sorted(
+        {
+            1,
+            2,
+            3,
+            4,
+            5,
+            7,
+            9,
+            16,
+            17,
+            31,
+            49,
+            64,
+            65,
+            100,
+            196,
+            256,
+            257,
+            300,
+            512,
+            784,
+            1024,
+            1025,
+            3136,
+            2**14,
+            2**20 + 3,
+            2**31 + 2**24,
+        }
+    )
     for n in (1, 2, 8, 64, 2**20):
         for c in (1, 2, 3, 16, 40, 64, 65, 256, 2048, 2**12 + 1):
             for s in sizes:
@@ -98,8 +144,12 @@ def test_the_chooser_picks_only_listed_tiles():
 
 
 def _doc_rows(text):
-    return {tuple(m.groups()) for m in re.finditer(
-        r"^\| sm_(\d+) \| (\w+) \| ([^|]+?) \| \d+ \| \d+ / \d+ \| \d+ \|$", text, re.M)}
+    return {
+        tuple(m.groups())
+        for m in re.finditer(
+            r"^\| sm_(\d+) \| (\w+) \| ([^|]+?) \| \d+ \| \d+ / \d+ \| \d+ \|$", text, re.M
+        )
+    }
 
 
 def test_resources_doc_lists_every_compile(compiled):
@@ -108,5 +158,7 @@ def test_resources_doc_lists_every_compile(compiled):
     documented = _doc_rows(RESOURCES.read_text())
     run = {(str(r["arch"]), r["kernel"], r["variant"]) for r in results}
     missing = sorted(run - documented)[:5]
-    assert not missing, ("docs/triton_resources.md is out of date; rerun with "
-                         f"GAPKERNELS_WRITE_RESOURCES=1: missing {missing}")
+    assert not missing, (
+        "docs/triton_resources.md is out of date; rerun with "
+        f"GAPKERNELS_WRITE_RESOURCES=1: missing {missing}"
+    )

@@ -4,19 +4,21 @@ A case is PERF.md's shape x op x layout x dtype x pass. Each case is run by ever
 gapkernels backend and by the peers a user would pick instead: torch eager, `torch.compile` of
 the same math, and timm's `SelectAdaptivePool2d`.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import gapkernels
+from gapkernels import functional
 
-SHAPES = {
+SHAPES: dict[str, tuple[int, ...]] = {
     "resnet50-head": (256, 2048, 7, 7),
     "resnet50-head-b1": (1, 2048, 7, 7),
     "effnet-b0-head": (256, 1280, 7, 7),
@@ -42,10 +44,12 @@ GEM_EPS = 1e-6
 # What each mode runs, before --ops/--shapes/... narrow it. --quick is the CPU default and
 # finishes in under a minute on a 2-core CPU, torch.compile included.
 MODES = {
-    "quick": dict(shapes=("resnet50-head",), ops=OPS, dtypes=("float32",), layouts=LAYOUTS,
-                  passes=PASSES),
-    "full": dict(shapes=tuple(SHAPES), ops=OPS, dtypes=tuple(DTYPES), layouts=LAYOUTS,
-                 passes=PASSES),
+    "quick": dict(
+        shapes=("resnet50-head",), ops=OPS, dtypes=("float32",), layouts=LAYOUTS, passes=PASSES
+    ),
+    "full": dict(
+        shapes=tuple(SHAPES), ops=OPS, dtypes=tuple(DTYPES), layouts=LAYOUTS, passes=PASSES
+    ),
 }
 # On the CPU, N is scaled down so one input holds at most this many float32 bytes (a case then
 # stays well under a second); every dtype keeps the same N.
@@ -56,7 +60,7 @@ CPU_MAX_INPUT_BYTES = {"quick": 16 << 20, "full": 64 << 20}
 class Case:
     op: str
     shape_name: str
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]
     dtype: str
     layout: str
     pass_: str
@@ -96,8 +100,9 @@ def scaled_shape(shape: tuple[int, ...], max_bytes: int) -> tuple[int, ...]:
     return (max(1, min(n, max_bytes // per_sample)), *rest)
 
 
-def make_cases(device: str, mode: str, ops=None, shapes=None, dtypes=None, layouts=None,
-               passes=None) -> list[Case]:
+def make_cases(
+    device: str, mode: str, ops=None, shapes=None, dtypes=None, layouts=None, passes=None
+) -> list[Case]:
     """Every case of `mode`, narrowed by the given lists (None keeps the mode's own)."""
     chosen = MODES[mode]
     ops, shapes = ops or chosen["ops"], shapes or chosen["shapes"]
@@ -119,6 +124,7 @@ def make_cases(device: str, mode: str, ops=None, shapes=None, dtypes=None, layou
 @dataclass
 class Inputs:
     """One set of arguments for a step: x, the learnable weight (alpha or p, or None), grad_out."""
+
     x: torch.Tensor
     weight: torch.Tensor | None
     grad_out: torch.Tensor | None
@@ -160,11 +166,14 @@ def gapkernels_op(op: str, backend: str) -> Op:
     if op == "catavgmax":
         return lambda x, w: gapkernels.global_avgmax_pool(x, concat=True, backend=backend)
     if op == "mixed":
-        return lambda x, w: gapkernels.global_mixed_pool(x, w, backend=backend)
+        return lambda x, w: gapkernels.global_mixed_pool(
+            x, 0.5 if w is None else w, backend=backend
+        )
     if op == "gem":
-        # As nn.GlobalPool calls it: checking p > 0 reads p on the host, a sync on a GPU.
-        return lambda x, w: gapkernels.global_gem_pool(x, w, GEM_EPS, backend=backend,
-                                                       _check_p_values=False)
+        # As nn.GlobalPool calls it: no check of p's values (its parametrization keeps p > 0).
+        return lambda x, w: functional.gem_pool(
+            x, w, GEM_EPS, False, "NCHW", backend, check_p_values=False
+        )
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -4,13 +4,15 @@ GPU: `triton.testing.do_bench` (CUDA events, median, warm-up first), rotating ov
 input buffers when one fits in L2. CPU: `torch.utils.benchmark.Timer.blocked_autorange` median
 after warm-up, on every core.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils import benchmark as torch_benchmark
@@ -52,13 +54,15 @@ def median_seconds(fn: Callable[[], object], config: TimingConfig) -> float:
     if config.device == "cuda":
         import triton.testing
 
-        ms = triton.testing.do_bench(fn, warmup=config.gpu_warmup_ms, rep=config.gpu_rep_ms,
-                                     return_mode="median")
+        ms = triton.testing.do_bench(
+            fn, warmup=config.gpu_warmup_ms, rep=config.gpu_rep_ms, return_mode="median"
+        )
         return ms * 1e-3
     for _ in range(CPU_WARMUP_CALLS):
         fn()
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                  num_threads=torch.get_num_threads())
+    timer = torch_benchmark.Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    )
     return timer.blocked_autorange(min_run_time=config.cpu_min_run_time).median
 
 
@@ -110,8 +114,9 @@ def probe_bandwidth(dtypes: list[str], config: TimingConfig) -> dict[str, dict[s
     device = config.device
     probe_bytes = GPU_PROBE_BYTES if device == "cuda" else config.cpu_probe_bytes
     # Every row is divided by the probe: it gets a longer CPU measurement than a case.
-    config = dataclasses.replace(config, cpu_min_run_time=max(PROBE_MIN_RUN_TIME,
-                                                              config.cpu_min_run_time))
+    config = dataclasses.replace(
+        config, cpu_min_run_time=max(PROBE_MIN_RUN_TIME, config.cpu_min_run_time)
+    )
     results = {}
     for name in dict.fromkeys([*dtypes, "float32"]):
         dtype = bench_cases.DTYPES[name]
@@ -120,22 +125,25 @@ def probe_bandwidth(dtypes: list[str], config: TimingConfig) -> dict[str, dict[s
         nbytes = x.numel() * x.element_size()
         results[name] = {"sum": nbytes / median_seconds(x.sum, config) / 1e9}
         if device == "cuda":
-            copy = torch.empty_like(x).copy_
-            results[name]["copy"] = 2 * nbytes / median_seconds(lambda: copy(x), config) / 1e9
+            timed = median_seconds(functools.partial(torch.empty_like(x).copy_, x), config)
+            results[name]["copy"] = 2 * nbytes / timed / 1e9
     return results
 
 
 def best_probes(*runs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """The highest GB/s of each probe over several runs (before and after the cases), so that a
     busy moment during one probe does not inflate the fractions."""
-    return {dtype: {kind: max(run[dtype][kind] for run in runs) for kind in runs[0][dtype]}
-            for dtype in runs[0]}
+    return {
+        dtype: {kind: max(run[dtype][kind] for run in runs) for kind in runs[0][dtype]}
+        for dtype in runs[0]
+    }
 
 
 # --- one case ----------------------------------------------------------------------------------
 
+
 def check_forward(op, inputs: bench_cases.Inputs, case: bench_cases.Case) -> str:
-    """"ok", or what differs from gapkernels.reference (the timing is reported either way)."""
+    """ "ok", or what differs from gapkernels.reference (the timing is reported either way)."""
     with torch.no_grad():
         got = op(inputs.x, inputs.weight)
         want = bench_cases.reference_op(case.op)(inputs.x, inputs.weight)
@@ -147,8 +155,13 @@ def check_forward(op, inputs: bench_cases.Inputs, case: bench_cases.Case) -> str
     return "ok"
 
 
-def measure_case(case: bench_cases.Case, backend_names: list[str], config: TimingConfig,
-                 with_compile: bool, with_timm: bool) -> list[dict]:
+def measure_case(
+    case: bench_cases.Case,
+    backend_names: list[str],
+    config: TimingConfig,
+    with_compile: bool,
+    with_timm: bool,
+) -> list[dict]:
     """One row per backend: its median time and the peers' times on the same inputs."""
     device = config.device
     inputs = bench_cases.make_inputs(case, device, buffer_count(case, device))
@@ -199,8 +212,9 @@ def measure_case(case: bench_cases.Case, backend_names: list[str], config: Timin
         }
         for peer, peer_seconds in peers.items():
             row[f"{peer}_us"] = _scaled(peer_seconds, 1e6)
-            row[f"speedup_{peer}"] = (None if peer_seconds is None or seconds is None
-                                      else peer_seconds / seconds)
+            row[f"speedup_{peer}"] = (
+                None if peer_seconds is None or seconds is None else peer_seconds / seconds
+            )
         rows.append(row)
     return rows
 

@@ -1,12 +1,14 @@
 """The benchmark cases under pytest-benchmark: one test per case and implementation.
 
-    python -m pytest gapkernels/bench/pytest_cases.py                      # the --quick cases on the CPU
-    GAPKERNELS_BENCH_MODE=full python -m pytest gapkernels/bench/pytest_cases.py --benchmark-json out.json
+    python -m pytest gapkernels/bench/pytest_cases.py  # the --quick cases on the CPU
+    GAPKERNELS_BENCH_MODE=full python -m pytest gapkernels/bench/pytest_cases.py \
+        --benchmark-json out.json
 
 GAPKERNELS_BENCH_DEVICE=cuda runs them on a GPU, timed by pytest-benchmark's host clock with a
 synchronize after each call, which adds the launch latency; `python -m gapkernels.bench` (CUDA
 events, probes, peer ratios) is the measure of record. Speed is reported, never asserted.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,6 +48,7 @@ def _synchronized(fn):
     def call():
         fn()
         torch.cuda.synchronize()
+
     return call
 
 
@@ -54,8 +57,11 @@ def _synchronized(fn):
 def test_bench(benchmark, case, implementation):
     op = _op(case, implementation)
     if op is None:
-        pytest.skip(f"timm has no {case.op} pool" if bench_cases.timm_available()
-                    else "timm is not installed")
+        pytest.skip(
+            f"timm has no {case.op} pool"
+            if bench_cases.timm_available()
+            else "timm is not installed"
+        )
     inputs = bench_cases.make_inputs(case, DEVICE, harness.buffer_count(case, DEVICE))
     fn = harness.rotating([bench_cases.step(op, i, case.pass_) for i in inputs])
     if DEVICE == "cuda":
@@ -65,6 +71,9 @@ def test_bench(benchmark, case, implementation):
     benchmark.group = case.label
     benchmark(fn)
     median = benchmark.stats.stats.median
-    benchmark.extra_info.update(bytes_moved=case.bytes_moved(),
-                                gbps=case.bytes_moved() / median / 1e9,
-                                shape=list(case.shape), threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        bytes_moved=case.bytes_moved(),
+        gbps=case.bytes_moved() / median / 1e9,
+        shape=list(case.shape),
+        threads=torch.get_num_threads(),
+    )

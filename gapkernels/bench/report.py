@@ -1,4 +1,5 @@
 """The run's header, the table (console and markdown), JSON, CSV and plots."""
+
 from __future__ import annotations
 
 import csv
@@ -57,8 +58,13 @@ def _version(module_name: str) -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(gapkernels.__file__).parent, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(gapkernels.__file__).parent,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
@@ -115,12 +121,15 @@ def plain_table(rows: list[dict]) -> list[str]:
     """The table as aligned text lines (rich not installed)."""
     headings, cells = table_cells(rows)
     widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headings)]
-    numeric = [h not in ("op", "shape", "dtype", "layout", "pass", "backend", "check")
-               for h in headings]
+    numeric = [
+        h not in ("op", "shape", "dtype", "layout", "pass", "backend", "check") for h in headings
+    ]
 
     def fmt(line):
-        return "  ".join(c.rjust(w) if num else c.ljust(w)
-                         for c, w, num in zip(line, widths, numeric)).rstrip()
+        return "  ".join(
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(line, widths, numeric, strict=True)
+        ).rstrip()
 
     return [fmt(headings), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells]
 
@@ -139,23 +148,27 @@ def print_table(rows: list[dict], header: dict, console) -> None:
     for heading in headings:
         numeric = heading not in ("op", "shape", "dtype", "layout", "pass", "backend", "check")
         table.add_column(heading, justify="right" if numeric else "left", no_wrap=True)
-    for line in cells:
-        table.add_row(*line)
+    for cell_line in cells:
+        table.add_row(*cell_line)
     console.print(table)
     console.print(_probe_line(header))
 
 
 def _title(header: dict) -> str:
-    return (f"gapkernels on {header['device_name']} ({header['threads']} threads), "
-            f"torch {header['torch']}, {header['date']}")
+    return (
+        f"gapkernels on {header['device_name']} ({header['threads']} threads), "
+        f"torch {header['torch']}, {header['date']}"
+    )
 
 
 def _probe_line(header: dict) -> str:
     parts = []
     for dtype, probe in header["probes_gbps"].items():
         parts.append(f"{dtype}: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in probe.items()))
-    return (f"probes ({'; '.join(parts)}); % probe is against {header['target_probe']}; "
-            "x peer = peer time / our time; CL = channels_last")
+    return (
+        f"probes ({'; '.join(parts)}); % probe is against {header['target_probe']}; "
+        "x peer = peer time / our time; CL = channels_last"
+    )
 
 
 def write_json(path: Path, header: dict, rows: list[dict]) -> None:
@@ -173,13 +186,19 @@ def merge_runs(previous: dict, header: dict, rows: list[dict]) -> tuple[dict, li
     """An earlier run's rows plus this run's, a case measured again replaced by its new row.
     Each row keeps its own probe values; the header lists the earlier runs."""
     if previous["header"]["device_name"] != header["device_name"]:
-        raise SystemExit(f"--merge: the existing results are from "
-                         f"{previous['header']['device_name']}, not {header['device_name']}")
+        raise SystemExit(
+            f"--merge: the existing results are from "
+            f"{previous['header']['device_name']}, not {header['device_name']}"
+        )
     fresh = {tuple(r[k] for k in ROW_KEY) for r in rows}
     kept = [r for r in previous["rows"] if tuple(r[k] for k in ROW_KEY) not in fresh]
     earlier = previous["header"].get("merged_runs", [])
-    earlier.append({k: previous["header"].get(k) for k in ("date", "git_commit", "mode",
-                                                            "wall_seconds", "probes_gbps")})
+    earlier.append(
+        {
+            k: previous["header"].get(k)
+            for k in ("date", "git_commit", "mode", "wall_seconds", "probes_gbps")
+        }
+    )
     return {**header, "merged_runs": earlier}, kept + rows
 
 
@@ -189,14 +208,26 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "x".join(map(str, v)) if isinstance(v, list) else v
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: "x".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()}
+            )
 
 
 def write_markdown(path: Path, header: dict, rows: list[dict]) -> None:
     headings, cells = table_cells(rows)
-    keys = ("device_name", "date", "torch", "triton", "cuda", "timm", "git_commit", "cpu_model",
-            "threads", "mode", "backends")
+    keys = (
+        "device_name",
+        "date",
+        "torch",
+        "triton",
+        "cuda",
+        "timm",
+        "git_commit",
+        "cpu_model",
+        "threads",
+        "mode",
+        "backends",
+    )
     lines = [f"# {_title(header)}", ""]
     lines += [f"- {k}: {header[k]}" for k in keys]
     lines += [f"- {_probe_line(header)}", ""]
@@ -206,8 +237,10 @@ def write_markdown(path: Path, header: dict, rows: list[dict]) -> None:
     if problems:
         lines.append("")
     for r in problems:
-        lines.append(f"- {r['op']} {r['shape_name']} {r['dtype']} {r['layout']} {r['pass']} "
-                     f"{r['backend']}: {'; '.join(t for t in (r['check'], r['notes']) if t)}")
+        lines.append(
+            f"- {r['op']} {r['shape_name']} {r['dtype']} {r['layout']} {r['pass']} "
+            f"{r['backend']}: {'; '.join(t for t in (r['check'], r['notes']) if t)}"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -235,8 +268,9 @@ def _figure(rows: list[dict]):
 
     n_dtypes = len({r["dtype"] for r in rows})
     n_passes = len({r["pass"] for r in rows})
-    n_labels = max(len({_case_label(r) for r in rows if r["dtype"] == d})
-                   for d in {r["dtype"] for r in rows})
+    n_labels = max(
+        len({_case_label(r) for r in rows if r["dtype"] == d}) for d in {r["dtype"] for r in rows}
+    )
     width = max(8.0, 0.28 * n_labels * n_passes + 2)
     fig, axes = plt.subplots(n_dtypes, n_passes, figsize=(width, 4.2 * n_dtypes), squeeze=False)
     return plt, fig, axes

@@ -22,6 +22,7 @@ compiled kernel's metadata its shared memory. A compile error is reported and ma
 status 1. Runs without TRITON_INTERPRET (which it removes from its environment) and without
 importing torch: kernels.py and configs.py are loaded from their files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # every compile runs ptxas, so its re
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"_gapkernels_aot_{name}", HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None, name
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # triton resolves the kernels' globals through the module
     spec.loader.exec_module(module)
@@ -80,16 +82,29 @@ TILE_MODES = {"pool_forward_kernel": (2, 4), "pool_backward_kernel": (3, 4)}
 
 
 def _forward(arch, tile, mode, dtype="fp32", **flags):
-    const = dict(MODE=mode, CHANNELS_LAST=tile.channels_last, ROWS=tile.rows,
-                 BLOCK_S=tile.block_s, SPLIT=False, INDEX_64=False, **_heaviest(mode))
+    const = dict(
+        MODE=mode,
+        CHANNELS_LAST=tile.channels_last,
+        ROWS=tile.rows,
+        BLOCK_S=tile.block_s,
+        SPLIT=False,
+        INDEX_64=False,
+        **_heaviest(mode),
+    )
     const.update(flags)
     return _job("pool_forward_kernel", arch, dtype, tile.num_warps, **const)
 
 
 def _backward(arch, tile, mode, dtype="fp32", **flags):
-    const = dict(MODE=mode, CHANNELS_LAST=tile.channels_last, ROWS=tile.rows,
-                 BLOCK_S=tile.block_s, WEIGHT_KIND=_heaviest(mode)["WEIGHT_KIND"],
-                 AUX_COLUMNS=3 if mode == 4 else 1, INDEX_64=False)
+    const = dict(
+        MODE=mode,
+        CHANNELS_LAST=tile.channels_last,
+        ROWS=tile.rows,
+        BLOCK_S=tile.block_s,
+        WEIGHT_KIND=_heaviest(mode)["WEIGHT_KIND"],
+        AUX_COLUMNS=3 if mode == 4 else 1,
+        INDEX_64=False,
+    )
     const.update(flags)
     return _job("pool_backward_kernel", arch, dtype, tile.num_warps, **const)
 
@@ -114,8 +129,17 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
             for mode in TILE_MODES["pool_backward_kernel"]:
                 jobs.append(_backward(arch, tile, mode, INDEX_64=True, _s64=True))
     for mode in MODES:  # the combine kernel's one tile
-        jobs.append(_job("pool_combine_kernel", arch, "fp32", configs.COMBINE_WARPS, MODE=mode,
-                         **_heaviest(mode), ROWS=configs.COMBINE_ROWS))
+        jobs.append(
+            _job(
+                "pool_combine_kernel",
+                arch,
+                "fp32",
+                configs.COMBINE_WARPS,
+                MODE=mode,
+                **_heaviest(mode),
+                ROWS=configs.COMBINE_ROWS,
+            )
+        )
     if not all_variants:
         return jobs
     for tile in tiles:  # N*C near 2**31 / 3: every tile with full rows (INDEX_64 from the rows)
@@ -125,8 +149,10 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
             for mode in TILE_MODES["pool_backward_kernel"]:
                 jobs.append(_backward(arch, tile, mode, INDEX_64=True))
     for channels_last in (False, True):
-        tile = max((t for t in tiles if t.channels_last == channels_last),
-                   key=lambda t: (t.rows * t.block_s, t.block_s))
+        tile = max(
+            (t for t in tiles if t.channels_last == channels_last),
+            key=lambda t: (t.rows * t.block_s, t.block_s),
+        )
         for mode in MODES:
             if mode not in TILE_MODES["pool_forward_kernel"]:
                 jobs.append(_forward(arch, tile, mode))
@@ -142,24 +168,50 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
         for mode in (2, 4):
             for kind in (0, 1):
                 jobs.append(_forward(arch, tile, mode, "fp16", WEIGHT_KIND=kind, WITH_LOG=False))
-                jobs.append(_backward(arch, tile, mode, "fp16", WEIGHT_KIND=kind,
-                                      AUX_COLUMNS=2 if mode == 4 else 1))
+                jobs.append(
+                    _backward(
+                        arch,
+                        tile,
+                        mode,
+                        "fp16",
+                        WEIGHT_KIND=kind,
+                        AUX_COLUMNS=2 if mode == 4 else 1,
+                    )
+                )
             jobs.append(_forward(arch, tile, mode, "fp16", _weight_stride="any"))
             jobs.append(_backward(arch, tile, mode, "fp16", _weight_stride="any"))
         jobs.append(_forward(arch, tile, 4, "fp16", SPLIT=True, _n_one=True))
         jobs.append(_backward(arch, tile, 3, "fp16", _n_one=True))
     for mode in (2, 4):
         for kind in (0, 1, 2):
-            for with_log in ((False, True) if mode == 4 else (False,)):
+            for with_log in (False, True) if mode == 4 else (False,):
                 if kind == 2 and with_log == (mode == 4):
                     continue  # compiled above
-                jobs.append(_job("pool_combine_kernel", arch, "fp32", configs.COMBINE_WARPS,
-                                 MODE=mode, WEIGHT_KIND=kind, WITH_LOG=with_log,
-                                 ROWS=configs.COMBINE_ROWS))
+                jobs.append(
+                    _job(
+                        "pool_combine_kernel",
+                        arch,
+                        "fp32",
+                        configs.COMBINE_WARPS,
+                        MODE=mode,
+                        WEIGHT_KIND=kind,
+                        WITH_LOG=with_log,
+                        ROWS=configs.COMBINE_ROWS,
+                    )
+                )
     for mode in MODES:
         for dtype in ("fp16", "bf16"):
-            jobs.append(_job("pool_combine_kernel", arch, dtype, configs.COMBINE_WARPS,
-                             MODE=mode, **_heaviest(mode), ROWS=configs.COMBINE_ROWS))
+            jobs.append(
+                _job(
+                    "pool_combine_kernel",
+                    arch,
+                    dtype,
+                    configs.COMBINE_WARPS,
+                    MODE=mode,
+                    **_heaviest(mode),
+                    ROWS=configs.COMBINE_ROWS,
+                )
+            )
     return jobs
 
 
@@ -167,17 +219,50 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
 # argument (i32, or i64 with _s64), "one" the constant 1 under _n_one / _weight_stride.
 _ARGS = {
     "pool_forward_kernel": dict(
-        x_ptr="*x", weight_ptr="*fp32", out_ptr="*x", aux_ptr="*fp32", indices_ptr="*i64",
-        partial_stats_ptr="*fp32", partial_index_ptr="*i64", N="N", C="i32", S="S",
-        s_per_split="S", weight_stride="W", scalar="fp32", eps="fp32"),
+        x_ptr="*x",
+        weight_ptr="*fp32",
+        out_ptr="*x",
+        aux_ptr="*fp32",
+        indices_ptr="*i64",
+        partial_stats_ptr="*fp32",
+        partial_index_ptr="*i64",
+        N="N",
+        C="i32",
+        S="S",
+        s_per_split="S",
+        weight_stride="W",
+        scalar="fp32",
+        eps="fp32",
+    ),
     "pool_combine_kernel": dict(
-        partial_stats_ptr="*fp32", partial_index_ptr="*i64", weight_ptr="*fp32", out_ptr="*x",
-        aux_ptr="*fp32", indices_ptr="*i64", N="i32", C="i32", S="i32", splits="i32",
-        weight_stride="W", scalar="fp32"),
+        partial_stats_ptr="*fp32",
+        partial_index_ptr="*i64",
+        weight_ptr="*fp32",
+        out_ptr="*x",
+        aux_ptr="*fp32",
+        indices_ptr="*i64",
+        N="i32",
+        C="i32",
+        S="i32",
+        splits="i32",
+        weight_stride="W",
+        scalar="fp32",
+    ),
     "pool_backward_kernel": dict(
-        grad_out_ptr="*x", x_ptr="*x", aux_ptr="*fp32", indices_ptr="*i64", weight_ptr="*fp32",
-        grad_x_ptr="*x", N="N", C="i32", S="S", s_per_program="S", weight_stride="W",
-        scalar="fp32", eps="fp32"),
+        grad_out_ptr="*x",
+        x_ptr="*x",
+        aux_ptr="*fp32",
+        indices_ptr="*i64",
+        weight_ptr="*fp32",
+        grad_x_ptr="*x",
+        N="N",
+        C="i32",
+        S="S",
+        s_per_program="S",
+        weight_stride="W",
+        scalar="fp32",
+        eps="fp32",
+    ),
 }
 
 
@@ -215,8 +300,12 @@ def _ptxas_report(log: str) -> dict:
     stack = re.search(r"(\d+) bytes stack frame", log)
     if not regs or not spill:
         raise RuntimeError(f"no register/spill report in the ptxas output:\n{log}")
-    return dict(registers=int(regs.group(1)), spill_stores=int(spill.group(1)),
-                spill_loads=int(spill.group(2)), stack=int(stack.group(1)) if stack else 0)
+    return dict(
+        registers=int(regs.group(1)),
+        spill_stores=int(spill.group(1)),
+        spill_loads=int(spill.group(2)),
+        stack=int(stack.group(1)) if stack else 0,
+    )
 
 
 def _ptxas(ptx: str, arch: int) -> str:
@@ -224,6 +313,7 @@ def _ptxas(ptx: str, arch: int) -> str:
     candidates = [os.environ.get("GAPKERNELS_PTXAS"), "/usr/local/cuda/bin/ptxas"]
     try:
         from triton import knobs
+
         candidates.insert(1, knobs.nvidia.ptxas.path)
     except Exception:  # noqa: BLE001  (older knobs layout: fall back to the CUDA toolkit's)
         pass
@@ -232,8 +322,11 @@ def _ptxas(ptx: str, arch: int) -> str:
         src = Path(tmp, "k.ptx")
         src.write_text(ptx)
         gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        done = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", str(src), "-o",
-                               str(Path(tmp, "k.cubin"))], capture_output=True, text=True)
+        done = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp, "k.cubin"))],
+            capture_output=True,
+            text=True,
+        )
         return done.stdout + done.stderr
 
 
@@ -300,6 +393,7 @@ def _init_worker():
     global _KERNELS
     try:
         from triton import knobs
+
         knobs.nvidia.dump_ptxas_log = True  # Triton's own ptxas run prints its -v report
     except (ImportError, AttributeError):
         pass
@@ -318,6 +412,7 @@ def run(arches, jobs_count: int) -> list[dict]:
         _init_worker()
         return [_compile(job) for job in jobs]
     import multiprocessing
+
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(jobs_count, mp_context=context, initializer=_init_worker) as pool:
         return list(pool.map(_compile, jobs, chunksize=4))
@@ -344,19 +439,30 @@ def markdown(results: list[dict], triton_version: str, seconds: float) -> str:
     ]
     for arch in sorted({r["arch"] for r in ok}, reverse=True):
         for kernel in _ARGS:
-            rows = sorted((r for r in ok if r["arch"] == arch and r["kernel"] == kernel),
-                          key=lambda r: -r["registers"])[:5]
+            rows = sorted(
+                (r for r in ok if r["arch"] == arch and r["kernel"] == kernel),
+                key=lambda r: -r["registers"],
+            )[:5]
             for r in rows:
-                lines.append(f"| sm_{arch} | {kernel} | {r['variant']} | {r['registers']} | "
-                             f"{r['spill_stores']} / {r['spill_loads']} | {r['shared']} |")
+                lines.append(
+                    f"| sm_{arch} | {kernel} | {r['variant']} | {r['registers']} | "
+                    f"{r['spill_stores']} / {r['spill_loads']} | {r['shared']} |"
+                )
     spilled = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
-    lines += ["", f"Kernels that spill: {len(spilled)} of {len(ok)}.", "",
-              "## Every compile", "",
-              "| arch | kernel | variant | registers | spills | shared |",
-              "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        f"Kernels that spill: {len(spilled)} of {len(ok)}.",
+        "",
+        "## Every compile",
+        "",
+        "| arch | kernel | variant | registers | spills | shared |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for r in sorted(ok, key=lambda r: (-r["arch"], r["kernel"], r["variant"])):
-        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['variant']} | {r['registers']} | "
-                     f"{r['spill_stores']} / {r['spill_loads']} | {r['shared']} |")
+        lines.append(
+            f"| sm_{r['arch']} | {r['kernel']} | {r['variant']} | {r['registers']} | "
+            f"{r['spill_stores']} / {r['spill_loads']} | {r['shared']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -368,13 +474,15 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="write the resource tables to this Markdown file")
     args = parser.parse_args(argv)
     import triton
+
     began = time.perf_counter()
     results = run(args.arch or [90, 80], args.jobs)
     seconds = time.perf_counter() - began
     errors = [r for r in results if "error" in r]
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, seconds=seconds,
-                                                   results=results), indent=1))
+        Path(args.json).write_text(
+            json.dumps(dict(triton=triton.__version__, seconds=seconds, results=results), indent=1)
+        )
     if args.markdown:
         Path(args.markdown).write_text(markdown(results, triton.__version__, seconds))
     for r in errors:

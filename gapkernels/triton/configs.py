@@ -23,6 +23,7 @@ The set of tiles is kept small on purpose (`tile_configs()` lists all of them): 
 compiled for sm_80 and sm_90 by tests/test_triton_compile.py, which records their registers,
 spills and shared memory in docs/triton_resources.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class TileConfig:
     """What a compiled kernel depends on (besides mode, dtype and flags)."""
+
     channels_last: bool
     rows: int
     block_s: int
@@ -120,8 +122,9 @@ def forward_config(n: int, c: int, s: int, channels_last: bool) -> LaunchConfig:
         wanted = min(_cdiv(TARGET_PROGRAMS, row_programs), tiles // MIN_SPLIT_TILES, MAX_GRID_Y)
         s_per_program = _cdiv(tiles, wanted) * block_s
         s_programs = _cdiv(s, s_per_program)
-    return LaunchConfig(rows, block_s, _num_warps(rows * block_s), row_programs, s_programs,
-                        s_per_program)
+    return LaunchConfig(
+        rows, block_s, _num_warps(rows * block_s), row_programs, s_programs, s_per_program
+    )
 
 
 def backward_config(n: int, c: int, s: int, channels_last: bool) -> LaunchConfig:
@@ -129,8 +132,14 @@ def backward_config(n: int, c: int, s: int, channels_last: bool) -> LaunchConfig
     tiles = _cdiv(s, block_s)
     tiles_per_program = max(min(tiles, BACKWARD_TILES_PER_PROGRAM), _cdiv(tiles, MAX_GRID_Y))
     s_per_program = tiles_per_program * block_s
-    return LaunchConfig(rows, block_s, _num_warps(rows * block_s), row_programs,
-                        _cdiv(s, s_per_program), s_per_program)
+    return LaunchConfig(
+        rows,
+        block_s,
+        _num_warps(rows * block_s),
+        row_programs,
+        _cdiv(s, s_per_program),
+        s_per_program,
+    )
 
 
 def tile_configs() -> list[TileConfig]:
@@ -138,18 +147,27 @@ def tile_configs() -> list[TileConfig]:
     tiles = []
     for block_s in NCS_BLOCK_S:
         for rows in sorted({TILE_ELEMENTS // block_s, 1}, reverse=True):
-            tiles.append(TileConfig(False, rows, block_s, _num_warps(rows * block_s),
-                                    block_s == MAX_BLOCK_S))
+            tiles.append(
+                TileConfig(False, rows, block_s, _num_warps(rows * block_s), block_s == MAX_BLOCK_S)
+            )
     for rows in NSC_CHANNEL_BLOCKS:
         block_s = 4  # S >= 2: S == 1 is the NCS layout
         while block_s <= _nsc_max_block_s(rows):
-            tiles.append(TileConfig(True, rows, block_s, _num_warps(rows * block_s),
-                                    block_s == _nsc_max_block_s(rows)))
+            tiles.append(
+                TileConfig(
+                    True,
+                    rows,
+                    block_s,
+                    _num_warps(rows * block_s),
+                    block_s == _nsc_max_block_s(rows),
+                )
+            )
             block_s *= 4
     return tiles
 
 
 def tile_of(config: LaunchConfig, channels_last: bool) -> TileConfig:
     max_block = _nsc_max_block_s(config.rows) if channels_last else MAX_BLOCK_S
-    return TileConfig(channels_last, config.rows, config.block_s, config.num_warps,
-                      config.block_s == max_block)
+    return TileConfig(
+        channels_last, config.rows, config.block_s, config.num_warps, config.block_s == max_block
+    )

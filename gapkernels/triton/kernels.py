@@ -21,6 +21,7 @@ sums are rescaled (`_gem_merge`). Lanes, then split pieces, are merged the same 
 natural tl.exp / tl.log are used, on ratios in [0, 1]; a ratio that underflows (or is flushed to
 zero) gives t**p = 0 and t**p * log t = 0, its exact limit, never NaN.
 """
+
 import triton
 import triton.language as tl
 
@@ -38,8 +39,9 @@ WEIGHT_PER_CHANNEL: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _row_block(pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-               INDEX_64: tl.constexpr):
+def _row_block(
+    pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr
+):
     """The ROWS rows of program `pid`: their (N, C) flat index n*C + c, channel, mask, and the
     int64 offset of their element s = 0 in x (N*C*S may pass 2**31). Row index and channel are
     int64 with INDEX_64, else int32 (the launcher sets INDEX_64 when 3 * (N*C + ROWS), the
@@ -91,8 +93,7 @@ def _offsets(base, s, C, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask,
-                 WEIGHT_KIND: tl.constexpr):
+def _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask, WEIGHT_KIND: tl.constexpr):
     """alpha or p for each row, float32."""
     if WEIGHT_KIND == WEIGHT_PER_CHANNEL:
         w = tl.load(weight_ptr + channel * weight_stride, mask=row_mask, other=1.0)
@@ -168,9 +169,26 @@ def _combine_lanes(lane_max, lane_index, S):
 
 
 @triton.jit
-def _write_results(total, total_log, row_max, row_index, row, channel, row_mask,
-                   weight_ptr, weight_stride, scalar, out_ptr, aux_ptr, indices_ptr, C, S,
-                   MODE: tl.constexpr, WEIGHT_KIND: tl.constexpr, WITH_LOG: tl.constexpr):
+def _write_results(
+    total,
+    total_log,
+    row_max,
+    row_index,
+    row,
+    channel,
+    row_mask,
+    weight_ptr,
+    weight_stride,
+    scalar,
+    out_ptr,
+    aux_ptr,
+    indices_ptr,
+    C,
+    S,
+    MODE: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+):
     """out, aux and indices of complete rows (int64 `row`) from their float32 statistics
     (GEM: total = r-sum, row_max = M, total_log = l-sum)."""
     out_dtype = out_ptr.dtype.element_ty
@@ -206,29 +224,46 @@ def _write_results(total, total_log, row_max, row_index, row, channel, row_mask,
 
 
 @triton.jit
-def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
-                        partial_stats_ptr, partial_index_ptr,
-                        N, C, S, s_per_split, weight_stride, scalar, eps,
-                        MODE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                        WEIGHT_KIND: tl.constexpr, WITH_LOG: tl.constexpr,
-                        SPLIT: tl.constexpr, INDEX_64: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+def pool_forward_kernel(
+    x_ptr,
+    weight_ptr,
+    out_ptr,
+    aux_ptr,
+    indices_ptr,
+    partial_stats_ptr,
+    partial_index_ptr,
+    N,
+    C,
+    S,
+    s_per_split,
+    weight_stride,
+    scalar,
+    eps,
+    MODE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+    SPLIT: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Reads each element of x once. Grid: (row blocks, splits of S). Without SPLIT it writes
     out/aux/indices; with SPLIT, each program writes its rows' partial statistics for its piece
     of S ([splits, 3, N*C]: sum / max / log-sum, GEM: r-sum / M / l-sum; and [splits, N*C]
     index) for the combine kernel."""
     NEEDS_SUM: tl.constexpr = MODE != MODE_MAX and MODE != MODE_GEM
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
-    row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST,
-                                              INDEX_64)
+    row, channel, row_mask, base = _row_block(
+        tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST, INDEX_64
+    )
     split = tl.program_id(1)
     s_begin, s_end = _piece(split, s_per_split, S, INDEX_64)
 
     lane_sum = tl.zeros([ROWS, BLOCK_S], tl.float32)
     lane_log = tl.zeros([ROWS, BLOCK_S], tl.float32)
     if MODE == MODE_GEM:
-        p = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask,
-                         WEIGHT_KIND)[:, None]
+        p = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask, WEIGHT_KIND)[:, None]
         lane_max = tl.zeros([ROWS, BLOCK_S], tl.float32)  # the empty GeM state: m = 0
     else:
         lane_max = tl.full([ROWS, BLOCK_S], float("-inf"), tl.float32)
@@ -241,8 +276,9 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
         if MODE == MODE_GEM:
             # clamp(v, min=eps) that keeps NaN (tl.maximum's NaN handling is not portable)
             y = tl.where(v < eps, eps, v)
-            m_new, r_new, log_new = _gem_merge(lane_max, lane_sum, lane_log, y, 1.0, 0.0, p,
-                                               WITH_LOG)
+            m_new, r_new, log_new = _gem_merge(
+                lane_max, lane_sum, lane_log, y, 1.0, 0.0, p, WITH_LOG
+            )
             lane_max = tl.where(mask, m_new, lane_max)
             lane_sum = tl.where(mask, r_new, lane_sum)
             if WITH_LOG:
@@ -256,8 +292,7 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
             lane_index = tl.where(take, s[None, :], lane_index)
 
     if MODE == MODE_GEM:
-        row_max, total, total_log = _gem_reduce_lanes(lane_max, lane_sum, lane_log, p,
-                                                      WITH_LOG)
+        row_max, total, total_log = _gem_reduce_lanes(lane_max, lane_sum, lane_log, p, WITH_LOG)
         row_index = row
     else:
         total = tl.sum(lane_sum, axis=1)
@@ -276,19 +311,53 @@ def pool_forward_kernel(x_ptr, weight_ptr, out_ptr, aux_ptr, indices_ptr,
         if WITH_LOG:
             tl.store(stats + 2 * rows_total, total_log, mask=row_mask)
         if NEEDS_MAX:
-            tl.store(partial_index_ptr + tl.cast(split, tl.int64) * rows_total + row,
-                     row_index.to(tl.int64), mask=row_mask)
+            tl.store(
+                partial_index_ptr + tl.cast(split, tl.int64) * rows_total + row,
+                row_index.to(tl.int64),
+                mask=row_mask,
+            )
     else:
-        _write_results(total, total_log, row_max, row_index, row, channel, row_mask,
-                       weight_ptr, weight_stride, scalar, out_ptr, aux_ptr, indices_ptr, C, S,
-                       MODE, WEIGHT_KIND, WITH_LOG)
+        _write_results(
+            total,
+            total_log,
+            row_max,
+            row_index,
+            row,
+            channel,
+            row_mask,
+            weight_ptr,
+            weight_stride,
+            scalar,
+            out_ptr,
+            aux_ptr,
+            indices_ptr,
+            C,
+            S,
+            MODE,
+            WEIGHT_KIND,
+            WITH_LOG,
+        )
 
 
 @triton.jit
-def pool_combine_kernel(partial_stats_ptr, partial_index_ptr, weight_ptr,
-                        out_ptr, aux_ptr, indices_ptr, N, C, S, splits, weight_stride, scalar,
-                        MODE: tl.constexpr, WEIGHT_KIND: tl.constexpr, WITH_LOG: tl.constexpr,
-                        ROWS: tl.constexpr):
+def pool_combine_kernel(
+    partial_stats_ptr,
+    partial_index_ptr,
+    weight_ptr,
+    out_ptr,
+    aux_ptr,
+    indices_ptr,
+    N,
+    C,
+    S,
+    splits,
+    weight_stride,
+    scalar,
+    MODE: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """Combines the splits' partial statistics in split order (the scan order of S, so the
     max rule of torch applies to them as it does to elements; GEM merges the pieces' states
     in that order) and writes the results."""
@@ -315,8 +384,9 @@ def pool_combine_kernel(partial_stats_ptr, partial_index_ptr, weight_ptr,
                 piece_log = tl.load(stats + 2 * rows_total, mask=row_mask, other=0.0)
             else:
                 piece_log = piece_total
-            row_max, total, total_log = _gem_merge(row_max, total, total_log, piece_max,
-                                                   piece_total, piece_log, p, WITH_LOG)
+            row_max, total, total_log = _gem_merge(
+                row_max, total, total_log, piece_max, piece_total, piece_log, p, WITH_LOG
+            )
         else:
             total += piece_total
         if NEEDS_MAX:
@@ -327,21 +397,56 @@ def pool_combine_kernel(partial_stats_ptr, partial_index_ptr, weight_ptr,
             row_index = tl.where(take, piece_index, row_index)
         stats += 3 * rows_total
         index_ptr += rows_total
-    _write_results(total, total_log, row_max, row_index, row, channel, row_mask,
-                   weight_ptr, weight_stride, scalar, out_ptr, aux_ptr, indices_ptr, C, S,
-                   MODE, WEIGHT_KIND, WITH_LOG)
+    _write_results(
+        total,
+        total_log,
+        row_max,
+        row_index,
+        row,
+        channel,
+        row_mask,
+        weight_ptr,
+        weight_stride,
+        scalar,
+        out_ptr,
+        aux_ptr,
+        indices_ptr,
+        C,
+        S,
+        MODE,
+        WEIGHT_KIND,
+        WITH_LOG,
+    )
 
 
 @triton.jit
-def pool_backward_kernel(grad_out_ptr, x_ptr, aux_ptr, indices_ptr, weight_ptr, grad_x_ptr,
-                         N, C, S, s_per_program, weight_stride, scalar, eps,
-                         MODE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                         WEIGHT_KIND: tl.constexpr, AUX_COLUMNS: tl.constexpr,
-                         INDEX_64: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+def pool_backward_kernel(
+    grad_out_ptr,
+    x_ptr,
+    aux_ptr,
+    indices_ptr,
+    weight_ptr,
+    grad_x_ptr,
+    N,
+    C,
+    S,
+    s_per_program,
+    weight_stride,
+    scalar,
+    eps,
+    MODE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    AUX_COLUMNS: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Writes each element of grad_x once: A + (s == index) * B per row, or for GEM
     coef * (x / M) ** (p - 1) where x >= eps. Grid: (row blocks, pieces of S)."""
-    row, channel, row_mask, base = _row_block(tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST,
-                                              INDEX_64)
+    row, channel, row_mask, base = _row_block(
+        tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST, INDEX_64
+    )
     s_begin, s_end = _piece(tl.program_id(1), s_per_program, S, INDEX_64)
     grad_dtype = grad_x_ptr.dtype.element_ty
 
@@ -358,8 +463,7 @@ def pool_backward_kernel(grad_out_ptr, x_ptr, aux_ptr, indices_ptr, weight_ptr, 
         elif MODE == MODE_MAX:
             at_index = g
         elif MODE == MODE_MIXED:
-            alpha = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask,
-                                 WEIGHT_KIND)
+            alpha = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask, WEIGHT_KIND)
             per_element = (1.0 - alpha) * g / S
             at_index = alpha * g
         else:
@@ -380,8 +484,7 @@ def pool_backward_kernel(grad_out_ptr, x_ptr, aux_ptr, indices_ptr, weight_ptr, 
         if MODE == MODE_GEM:
             v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             # (x/M) ** (p-1), 1 when p == 1 (also where x/M flushes to 0)
-            powered = tl.where(p_minus_one == 0.0, 1.0,
-                               tl.exp(p_minus_one * tl.log(v / big_m)))
+            powered = tl.where(p_minus_one == 0.0, 1.0, tl.exp(p_minus_one * tl.log(v / big_m)))
             # x >= eps is False for NaN: NaN gets 0, as clamp's gradient gives
             grad = tl.where(v >= eps, coef * powered, 0.0)
         elif MODE == MODE_AVG:

@@ -5,14 +5,14 @@ triton_op registers its own implementation as the fake kernel; `register_pool_op
 replaces it (CustomOpDef.register_fake overrides, it does not add a second one) with the fake
 kernel every backend shares, and adds the autograd formula.
 """
+
 import contextlib
-from typing import Optional
 
 import torch
 from torch.library import triton_op, wrap_triton
 
 from gapkernels import ops as gk_ops
-from gapkernels.ops import MODE_CAT, MODE_GEM, MODE_MIXED, MAX_MODES, aux_columns
+from gapkernels.ops import MAX_MODES, MODE_CAT, MODE_GEM, MODE_MIXED, aux_columns
 from gapkernels.triton import checks, configs
 from gapkernels.triton.kernels import (
     WEIGHT_PER_CHANNEL,
@@ -34,7 +34,7 @@ def _device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _weight_args(weight: Optional[torch.Tensor], mode: int, x: torch.Tensor):
+def _weight_args(weight: torch.Tensor | None, mode: int, x: torch.Tensor):
     """(tensor, stride, kind) of alpha / p for the kernels: any strides are read correctly
     (per channel at `c * stride`; a 1-element weight at its storage offset)."""
     if mode not in (MODE_MIXED, MODE_GEM) or weight is None:
@@ -48,8 +48,7 @@ def index_64(n: int, c: int, s: int, config: configs.LaunchConfig) -> bool:
     """Whether the kernels need int64 row and spatial indices: a spatial offset, a piece's end
     or the loop's step past it, or a row-indexed offset (aux: 3 columns; CAT's output: 2C; a
     channel block past C), could reach 2**31."""
-    return (s + config.s_per_program + config.block_s >= 2**31
-            or 3 * (n * c + config.rows) >= 2**31)
+    return s + config.s_per_program + config.block_s >= 2**31 or 3 * (n * c + config.rows) >= 2**31
 
 
 FORWARD_SCHEMA, BACKWARD_SCHEMA = gk_ops.FORWARD_SCHEMA, gk_ops.BACKWARD_SCHEMA
@@ -57,15 +56,20 @@ FORWARD_SCHEMA, BACKWARD_SCHEMA = gk_ops.FORWARD_SCHEMA, gk_ops.BACKWARD_SCHEMA
 
 # torch < 2.14 ignores `schema` and infers one from the annotations (with `SymInt mode`).
 @triton_op("gapkernels_triton::pool_forward", mutates_args=(), schema=FORWARD_SCHEMA)
-def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], scalar: float,
-                 eps: float, with_log: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pool_forward(
+    x: torch.Tensor,
+    mode: int,
+    weight: torch.Tensor | None,
+    scalar: float,
+    eps: float,
+    with_log: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     channels_last = checks.check_forward_inputs(x, mode, weight)
     n, c, s = x.shape
     with_log = with_log and mode == MODE_GEM
     out = torch.empty((n, 2 * c if mode == MODE_CAT else c), dtype=x.dtype, device=x.device)
     aux = torch.empty((n, c, aux_columns(mode, with_log)), dtype=torch.float32, device=x.device)
-    indices = torch.empty((n, c) if mode in MAX_MODES else (0,), dtype=torch.int64,
-                          device=x.device)
+    indices = torch.empty((n, c) if mode in MAX_MODES else (0,), dtype=torch.int64, device=x.device)
     if n == 0 or c == 0:
         return out, aux, indices
     # Tensors a mode does not use are passed as `x`: never read or written (constexpr-pruned).
@@ -75,35 +79,77 @@ def pool_forward(x: torch.Tensor, mode: int, weight: Optional[torch.Tensor], sca
     config = configs.forward_config(n, c, s, channels_last)
     split = config.s_programs > 1
     if split:
-        partial_stats = torch.empty((config.s_programs, 3, n * c), dtype=torch.float32,
-                                    device=x.device)
-        partial_index = (torch.empty((config.s_programs, n * c), dtype=torch.int64,
-                                     device=x.device) if mode in MAX_MODES else x)
+        partial_stats = torch.empty(
+            (config.s_programs, 3, n * c), dtype=torch.float32, device=x.device
+        )
+        partial_index = (
+            torch.empty((config.s_programs, n * c), dtype=torch.int64, device=x.device)
+            if mode in MAX_MODES
+            else x
+        )
     else:
         partial_stats = partial_index = x
     index_64_ = index_64(n, c, s, config)
     with _device_of(x):
         wrap_triton(pool_forward_kernel)[(config.row_programs, config.s_programs)](
-            x, weight_arg, out, aux_arg, indices_arg, partial_stats, partial_index,
-            n, c, s, config.s_per_program, weight_stride, scalar, eps,
-            MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
-            WITH_LOG=with_log, SPLIT=split, INDEX_64=index_64_, ROWS=config.rows,
-            BLOCK_S=config.block_s, num_warps=config.num_warps,
+            x,
+            weight_arg,
+            out,
+            aux_arg,
+            indices_arg,
+            partial_stats,
+            partial_index,
+            n,
+            c,
+            s,
+            config.s_per_program,
+            weight_stride,
+            scalar,
+            eps,
+            MODE=mode,
+            CHANNELS_LAST=channels_last,
+            WEIGHT_KIND=weight_kind,
+            WITH_LOG=with_log,
+            SPLIT=split,
+            INDEX_64=index_64_,
+            ROWS=config.rows,
+            BLOCK_S=config.block_s,
+            num_warps=config.num_warps,
         )
         if split:
             wrap_triton(pool_combine_kernel)[(-(-n * c // configs.COMBINE_ROWS),)](
-                partial_stats, partial_index, weight_arg, out, aux_arg, indices_arg,
-                n, c, s, config.s_programs, weight_stride, scalar,
-                MODE=mode, WEIGHT_KIND=weight_kind, WITH_LOG=with_log,
-                ROWS=configs.COMBINE_ROWS, num_warps=configs.COMBINE_WARPS,
+                partial_stats,
+                partial_index,
+                weight_arg,
+                out,
+                aux_arg,
+                indices_arg,
+                n,
+                c,
+                s,
+                config.s_programs,
+                weight_stride,
+                scalar,
+                MODE=mode,
+                WEIGHT_KIND=weight_kind,
+                WITH_LOG=with_log,
+                ROWS=configs.COMBINE_ROWS,
+                num_warps=configs.COMBINE_WARPS,
             )
     return out, aux, indices
 
 
 @triton_op("gapkernels_triton::pool_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
-def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, aux: torch.Tensor,
-                  indices: torch.Tensor, mode: int, weight: Optional[torch.Tensor],
-                  scalar: float, eps: float) -> torch.Tensor:
+def pool_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    aux: torch.Tensor,
+    indices: torch.Tensor,
+    mode: int,
+    weight: torch.Tensor | None,
+    scalar: float,
+    eps: float,
+) -> torch.Tensor:
     channels_last = checks.check_backward_inputs(grad_out, x, aux, indices, mode, weight)
     n, c, s = x.shape
     grad_x = gk_ops.grad_input_like(x)
@@ -114,12 +160,27 @@ def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, aux: torch.Tensor,
     index_64_ = index_64(n, c, s, config)
     with _device_of(x):
         wrap_triton(pool_backward_kernel)[(config.row_programs, config.s_programs)](
-            grad_out, x, aux if aux.numel() else x, indices if indices.numel() else x,
-            weight_arg, grad_x,
-            n, c, s, config.s_per_program, weight_stride, scalar, eps,
-            MODE=mode, CHANNELS_LAST=channels_last, WEIGHT_KIND=weight_kind,
-            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1, INDEX_64=index_64_,
-            ROWS=config.rows, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            grad_out,
+            x,
+            aux if aux.numel() else x,
+            indices if indices.numel() else x,
+            weight_arg,
+            grad_x,
+            n,
+            c,
+            s,
+            config.s_per_program,
+            weight_stride,
+            scalar,
+            eps,
+            MODE=mode,
+            CHANNELS_LAST=channels_last,
+            WEIGHT_KIND=weight_kind,
+            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1,
+            INDEX_64=index_64_,
+            ROWS=config.rows,
+            BLOCK_S=config.block_s,
+            num_warps=config.num_warps,
         )
     return grad_x
 
