@@ -172,26 +172,26 @@ def random_rows(n, c, s, gen, cuts=None, kinds=SPECIALS, positive=False, below_e
 
 
 def make_ncs(n, c, s, dtype, gen, cuts=None, kinds=SPECIALS, positive=False, offset=0,
-             below_eps=0.0):
+             below_eps=0.0, device="cpu"):
     """A contiguous (N, C, S) input (as (N, C, S, 1)), from random_rows; `offset` makes it a view
     starting `offset` elements into a larger buffer (a misaligned pointer)."""
     x3 = random_rows(n, c, s, gen, cuts, kinds, positive, below_eps)
-    buf = torch.empty(x3.numel() + offset, dtype=dtype)
+    buf = torch.empty(x3.numel() + offset, dtype=dtype, device=device)
     buf[:offset] = 1.0
     x = buf[offset:].view(n, c, s, 1)
-    x.copy_(x3.view(n, c, s, 1))
+    x.copy_(x3.view(n, c, s, 1).to(device))
     assert x.is_contiguous() and x.storage_offset() == offset
     return x
 
 
 def make_nsc(n, c, s, dtype, gen, cuts=None, kinds=SPECIALS, positive=False, offset=0,
-             below_eps=0.0):
+             below_eps=0.0, device="cpu"):
     """A channels_last (N, C, S, 1)-shaped input: the NSC layout, with the same options."""
     x3 = random_rows(n, c, s, gen, cuts, kinds, positive, below_eps)
-    buf = torch.empty(x3.numel() + offset, dtype=dtype)
+    buf = torch.empty(x3.numel() + offset, dtype=dtype, device=device)
     buf[:offset] = 1.0
     nsc = buf[offset:].view(n, s, 1, c)
-    nsc.copy_(x3.transpose(1, 2).reshape(n, s, 1, c))
+    nsc.copy_(x3.transpose(1, 2).reshape(n, s, 1, c).to(device))
     x = nsc.permute(0, 3, 1, 2)
     assert x.shape == (n, c, s, 1) and x.stride() == (s * c, 1, c, c) and c > 1 and s > 1
     return x
@@ -221,7 +221,7 @@ def default_weight(op, c, gen, kind="channel"):
     return None
 
 
-def check(op, x, weight, gen, grad_weight=False, msg=""):
+def check(op, x, weight, gen, grad_weight=False, msg="", backend="cpu"):
     """Forward and backward of `op` with the CPU kernels against gapkernels.reference on the same
     input: values (and, for max, the indices, exactly), grad_x (whose every element is compared,
     so an unwritten or misplaced element fails), and optionally the gradient to the weight.
@@ -231,18 +231,19 @@ def check(op, x, weight, gen, grad_weight=False, msg=""):
     xr = x.detach().clone().requires_grad_(True)
     wk = wr = weight
     if isinstance(weight, torch.Tensor):
-        wk = weight.detach().clone().requires_grad_(grad_weight)
-        wr = weight.detach().clone().requires_grad_(grad_weight)
-    out = OPS[op](_Backend("cpu"), xk, wk)
+        wk = weight.detach().clone().to(x.device).requires_grad_(grad_weight)
+        wr = weight.detach().clone().to(x.device).requires_grad_(grad_weight)
+    out = OPS[op](_Backend(backend), xk, wk)
     ref = OPS[op](reference, xr, wr)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, dtype, msg=f"{msg} {op} forward")
     if op == "max":
-        _, idx = gapkernels.global_max_pool(x.detach(), True, backend="cpu")
+        _, idx = gapkernels.global_max_pool(x.detach(), True, backend=backend)
         _, idx_ref = reference.global_max_pool(x.detach(), True)
         assert torch.equal(idx, idx_ref), f"{msg} max indices\n{(idx != idx_ref).nonzero()}"
     g = torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5
-    g = (g * torch.sign(torch.randn(out.shape, generator=gen, dtype=torch.float64))).to(dtype)
+    g = torch.sign(torch.randn(out.shape, generator=gen, dtype=torch.float64)) * g
+    g = g.to(x.device, dtype)
     inputs = [xk] + ([wk] if grad_weight else [])
     inputs_ref = [xr] + ([wr] if grad_weight else [])
     grads = torch.autograd.grad(out, inputs, g)
