@@ -131,6 +131,10 @@ def plant(x3: torch.Tensor, cuts: list[int], gen: torch.Generator, kinds=SPECIAL
     n, c, s = x3.shape
     rows = x3.view(n * c, s)
     near = sorted({p for b in cuts for p in (b - 1, b) if 0 <= p < s})
+    if len(near) < 2:
+        # A short row has no cuts: still two ties / two NaNs in it, so that the first and the
+        # last differ.
+        near = sorted(set(near) | {p for p in (0, s // 2) if p < s - 1} or {0})
     for r in range(n * c):
         kind = kinds[r % len(kinds)]
         if kind == "ties":
@@ -138,7 +142,7 @@ def plant(x3: torch.Tensor, cuts: list[int], gen: torch.Generator, kinds=SPECIAL
         elif kind == "nans":
             if (r // len(kinds)) % 2 == 0 or not near:
                 rows[r, near + [s - 1]] = float("nan")
-                if s > 1:
+                if s > 1 and s - 2 not in near:
                     rows[r, s - 2] = 100.0
             else:
                 rows[r, near[len(near) // 2]] = float("nan")
