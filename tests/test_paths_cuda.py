@@ -154,7 +154,9 @@ def test_ncs_combine_more_pieces_than_lanes(op, dtype, gen):
 
 def _nsc_channels(dtype):
     v = vec(dtype)
-    return {"2": 2, "v-1": v - 1, "v": v, "v+1": v + 1, "33v": 33 * v, "33v+1": 33 * v + 1}
+    # C = 1 is the NCS layout: float64's v - 1 becomes 3.
+    return {"2": 2, "v-1": max(v - 1, 3), "v": v, "v+1": v + 1, "33v": 33 * v,
+            "33v+1": 33 * v + 1}
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
