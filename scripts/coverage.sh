@@ -8,8 +8,9 @@
 #   bash scripts/coverage.sh [OUTDIR] [-- PYTEST ARGS...]
 #
 # OUTDIR (default: $OUT when set, else a new temp folder) gets: summary.txt (both summaries),
-# gcovr.txt / gcovr.html (per file and per line, C++), coverage.txt / coverage-html/ (Python),
-# pytest.log. The build is a coverage-instrumented, CPU-only build of a copy of the source tree in
+# gcovr.txt / gcovr-branches.txt / gcovr.html (C++, per file and per line), gcovr-instances.txt
+# (per template instance), gcovr.json (the tracefile), coverage.txt / coverage-html/ (Python),
+# build.log, pytest.log. The build is a coverage-instrumented, CPU-only build of a copy of the source tree in
 # a temp folder (GAPKERNELS_NO_CUDA=1, CFLAGS/LDFLAGS --coverage): the checkout's own in-place
 # build and its build/ folder are not touched. COVERAGE_SOURCE=head measures the committed tree
 # (git archive HEAD) instead of the working tree. Needs gcovr and coverage (requirements-dev.txt);
@@ -77,14 +78,20 @@ if [[ $pytest_status -ge 2 ]]; then
 fi
 
 # 3. Reports.
-GCOVR=("$PY" -m gcovr --root "$SRC" --filter "$SRC/csrc/" --exclude-unreachable-branches
-       --exclude-throw-branches --gcov-ignore-parse-errors=all)
-( cd "$SRC" && "${GCOVR[@]}" --json "$WORK/gcovr.json" --txt "$OUTDIR/gcovr.txt" \
-    --txt-summary --html-details "$OUTDIR/gcovr.html" build ) \
-  > "$OUTDIR/gcovr-summary.txt" 2> "$OUTDIR/gcovr.log" \
+# gcovr: one JSON tracefile (kept: other reports can be made from it with --add-tracefile), then
+# the reports per source line (a line counts as executed when any template instance executed it)
+# and per template instance (each (mode, dtype, power, ...) instantiation's lines on their own).
+( cd "$SRC" && "$PY" -m gcovr --root "$SRC" --filter "$SRC/csrc/" --exclude-unreachable-branches \
+    --exclude-throw-branches --gcov-ignore-parse-errors=all --json "$OUTDIR/gcovr.json" build ) \
+  > "$OUTDIR/gcovr.log" 2>&1 || { echo "coverage.sh: gcovr failed; see $OUTDIR/gcovr.log" >&2; exit 5; }
+TRACE=("$PY" -m gcovr --root "$SRC" --add-tracefile "$OUTDIR/gcovr.json")
+( cd "$SRC" && "${TRACE[@]}" --merge-lines --txt "$OUTDIR/gcovr.txt" --txt-summary \
+    --html-details "$OUTDIR/gcovr.html" ) > "$OUTDIR/gcovr-summary.txt" 2>> "$OUTDIR/gcovr.log" \
   || { echo "coverage.sh: gcovr failed; see $OUTDIR/gcovr.log" >&2; exit 5; }
-( cd "$SRC" && "$PY" -m gcovr --root "$SRC" --add-tracefile "$WORK/gcovr.json" \
-    --txt-metric branch --txt "$OUTDIR/gcovr-branches.txt" ) 2>> "$OUTDIR/gcovr.log" || true
+( cd "$SRC" && "${TRACE[@]}" --merge-lines --txt-metric branch --txt "$OUTDIR/gcovr-branches.txt" ) \
+  2>> "$OUTDIR/gcovr.log" || true
+( cd "$SRC" && "${TRACE[@]}" --txt "$OUTDIR/gcovr-instances.txt" --txt-summary ) \
+  > "$OUTDIR/gcovr-summary-instances.txt" 2>> "$OUTDIR/gcovr.log" || true
 ( cd "$SRC" && "$PY" -m coverage report --rcfile="$WORK/.coveragerc" ) > "$OUTDIR/coverage.txt" \
   || { echo "coverage.sh: coverage report failed" >&2; exit 5; }
 ( cd "$SRC" && "$PY" -m coverage html --rcfile="$WORK/.coveragerc" -d "$OUTDIR/coverage-html" -q ) \
@@ -92,12 +99,18 @@ GCOVR=("$PY" -m gcovr --root "$SRC" --filter "$SRC/csrc/" --exclude-unreachable-
 end=$(date +%s)
 
 {
-  echo "gapkernels coverage, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet || echo ' + local changes')"
+  changes=""
+  if [[ "${COVERAGE_SOURCE:-worktree}" != "head" ]] && ! git -C "$ROOT" diff --quiet; then
+    changes=" + local changes"
+  fi
+  echo "gapkernels coverage, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$ROOT" rev-parse --short HEAD)$changes"
   echo "pytest: $(tail -1 "$OUTDIR/pytest.log") (exit $pytest_status)"
   echo "time: build $((built - start)) s, tests $((tested - built)) s, reports $((end - tested)) s"
   echo
-  echo "== C++ (gcovr, csrc/) =="
+  echo "== C++ (gcovr, csrc/): per source line (any template instance) =="
   cat "$OUTDIR/gcovr-summary.txt"
+  echo "-- per template instance (dtype x mode x GeM power x with_log ... each counted) --"
+  cat "$OUTDIR/gcovr-summary-instances.txt"
   echo
   echo "== Python (coverage.py, gapkernels/; Triton kernels in the interpreter) =="
   grep -E "^(Name|gapkernels/triton/kernels|gapkernels/triton/|gapkernels/(functional|ops|autograd)|TOTAL)" "$OUTDIR/coverage.txt" || true
