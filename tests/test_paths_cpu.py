@@ -12,6 +12,7 @@ blocks, pieces of a split reduction, thread ranges (1 and 2 threads).
 
 Sizes: small C with long S, or wide C with moderate S, never both (CI has 2 cores).
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,12 @@ def nsc_backward_rows(c: int, s: int) -> int:
 
 def uses_lanes(op: str, dtype: torch.dtype, rows: int, s: int) -> bool:
     """forward_ncs_lanes: 16 rows per vector lane (every mode but AVG, float accumulators)."""
-    return (op != "avg" and dtype != torch.float64 and ncs_forward_piece_len(rows, s) >= s
-            and 8 <= s <= K_MAX_LANE_RUN)
+    return (
+        op != "avg"
+        and dtype != torch.float64
+        and ncs_forward_piece_len(rows, s) >= s
+        and 8 <= s <= K_MAX_LANE_RUN
+    )
 
 
 def run_boundaries(s: int, dtype: torch.dtype) -> list[int]:
@@ -175,8 +180,19 @@ def random_rows(n, c, s, gen, cuts=None, kinds=SPECIALS, positive=False, below_e
     return x3
 
 
-def make_ncs(n, c, s, dtype, gen, cuts=None, kinds=SPECIALS, positive=False, offset=0,
-             below_eps=0.0, device="cpu"):
+def make_ncs(
+    n,
+    c,
+    s,
+    dtype,
+    gen,
+    cuts=None,
+    kinds=SPECIALS,
+    positive=False,
+    offset=0,
+    below_eps=0.0,
+    device="cpu",
+):
     """A contiguous (N, C, S) input (as (N, C, S, 1)), from random_rows; `offset` makes it a view
     starting `offset` elements into a larger buffer (a misaligned pointer)."""
     x3 = random_rows(n, c, s, gen, cuts, kinds, positive, below_eps)
@@ -188,8 +204,19 @@ def make_ncs(n, c, s, dtype, gen, cuts=None, kinds=SPECIALS, positive=False, off
     return x
 
 
-def make_nsc(n, c, s, dtype, gen, cuts=None, kinds=SPECIALS, positive=False, offset=0,
-             below_eps=0.0, device="cpu"):
+def make_nsc(
+    n,
+    c,
+    s,
+    dtype,
+    gen,
+    cuts=None,
+    kinds=SPECIALS,
+    positive=False,
+    offset=0,
+    below_eps=0.0,
+    device="cpu",
+):
     """A channels_last (N, C, S, 1)-shaped input: the NSC layout, with the same options."""
     x3 = random_rows(n, c, s, gen, cuts, kinds, positive, below_eps)
     buf = torch.empty(x3.numel() + offset, dtype=dtype, device=device)
@@ -255,14 +282,20 @@ def check(op, x, weight, gen, grad_weight=False, msg="", backend="cpu"):
     assert same_strides(grads[0], xk), f"{msg} grad_x strides {grads[0].stride()} {xk.stride()}"
     assert_close_relative(grads[0], grads_ref[0], dtype, msg=f"{msg} {op} grad_x")
     if grad_weight:
-        torch.testing.assert_close(grads[1], grads_ref[1], rtol=2e-4, atol=2e-5,
-                                   msg=lambda m: f"{msg} {op} grad weight\n{m}")
+        torch.testing.assert_close(
+            grads[1],
+            grads_ref[1],
+            rtol=2e-4,
+            atol=2e-5,
+            msg=lambda m: f"{msg} {op} grad weight\n{m}",
+        )
 
 
 def same_strides(a, b):
     """Same strides in every dimension longer than 1 (a size-1 dimension's stride is free)."""
     return a.shape == b.shape and all(
-        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape, strict=True) if n > 1
+    )
 
 
 def assert_close_relative(actual, expected, dtype, msg=""):
@@ -275,8 +308,9 @@ def assert_close_relative(actual, expected, dtype, msg=""):
     # ... but never below the spacing of the dtype's subnormals (float16 gradients of long rows).
     finfo = torch.finfo(dtype)
     atol = max(atol * typical, finfo.smallest_normal * finfo.eps)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True,
-                               msg=lambda m: f"{msg}\n{m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{msg}\n{m}"
+    )
 
 
 class _Backend:
@@ -335,8 +369,9 @@ def test_ncs_runs_body_tail_blocks(op, length, dtype, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("s", [8, 13, 49, 256])
-@pytest.mark.parametrize("op,wkind", [("max", None), ("mixed", "channel"), ("mixed", "scalar"),
-                                      ("catavgmax", None)])
+@pytest.mark.parametrize(
+    "op,wkind", [("max", None), ("mixed", "channel"), ("mixed", "scalar"), ("catavgmax", None)]
+)
 def test_ncs_lanes_groups_and_threads(op, wkind, s, dtype, gen, threads):
     """forward_ncs_lanes: N*C = 16 * k + 5 rows, so that full groups (reduce_lanes) and the
     partial last group (reduce_run) both run, with enough groups that 2 threads split them. A
@@ -352,9 +387,11 @@ def test_ncs_lanes_groups_and_threads(op, wkind, s, dtype, gen, threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n,c,s", [(1, 1, 3 * K_MIN_TASK_ELEMENTS + 37), (1, 2, 70000),
-                                   (2, 7, 40000)],
-                         ids=["1row", "2rows", "14rows"])
+@pytest.mark.parametrize(
+    "n,c,s",
+    [(1, 1, 3 * K_MIN_TASK_ELEMENTS + 37), (1, 2, 70000), (2, 7, 40000)],
+    ids=["1row", "2rows", "14rows"],
+)
 @pytest.mark.parametrize("op", OP_LIST)
 def test_ncs_split_pieces(op, n, c, s, dtype, gen, threads):
     """forward_ncs with few rows and long runs: each row is split into pieces (reduce_run each,
@@ -431,8 +468,9 @@ def test_nsc_channels_rows_pieces(op, s, c_index, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(2, 4, 64, 65), (2, 17, 40, 41), (1, 40, 48, 48)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 64, 65), (2, 17, 40, 41), (1, 40, 48, 48)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("op", ["max", "mixed", "catavgmax"])
 def test_nsc_split_ties_and_nans(op, shape, dtype, gen, threads):
     """forward_nsc split into pieces of rows, then merge_max: ties of the maximum in two pieces
@@ -448,10 +486,15 @@ def test_nsc_split_ties_and_nans(op, shape, dtype, gen, threads):
     check(op, x, default_weight(op, c, gen), gen, msg=f"rows={rows}")
 
 
-@pytest.mark.parametrize("n,c,s,dtype", [(1, 3, 350_000, torch.bfloat16),
-                                         (1, 17, 61_781, torch.float32),
-                                         (2, 520, 2_304, torch.bfloat16)],
-                         ids=["C3", "C17", "C520"])
+@pytest.mark.parametrize(
+    "n,c,s,dtype",
+    [
+        (1, 3, 350_000, torch.bfloat16),
+        (1, 17, 61_781, torch.float32),
+        (2, 520, 2_304, torch.bfloat16),
+    ],
+    ids=["C3", "C17", "C520"],
+)
 @pytest.mark.parametrize("op", ["avg", "max", "catavgmax", "gem"])
 def test_nsc_backward_blocks(op, n, c, s, dtype, gen, threads):
     """backward_nsc with S > 2**20 / C: grad_x is written in blocks of rows (the issue's
@@ -483,8 +526,7 @@ GEM_PATHS = {
     "ncs_lanes": lambda dt, g: make_ncs(3, 7, 49, dt, g, positive=True, below_eps=0.2),
     "ncs_short": lambda dt, g: make_ncs(3, 7, 5, dt, g, positive=True, below_eps=0.2),
     "nsc_scalar": lambda dt, g: make_nsc(2, 3, 50, dt, g, positive=True, below_eps=0.2),
-    "nsc_chunks": lambda dt, g: make_nsc(2, width(dt) + 1, 50, dt, g, positive=True,
-                                         below_eps=0.2),
+    "nsc_chunks": lambda dt, g: make_nsc(2, width(dt) + 1, 50, dt, g, positive=True, below_eps=0.2),
 }
 GEM_POWERS = [1.0, 2.0, 3.0, 4.0, 9.0, 2.5, "channel", "channel_equal"]
 
@@ -523,8 +565,10 @@ def test_gem_with_log_gradient_to_p(p, path, gen):
     """with_log (p requires grad): the log-sum statistic on every path, checked through the
     gradient to p."""
     if _old_gem_kernel():
-        pytest.xfail("the CPU kernel still has the plain GeM statistics (aux = mean(y**p)); "
-                     "the gradient to p needs the max-relative kernel (docs/DESIGN.md)")
+        pytest.xfail(
+            "the CPU kernel still has the plain GeM statistics (aux = mean(y**p)); "
+            "the gradient to p needs the max-relative kernel (docs/DESIGN.md)"
+        )
     x = GEM_PATHS[path](torch.float32, gen)
     c = x.shape[1]
     w = _gem_weight(p, c, gen)
@@ -543,14 +587,24 @@ def test_gem_with_log_gradient_to_p(p, path, gen):
 def test_misaligned_views(op, layout, dtype, gen):
     w = width(dtype)
     if layout == "ncs":
-        x = make_ncs(2, 3, 3 * w + 5, dtype, gen, run_boundaries(3 * w + 5, dtype),
-                     positive=op == "gem", offset=1)
+        x = make_ncs(
+            2,
+            3,
+            3 * w + 5,
+            dtype,
+            gen,
+            run_boundaries(3 * w + 5, dtype),
+            positive=op == "gem",
+            offset=1,
+        )
     elif layout == "ncs_lanes":
-        x = make_ncs(3, 7, 45, dtype, gen, run_boundaries(45, dtype), positive=op == "gem",
-                     offset=1)
+        x = make_ncs(
+            3, 7, 45, dtype, gen, run_boundaries(45, dtype), positive=op == "gem", offset=1
+        )
     else:
-        x = make_nsc(2, w + 3, 37, dtype, gen, [K_ROW_BLOCK, 2 * K_ROW_BLOCK],
-                     positive=op == "gem", offset=1)
+        x = make_nsc(
+            2, w + 3, 37, dtype, gen, [K_ROW_BLOCK, 2 * K_ROW_BLOCK], positive=op == "gem", offset=1
+        )
     assert x.data_ptr() % 32 != 0, "the view must start off a 32-byte (vector) boundary"
     check(op, x, default_weight(op, x.shape[1], gen), gen)
 
@@ -561,8 +615,10 @@ def test_misaligned_views(op, layout, dtype, gen):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("GAPKERNELS_TEST_HUGE") != "1",
-                    reason="needs about 20 GiB of memory: set GAPKERNELS_TEST_HUGE=1")
+@pytest.mark.skipif(
+    os.environ.get("GAPKERNELS_TEST_HUGE") != "1",
+    reason="needs about 20 GiB of memory: set GAPKERNELS_TEST_HUGE=1",
+)
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
 def test_offsets_past_2_31_elements(layout):
     n, c, s = 2, 2, 2**29 + 3

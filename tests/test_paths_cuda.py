@@ -9,15 +9,16 @@ reduction and the combine pass, threads across S in an NSC block.
 GAPKERNELS_PATHS_DEVICE=cpu runs this file on the CPU kernels instead (a dry run of the tests'
 own logic and geometry where no GPU is lent; it proves nothing about the CUDA kernels).
 """
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
+from test_paths_cpu import cdiv, check, make_ncs, make_nsc
 
 import gapkernels
-from test_paths_cpu import cdiv, check, make_ncs, make_nsc
 
 DEVICE = os.environ.get("GAPKERNELS_PATHS_DEVICE", "cuda")
 BACKEND = "cpu" if DEVICE == "cpu" else "cuda"
@@ -61,13 +62,19 @@ def nsc_geometry(n: int, c: int, s: int, dtype) -> dict:
     channel_blocks = cdiv(vectors, bx)
     split, s_chunk = 1, s
     if channel_blocks * n < K_NSC_FILL_BLOCKS:
-        pieces = min(cdiv(K_NSC_FILL_BLOCKS, channel_blocks * n),
-                     cdiv(s, by * K_NSC_MIN_STEPS_PER_THREAD))
+        pieces = min(
+            cdiv(K_NSC_FILL_BLOCKS, channel_blocks * n), cdiv(s, by * K_NSC_MIN_STEPS_PER_THREAD)
+        )
         if pieces > 1:
             s_chunk = cdiv(s, pieces)
             split = cdiv(s, s_chunk)
-    return {"bx": bx, "by": by, "channel_blocks": channel_blocks, "split": split,
-            "s_chunk": s_chunk}
+    return {
+        "bx": bx,
+        "by": by,
+        "channel_blocks": channel_blocks,
+        "split": split,
+        "s_chunk": s_chunk,
+    }
 
 
 def ncs_cuts(s, dtype, geometry):
@@ -129,8 +136,17 @@ def test_ncs_groups_peel_split(op, length, dtype, offset, gen):
     geometry = ncs_geometry(n * c, s, dtype)
     if length == "split":
         assert geometry["split"] > 1
-    x = make_ncs(n, c, s, dtype, gen, ncs_cuts(s, dtype, geometry), positive=op == "gem",
-                 offset=offset, device=DEVICE)
+    x = make_ncs(
+        n,
+        c,
+        s,
+        dtype,
+        gen,
+        ncs_cuts(s, dtype, geometry),
+        positive=op == "gem",
+        offset=offset,
+        device=DEVICE,
+    )
     check(op, x, weight(op, c, gen), gen, backend=BACKEND, msg=f"{geometry}")
 
 
@@ -155,8 +171,7 @@ def test_ncs_combine_more_pieces_than_lanes(op, dtype, gen):
 def _nsc_channels(dtype):
     v = vec(dtype)
     # C = 1 is the NCS layout: float64's v - 1 becomes 3.
-    return {"2": 2, "v-1": max(v - 1, 3), "v": v, "v+1": v + 1, "33v": 33 * v,
-            "33v+1": 33 * v + 1}
+    return {"2": 2, "v-1": max(v - 1, 3), "v": v, "v+1": v + 1, "33v": 33 * v, "33v+1": 33 * v + 1}
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
@@ -171,8 +186,17 @@ def test_nsc_channels_split_tree(op, s, channels, dtype, offset, gen):
     n = 2
     c = _nsc_channels(dtype)[channels]
     geometry = nsc_geometry(n, c, s, dtype)
-    x = make_nsc(n, c, s, dtype, gen, nsc_cuts(s, geometry), positive=op == "gem",
-                 offset=offset, device=DEVICE)
+    x = make_nsc(
+        n,
+        c,
+        s,
+        dtype,
+        gen,
+        nsc_cuts(s, geometry),
+        positive=op == "gem",
+        offset=offset,
+        device=DEVICE,
+    )
     check(op, x, weight(op, c, gen), gen, backend=BACKEND, msg=f"{geometry}")
 
 

@@ -7,6 +7,7 @@ small: the interpreter runs every program in numpy. The geometry comes from conf
 specials (ties, NaNs, +-inf) are planted on both sides of the boundaries the launch really
 has: lanes of a tile, steps of the loop over S, pieces of a split S, blocks of rows/channels.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from test_paths_cpu import (  # noqa: E402
+    OPS,
+    _Backend,
+    assert_close_relative,
+    plant,
+    same_strides,
+)
 
 from conftest import assert_close  # noqa: E402
-from test_paths_cpu import (  # noqa: E402
-    OPS, _Backend, assert_close_relative, plant, same_strides,
-)
 from gapkernels import reference  # noqa: E402
 
 gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
@@ -29,11 +34,16 @@ from gapkernels.triton import configs  # noqa: E402
 
 DEVICE = "cpu" if gk_triton.INTERPRETED else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytestmark = [pytest.mark.skip(
-        reason="gapkernels.triton was imported without TRITON_INTERPRET=1 and there is no GPU; "
-               "run pytest with TRITON_INTERPRET=1 set")]
-pytestmark = [*globals().get("pytestmark", []),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+    pytestmark = [
+        pytest.mark.skip(
+            reason="gapkernels.triton was imported without TRITON_INTERPRET=1 and there is no GPU; "
+            "run pytest with TRITON_INTERPRET=1 set"
+        )
+    ]
+pytestmark = [
+    *globals().get("pytestmark", []),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
 
 TRITON = _Backend("triton")
 
@@ -118,23 +128,35 @@ def weight_for(op, c, gen, kind):
 SMALL_TARGET_PROGRAMS = 4
 PATHS = {
     # NCS, one tile wider than S (masked lanes).
-    "ncs_one_tile": ([(2, 3, 37, False), (2, 3, 50, False)],
-                     lambda n, c, s, f, b: f.block_s > s and f.s_programs == 1),
+    "ncs_one_tile": (
+        [(2, 3, 37, False), (2, 3, 50, False)],
+        lambda n, c, s, f, b: f.block_s > s and f.s_programs == 1,
+    ),
     # NCS, the loop over S takes several steps, the last one masked.
-    "ncs_loop": ([(1, 3, 1500, False), (1, 3, 700, False), (1, 3, 300, False)],
-                 lambda n, c, s, f, b: f.block_s < s and s % f.block_s and f.s_programs == 1),
+    "ncs_loop": (
+        [(1, 3, 1500, False), (1, 3, 700, False), (1, 3, 300, False)],
+        lambda n, c, s, f, b: f.block_s < s and s % f.block_s and f.s_programs == 1,
+    ),
     # NCS, S split over programs + pool_combine_kernel; backward in several pieces.
-    "ncs_split": ([(1, 2, 9216 + 77, False), (1, 2, 20000 + 77, False)],
-                  lambda n, c, s, f, b: f.s_programs > 1 and b.s_programs > 1),
+    "ncs_split": (
+        [(1, 2, 9216 + 77, False), (1, 2, 20000 + 77, False)],
+        lambda n, c, s, f, b: f.s_programs > 1 and b.s_programs > 1,
+    ),
     # NCS, ROWS > 1 rows per program with the last block of rows masked (N*C % ROWS != 0).
-    "ncs_rows_masked": ([(3, 7, 5, False), (7, 111, 5, False), (7, 111, 3, False)],
-                        lambda n, c, s, f, b: f.rows > 1 and (n * c) % f.rows),
+    "ncs_rows_masked": (
+        [(3, 7, 5, False), (7, 111, 5, False), (7, 111, 3, False)],
+        lambda n, c, s, f, b: f.rows > 1 and (n * c) % f.rows,
+    ),
     # NSC, a channel block with masked channels, one tile.
-    "nsc_masked_channels": ([(2, 20, 30, True), (2, 72, 30, True)],
-                            lambda n, c, s, f, b: c % f.rows and f.s_programs == 1),
+    "nsc_masked_channels": (
+        [(2, 20, 30, True), (2, 72, 30, True)],
+        lambda n, c, s, f, b: c % f.rows and f.s_programs == 1,
+    ),
     # NSC, S split + combine, several backward pieces.
-    "nsc_split": ([(1, 20, 4000, True), (1, 20, 20000, True)],
-                  lambda n, c, s, f, b: f.s_programs > 1 and b.s_programs > 1),
+    "nsc_split": (
+        [(1, 20, 4000, True), (1, 20, 20000, True)],
+        lambda n, c, s, f, b: f.s_programs > 1 and b.s_programs > 1,
+    ),
     # NSC with fewer channels than a channel block.
     "nsc_c3": ([(2, 3, 700, True)], lambda n, c, s, f, b: f.rows > 3),
 }
@@ -144,7 +166,9 @@ def shape_for(path):
     """(N, C, S, channels_last) of the first candidate that takes `path`; None if none does."""
     candidates, takes = PATHS[path]
     for n, c, s, cl in candidates:
-        if takes(n, c, s, configs.forward_config(n, c, s, cl), configs.backward_config(n, c, s, cl)):
+        if takes(
+            n, c, s, configs.forward_config(n, c, s, cl), configs.backward_config(n, c, s, cl)
+        ):
             return n, c, s, cl
     return None
 
@@ -161,16 +185,18 @@ def test_shapes_take_their_paths():
 
 # Every path in float32; the paths that combine maxima across lanes and pieces also in the
 # 16-bit dtypes, where ties of the maximum are common.
-PATH_DTYPES = ([(p, torch.float32) for p in PATHS]
-               + [(p, dt) for p in ("ncs_split", "nsc_split") for dt in (torch.float16,
-                                                                         torch.bfloat16)])
+PATH_DTYPES = [(p, torch.float32) for p in PATHS] + [
+    (p, dt) for p in ("ncs_split", "nsc_split") for dt in (torch.float16, torch.bfloat16)
+]
 
 
 def skip_if_old_gem(op):
     if op == "gem" and _old_gem_kernel():
-        pytest.xfail("the Triton kernel still has the plain GeM statistics and aux layout "
-                     "(aux[..., 0] = mean(y**p)), which the Python side no longer reads; GeM "
-                     "needs the max-relative kernel of docs/DESIGN.md")
+        pytest.xfail(
+            "the Triton kernel still has the plain GeM statistics and aux layout "
+            "(aux[..., 0] = mean(y**p)), which the Python side no longer reads; GeM "
+            "needs the max-relative kernel of docs/DESIGN.md"
+        )
 
 
 @pytest.mark.parametrize("path,dtype", PATH_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
@@ -187,14 +213,23 @@ def test_paths_with_specials(op, path, dtype, gen):
 
 
 @pytest.mark.parametrize("path", ["ncs_one_tile", "ncs_split", "nsc_split"])
-@pytest.mark.parametrize("op,kind", [("mixed", "scalar"), ("mixed", "shared"),
-                                     ("gem", "scalar"), ("gem", "shared"), ("gem", "channel")])
+@pytest.mark.parametrize(
+    "op,kind",
+    [
+        ("mixed", "scalar"),
+        ("mixed", "shared"),
+        ("gem", "scalar"),
+        ("gem", "shared"),
+        ("gem", "channel"),
+    ],
+)
 def test_weight_kinds(op, kind, path, gen):
     """WEIGHT_SCALAR / WEIGHT_SHARED / WEIGHT_PER_CHANNEL in forward, combine and backward."""
     skip_if_old_gem(op)
     n, c, s, cl = shape_for(path)
-    x = triton_input(n, c, s, torch.float32, gen, cl, geometry_cuts(n, c, s, cl)[0],
-                     positive=op == "gem")
+    x = triton_input(
+        n, c, s, torch.float32, gen, cl, geometry_cuts(n, c, s, cl)[0], positive=op == "gem"
+    )
     check(op, x, weight_for(op, c, gen, kind), gen, msg=path)
 
 
@@ -223,7 +258,16 @@ def test_misaligned_view(op, path, gen):
     """A view one element into a larger buffer (on a GPU: no 16-byte pointer specialization)."""
     skip_if_old_gem(op)
     n, c, s, cl = shape_for(path)
-    x = triton_input(n, c, s, torch.float16, gen, cl, geometry_cuts(n, c, s, cl)[0],
-                     positive=op == "gem", offset=1)
+    x = triton_input(
+        n,
+        c,
+        s,
+        torch.float16,
+        gen,
+        cl,
+        geometry_cuts(n, c, s, cl)[0],
+        positive=op == "gem",
+        offset=1,
+    )
     assert x.storage_offset() == 1
     check(op, x, weight_for(op, c, gen, "channel"), gen, msg=path)
