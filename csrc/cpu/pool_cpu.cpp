@@ -205,9 +205,10 @@ inline acc_t scalar_pow(acc_t x, int integer, acc_t p) {
   return integer > 0 ? scalar_integer_pow(x, integer) : std::exp(p * std::log(x));
 }
 
-// GEM's sums relative to a running maximum m0 moved to a larger one m1 (> m0, neither NaN):
-// with k = m0/m1, sum *= k**p and log_sum = k**p * (log_sum + log(k) * sum), since
-// log(y/m1) = log(y/m0) + log(k). k = 0 (m1 = inf) gives 0, the limit of k**p * log(k).
+// GEM's sums relative to a reference m0 (a running maximum, or above it) moved to another one
+// m1 (neither NaN, both > 0): with k = m0/m1, sum *= k**p and
+// log_sum = k**p * (log_sum + log(k) * sum), since log(y/m1) = log(y/m0) + log(k).
+// k = 0 (m1 = inf) gives 0, the limit of k**p * log(k).
 template <typename acc_t>
 inline void gem_rescale_scalar(acc_t m0, acc_t m1, int integer, acc_t p, bool with_log,
                                acc_t& sum, acc_t& log_sum) {
@@ -360,18 +361,30 @@ struct PoolKernel {
 
   // ---------------------------------------------------------------- GEM, relative to the max
   //
-  // Every vectorized GEM loop keeps, per lane, a running maximum m of y = clamp(x, eps) and the
-  // sums of (y/m)**p (and of (y/m)**p * log(y/m)), as flash-attention's online softmax does. It
-  // reads a small block of x into registers, takes the block's maximum, moves the lanes whose
-  // maximum grew to the new one (gem_rescale, rare once the row's large values are seen), and
-  // only then adds the block's terms, each (y * (1/m))**p <= 1: nothing over- or underflows.
-  // m starts at eps, a lower bound of every y. A NaN is left out of m (clamp_min keeps m) and
-  // turns the sum NaN instead; gem_settle turns that into M = NaN at the end of a piece.
+  // Every vectorized GEM loop keeps, per lane, the running maximum `max` of y = clamp(x, eps), a
+  // reference `ref` >= max, and the sums of (y/ref)**p (and of (y/ref)**p * log(y/ref)), as
+  // flash-attention's online softmax does. It reads a small block of x into registers, takes the
+  // block's maximum, and where that exceeds ref, moves the lanes' sums to a new reference (the
+  // block's maximum times a headroom h = 2**(16/p), so that (max/ref)**p >= 2**-16) with
+  // gem_rescale, before it adds the block's terms, each (y * (1/ref))**p <= 1: nothing over- or
+  // underflows. The headroom makes those moves rare (the running maximum of a row grows at
+  // ~ln(S) places, and most of them by less than h); the lane's sums are moved once more to its
+  // exact maximum at the end (gem_to_max), so that the pieces' statistics are relative to M.
+  // ref and max start at eps, a lower bound of every y. A NaN is left out of both (clamp_min
+  // keeps them) and turns the sum NaN instead; gem_settle turns that into M = NaN.
 
   static constexpr int kAllLanes = (1 << V) - 1;
   // Register blocks: NCS chunks (2 vectors each), NSC rows (2 vectors each).
   static constexpr int kGemBlockChunks = 4;
   static constexpr int kGemBlockRows = 4;
+  // log(h) * p: the headroom of a new reference is 2**16 ** (1/p).
+  static constexpr double kGemHeadroomLog = 16 * 0.69314718055994530942;
+
+  struct GemRef {
+    Vec ref, inv, max;  // the reference, 1/ref and the exact running maximum, per lane
+  };
+
+  static inline Vec gem_headroom(const Vec& p) { return (Vec(acc_t(kGemHeadroomLog)) / p).exp(); }
 
   // Adds one vector's terms (lanes outside `mask` ignored when kMasked), relative to 1/inv_m.
   template <bool kMasked, int kPow, bool kLog>
@@ -392,8 +405,8 @@ struct PoolKernel {
     }
   }
 
-  // Moves kCount pairs of sums from the running maxima m0 to m1 in the lanes where `grew`
-  // (m1 > m0; no NaN in either): the vector form of gem_rescale_scalar.
+  // Moves kCount pairs of sums from the reference m0 to m1 in the lanes where `grew` (m0, m1 > 0
+  // or m1 = inf; no NaN in either): the vector form of gem_rescale_scalar.
   template <int kPow, bool kLog, int kCount>
   static inline void gem_rescale(const Vec& m0, const Vec& m1, const Vec& grew, const Vec& p,
                                  int n, Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
@@ -409,19 +422,42 @@ struct PoolKernel {
     }
   }
 
-  // Raises the running maxima m to cover block_max (a NaN there leaves m as it is), moving the
-  // kCount pairs of sums along.
-  template <int kPow, bool kLog, int kCount>
-  static C10_ALWAYS_INLINE void gem_grow(const Vec& block_max, const Vec& p, int n, Vec& m,
-                                         Vec& inv_m, Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
-    const Vec m1 = at::vec::clamp_min(m, block_max);
-    const Vec grew = m1 > m;
+  // Takes block_max into the running maximum and, where it exceeds the reference, moves the
+  // kCount pairs of sums to block_max * headroom (not past the largest finite value unless
+  // block_max is inf). A NaN in block_max leaves everything as it is. `on_grow` runs first when
+  // a lane grows (NCS folds its block sums into the running ones there).
+  template <int kPow, bool kLog, int kCount, typename F>
+  static C10_ALWAYS_INLINE void gem_grow(const Vec& block_max, const Vec& p, const Vec& headroom,
+                                         int n, GemRef& g, Vec (&sum)[kCount],
+                                         Vec (&log_sum)[kCount], F&& on_grow) {
+    g.max = at::vec::clamp_min(g.max, block_max);
+    const Vec grew = block_max > g.ref;
     if (C10_UNLIKELY(grew.zero_mask() != kAllLanes)) {
-      gem_rescale<kPow, kLog, kCount>(m, m1, grew, p, n, sum, log_sum);
-      m = m1;
-      inv_m = Vec(acc_t(1)) / m1;
+      on_grow();
+      const Vec top = at::vec::clamp_min(block_max, Vec(std::numeric_limits<acc_t>::max()));
+      const Vec lifted = at::vec::clamp_max(block_max * headroom, top);
+      const Vec ref1 = Vec::blendv(g.ref, lifted, grew);
+      gem_rescale<kPow, kLog, kCount>(g.ref, ref1, grew, p, n, sum, log_sum);
+      g.ref = ref1;
+      g.inv = Vec(acc_t(1)) / ref1;
     }
   }
+
+  template <int kPow, bool kLog, int kCount>
+  static C10_ALWAYS_INLINE void gem_grow(const Vec& block_max, const Vec& p, const Vec& headroom,
+                                         int n, GemRef& g, Vec (&sum)[kCount],
+                                         Vec (&log_sum)[kCount]) {
+    gem_grow<kPow, kLog, kCount>(block_max, p, headroom, n, g, sum, log_sum, [] {});
+  }
+
+  // Moves the sums from the lanes' references to `target` (their maximum, or the row's).
+  template <int kPow, bool kLog, int kCount>
+  static inline void gem_to_max(const GemRef& g, const Vec& target, const Vec& p, int n,
+                                Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
+    gem_rescale<kPow, kLog, kCount>(g.ref, target, g.ref != target, p, n, sum, log_sum);
+  }
+
+  static inline GemRef gem_start(const Vec& eps) { return {eps, Vec(acc_t(1)) / eps, eps}; }
 
   // The end of a piece of `count` elements of one row, `stride` apart: a NaN sum means a NaN in
   // x, unless M is +inf (inf/inf is NaN too); then the piece is scanned for a NaN.
@@ -455,25 +491,21 @@ struct PoolKernel {
       const Vec zero(acc_t(0));
       const Vec p = power.p[0];
       const int n = power.integer;
-      // Both halves of a chunk share the lanes' maxima. bsum: the sums of the current block of
-      // kSumBlockChunks chunks; a growth folds them into sum first.
-      Vec m = eps, inv_m = Vec(acc_t(1)) / eps;
+      const Vec headroom = gem_headroom(p);
+      // Both halves of a chunk share the lanes' references. bsum: the sums of the current block
+      // of kSumBlockChunks chunks; a move folds them into sum first.
+      GemRef g = gem_start(eps);
       Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
       Vec bsum[2] = {zero, zero}, blog[2] = {zero, zero};
       auto grow = [&](const Vec& block_max) {
-        const Vec m1 = at::vec::clamp_min(m, block_max);
-        const Vec grew = m1 > m;
-        if (C10_UNLIKELY(grew.zero_mask() != kAllLanes)) {
+        gem_grow<kPow, kLog, 2>(block_max, p, headroom, n, g, sum, log_sum, [&] {
           for (int k = 0; k < 2; ++k) {
             sum[k] += bsum[k];
             log_sum[k] += blog[k];
             bsum[k] = zero;
             blog[k] = zero;
           }
-          gem_rescale<kPow, kLog, 2>(m, m1, grew, p, n, sum, log_sum);
-          m = m1;
-          inv_m = Vec(acc_t(1)) / m1;
-        }
+        });
       };
       auto block = [&](const scalar_t* xb, auto chunks_c) {
         constexpr int kChunks = decltype(chunks_c)::value;
@@ -483,7 +515,7 @@ struct PoolKernel {
         for (int j = 1; j < 2 * kChunks; ++j) block_max = at::vec::clamp_min(v[j], block_max);
         grow(block_max);
         for (int j = 0; j < 2 * kChunks; ++j) {
-          gem_term<false, kPow, kLog>(v[j], zero, inv_m, p, n, eps, bsum[j & 1], blog[j & 1]);
+          gem_term<false, kPow, kLog>(v[j], zero, g.inv, p, n, eps, bsum[j & 1], blog[j & 1]);
         }
       };
       for (int64_t i = 0; i < full_end;) {
@@ -507,15 +539,14 @@ struct PoolKernel {
         IO::load(x + len - W, v[0], v[1]);
         grow(at::vec::clamp_min(v[0] & mask[0], v[1] & mask[1]));
         for (int k = 0; k < 2; ++k) {
-          gem_term<true, kPow, kLog>(v[k], mask[k], inv_m, p, n, eps, sum[k], log_sum[k]);
+          gem_term<true, kPow, kLog>(v[k], mask[k], g.inv, p, n, eps, sum[k], log_sum[k]);
         }
       }
       // The lanes' sums, moved to the row's maximum, added up.
       const acc_t big_m = at::vec::vec_reduce_all<acc_t>(
-          [](const Vec& l, const Vec& r) { return at::vec::clamp_min(l, r); }, m);
-      const Vec m_row(big_m);
+          [](const Vec& l, const Vec& r) { return at::vec::clamp_min(l, r); }, g.max);
       Vec total[1] = {sum[0] + sum[1]}, log_total[1] = {log_sum[0] + log_sum[1]};
-      gem_rescale<kPow, kLog, 1>(m, m_row, m_row > m, p, n, total, log_total);
+      gem_to_max<kPow, kLog, 1>(g, Vec(big_m), p, n, total, log_total);
       auto add = [](const Vec& l, const Vec& r) { return l + r; };
       st.max = big_m;
       st.sum = at::vec::vec_reduce_all<acc_t>(add, total[0]);
@@ -930,9 +961,9 @@ struct PoolKernel {
       const Vec eps(a.eps);
       const Vec zero(acc_t(0));
       const int n = power.integer;
+      const Vec headroom[2] = {gem_headroom(p[0]), gem_headroom(p[1])};
       Vec sum[2][1] = {{zero}, {zero}}, log_sum[2][1] = {{zero}, {zero}};
-      Vec m[2] = {eps, eps};
-      Vec inv_m[2] = {Vec(acc_t(1)) / eps, Vec(acc_t(1)) / eps};
+      GemRef g[2] = {gem_start(eps), gem_start(eps)};
       Vec t[8];
       // Columns [j0, 8) of the tile at column `base`, for both halves of the batch.
       auto tile = [&](int64_t base, int64_t j0) {
@@ -940,9 +971,9 @@ struct PoolKernel {
           load_tile(x + k * V * S + base, S, t);
           Vec block_max = t[j0];
           for (int64_t j = j0 + 1; j < 8; ++j) block_max = at::vec::clamp_min(t[j], block_max);
-          gem_grow<kPow, kLog, 1>(block_max, p[k], n, m[k], inv_m[k], sum[k], log_sum[k]);
+          gem_grow<kPow, kLog, 1>(block_max, p[k], headroom[k], n, g[k], sum[k], log_sum[k]);
           for (int64_t j = j0; j < 8; ++j) {
-            gem_term<false, kPow, kLog>(t[j], zero, inv_m[k], p[k], n, eps, sum[k][0],
+            gem_term<false, kPow, kLog>(t[j], zero, g[k].inv, p[k], n, eps, sum[k][0],
                                         log_sum[k][0]);
           }
         }
@@ -952,9 +983,10 @@ struct PoolKernel {
       // The last tile overlaps the previous one; its first columns were already counted.
       if (s0 < S) tile(S - 8, s0 - (S - 8));
       for (int k = 0; k < 2; ++k) {
+        gem_to_max<kPow, kLog, 1>(g[k], g[k].max, p[k], n, sum[k], log_sum[k]);
         sum[k][0].store(sums + k * V);
         log_sum[k][0].store(log_sums + k * V);
-        m[k].store(maxima + k * V);
+        g[k].max.store(maxima + k * V);
       }
     });
     for (int64_t i = 0, c = c0; i < kBatch; ++i) {
@@ -997,19 +1029,24 @@ struct PoolKernel {
   // ---------------------------------------------------------------- forward, NSC
 
   struct ChannelBuffers {
-    std::vector<acc_t> sum, log_sum, max, index;
-    explicit ChannelBuffers(int64_t C) : sum(C), log_sum(C), max(C), index(C) {}
-    // GEM's running maxima start at eps (see reduce_run_gem), the max modes' at -inf.
+    // ref: GEM's references (see reduce_run_gem); empty for the other modes.
+    std::vector<acc_t> sum, log_sum, max, index, ref;
+    explicit ChannelBuffers(int64_t C)
+        : sum(C), log_sum(C), max(C), index(C), ref(kGem ? C : 0) {}
+    // GEM's running maxima start at eps, the max modes' at -inf.
     void reset(acc_t max_start) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
       std::fill(log_sum.begin(), log_sum.end(), acc_t(0));
       std::fill(max.begin(), max.end(), max_start);
       std::fill(index.begin(), index.end(), acc_t(0));
+      std::fill(ref.begin(), ref.end(), max_start);
     }
   };
 
-  // GEM's version of reduce_channels: each channel keeps its running maximum in b.max, raised
-  // once per kGemBlockRows rows (read into registers first) before their terms are added.
+  // GEM's version of reduce_channels: each channel keeps its running maximum in b.max and its
+  // reference in b.ref, raised once per kGemBlockRows rows (read into registers first) before
+  // their terms are added. The rows of the next block are prefetched, as in reduce_channels_max:
+  // with the extra work per element, the hardware prefetcher alone no longer keeps up.
   template <bool kMasked, int kPow, bool kLog>
   static void reduce_channels_gem(const scalar_t* xn, int64_t s0, int64_t s1, int64_t c,
                                   const Vec (&mask)[2], const Args& a, const Power& power,
@@ -1019,26 +1056,35 @@ struct PoolKernel {
     const int n = power.integer;
     const Vec p[2] = {kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c) : power.p[0],
                       kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c + V) : power.p[1]};
-    Vec sum[2][1], log_sum[2][1], m[2], inv_m[2];
+    const Vec headroom[2] = {gem_headroom(p[0]), gem_headroom(p[1])};
+    Vec sum[2][1], log_sum[2][1];
+    GemRef g[2];
     for (int k = 0; k < 2; ++k) {
       sum[k][0] = Vec::loadu(b.sum.data() + c + k * V);
       log_sum[k][0] = Vec::loadu(b.log_sum.data() + c + k * V);
-      m[k] = Vec::loadu(b.max.data() + c + k * V);
-      inv_m[k] = Vec(acc_t(1)) / m[k];
+      g[k].max = Vec::loadu(b.max.data() + c + k * V);
+      g[k].ref = Vec::loadu(b.ref.data() + c + k * V);
+      g[k].inv = Vec(acc_t(1)) / g[k].ref;
     }
+    // Integer arithmetic: the address may lie past the end of x.
+    const uintptr_t ahead = static_cast<uintptr_t>(kRowBlock * C) * sizeof(scalar_t);
     auto rows = [&](int64_t r, auto rows_c) {
       constexpr int kRows = decltype(rows_c)::value;
       Vec v[kRows][2];
-      for (int i = 0; i < kRows; ++i) IO::load(xn + (r + i) * C + c, v[i][0], v[i][1]);
+      for (int i = 0; i < kRows; ++i) {
+        const scalar_t* row = xn + (r + i) * C + c;
+        __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row) + ahead));
+        IO::load(row, v[i][0], v[i][1]);
+      }
       for (int k = 0; k < 2; ++k) {
-        // Masked lanes (channels of the previous chunk) read 0, which never raises m >= eps.
+        // Masked lanes (channels of the previous chunk) read 0, which never raises max >= eps.
         Vec block_max = kMasked ? v[0][k] & mask[k] : v[0][k];
         for (int i = 1; i < kRows; ++i) {
           block_max = at::vec::clamp_min(kMasked ? v[i][k] & mask[k] : v[i][k], block_max);
         }
-        gem_grow<kPow, kLog, 1>(block_max, p[k], n, m[k], inv_m[k], sum[k], log_sum[k]);
+        gem_grow<kPow, kLog, 1>(block_max, p[k], headroom[k], n, g[k], sum[k], log_sum[k]);
         for (int i = 0; i < kRows; ++i) {
-          gem_term<kMasked, kPow, kLog>(v[i][k], mask[k], inv_m[k], p[k], n, eps, sum[k][0],
+          gem_term<kMasked, kPow, kLog>(v[i][k], mask[k], g[k].inv, p[k], n, eps, sum[k][0],
                                         log_sum[k][0]);
         }
       }
@@ -1051,7 +1097,8 @@ struct PoolKernel {
     for (int k = 0; k < 2; ++k) {
       sum[k][0].store(b.sum.data() + c + k * V);
       log_sum[k][0].store(b.log_sum.data() + c + k * V);
-      m[k].store(b.max.data() + c + k * V);
+      g[k].max.store(b.max.data() + c + k * V);
+      g[k].ref.store(b.ref.data() + c + k * V);
     }
   }
 
@@ -1155,6 +1202,8 @@ struct PoolKernel {
           b.index[c] = static_cast<acc_t>(index);
         }
       }
+      // GEM: the scalar steps keep the sums relative to the maximum itself.
+      if constexpr (kGem) std::copy(b.max.begin(), b.max.end(), b.ref.begin());
       return;
     }
     const int64_t tail = C % W;
@@ -1186,11 +1235,19 @@ struct PoolKernel {
     });
   }
 
-  // Channel c's statistics of rows [s0, s1) of sample xn.
+  // Channel c's statistics of rows [s0, s1) of sample xn. GEM's sums are moved from the
+  // channel's reference to its maximum.
   static inline Stats channel_stats(const ChannelBuffers& b, int64_t c, const scalar_t* xn,
-                                    int64_t s0, int64_t s1, int64_t C) {
+                                    int64_t s0, int64_t s1, const Args& a) {
     Stats st{b.sum[c], b.log_sum[c], b.max[c], s0 + static_cast<int64_t>(b.index[c])};
-    if constexpr (kGem) gem_settle(st, xn + s0 * C + c, s1 - s0, C);
+    if constexpr (kGem) {
+      if (b.ref[c] != st.max) {
+        const acc_t p = a.param(c);
+        gem_rescale_scalar(b.ref[c], st.max, small_integer_power(p), p, a.with_log, st.sum,
+                           st.log_sum);
+      }
+      gem_settle(st, xn + s0 * a.C + c, s1 - s0, a.C);
+    }
     return st;
   }
 
@@ -1219,14 +1276,14 @@ struct PoolKernel {
         if (pieces == 1) {
           for (int64_t c0 = 0; c0 < C; c0 += kBatch) {
             const int64_t count = std::min(kBatch, C - c0);
-            for (int64_t i = 0; i < count; ++i) st[i] = channel_stats(b, c0 + i, xn, s0, s1, C);
+            for (int64_t i = 0; i < count; ++i) st[i] = channel_stats(b, c0 + i, xn, s0, s1, a);
             finalize(a, o, n * C + c0, count, st);
           }
         } else {
           // parts is ordered (n, c, piece) so that merging reads each row's pieces in a run.
           const int64_t k = t - n * pieces;
           for (int64_t c = 0; c < C; ++c) {
-            parts[(n * C + c) * pieces + k] = channel_stats(b, c, xn, s0, s1, C);
+            parts[(n * C + c) * pieces + k] = channel_stats(b, c, xn, s0, s1, a);
           }
         }
       }
