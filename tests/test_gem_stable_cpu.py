@@ -280,3 +280,18 @@ def test_deterministic(p, shape, layout, gen):
         results.append((out, xk.grad, wk.grad))
     for a, b in zip(*results):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("p", [1.0, 3.0, 7.5])
+@pytest.mark.parametrize("dtype,top", [(torch.float32, 1e38), (torch.float64, 1e307)], ids=str)
+def test_near_largest_finite(dtype, top, p, shape, layout, gen):
+    """Values up to about the largest finite one: whatever the kernel keeps relative to, it must
+    not round up to inf (a float p: the gradient to p itself would overflow the dtype)."""
+    n, c = shape[:2]
+    x = (top * (0.1 + torch.rand(shape, generator=gen, dtype=torch.float64))).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, _ = check(x, p, gen, dtype, rtol_for(p, dtype))
+    assert torch.isfinite(out).all() and (out > 0).all()
