@@ -107,8 +107,9 @@ inline void scan_max(acc_t v, int64_t i, acc_t& m, int64_t& index) {
   }
 }
 
-// The statistics of one row (or one piece of a row). `sum` is the sum of x for avg/mixed/cat
-// and the sum of clamp(x, eps)**p for GEM; `log_sum` is GEM's sum of x**p * log(x).
+// The statistics of one row (or one piece of a row). `sum` is the sum of x for avg/mixed/cat.
+// GEM: `max` is M, the maximum of y = clamp(x, eps) (NaN when a NaN was seen), `sum` is the sum
+// of (y/M)**p and `log_sum` the sum of (y/M)**p * log(y/M) (docs/DESIGN.md, "Modes").
 template <typename acc_t>
 struct Partial {
   acc_t sum;
@@ -204,6 +205,38 @@ inline acc_t scalar_pow(acc_t x, int integer, acc_t p) {
   return integer > 0 ? scalar_integer_pow(x, integer) : std::exp(p * std::log(x));
 }
 
+// GEM's sums relative to a reference m0 (a running maximum, or above it) moved to another one
+// m1 (neither NaN, both > 0): with k = m0/m1, sum *= k**p and
+// log_sum = k**p * (log_sum + log(k) * sum), since log(y/m1) = log(y/m0) + log(k).
+// k = 0 (m1 = inf) gives 0, the limit of k**p * log(k).
+template <typename acc_t>
+inline void gem_rescale_scalar(acc_t m0, acc_t m1, int integer, acc_t p, bool with_log,
+                               acc_t& sum, acc_t& log_sum) {
+  const acc_t k = m0 / m1;
+  const acc_t kp = scalar_pow(k, integer, p);
+  if (with_log) log_sum = k > acc_t(0) ? kp * (log_sum + std::log(k) * sum) : acc_t(0);
+  sum *= kp;
+}
+
+// GEM's partial statistics of two pieces of a row combined into `into`, relative to the larger
+// maximum; a NaN maximum (a NaN in x) makes everything NaN.
+template <typename acc_t>
+inline void gem_merge(Partial<acc_t>& into, Partial<acc_t> later, int integer, acc_t p,
+                      bool with_log) {
+  if (is_nan(into.max) || is_nan(later.max)) {
+    into.max = into.sum = into.log_sum = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  if (later.max > into.max) {
+    gem_rescale_scalar(into.max, later.max, integer, p, with_log, into.sum, into.log_sum);
+    into.max = later.max;
+  } else if (into.max > later.max) {
+    gem_rescale_scalar(later.max, into.max, integer, p, with_log, later.sum, later.log_sum);
+  }
+  into.sum += later.sum;
+  into.log_sum += later.log_sum;
+}
+
 template <Mode kMode, typename scalar_t>
 struct PoolKernel {
   using acc_t = at::opmath_type<scalar_t>;
@@ -271,26 +304,14 @@ struct PoolKernel {
     }
   }
 
-  // Adds one vector of x (lanes outside `mask` ignored when kMasked) to the per-lane sums.
+  // Adds one vector of x (lanes outside `mask` ignored when kMasked) to the per-lane sums
+  // (AVG, MIXED, CAT; GEM has gem_term).
   template <bool kMasked, int kPow, bool kWithLog>
   static C10_ALWAYS_INLINE void accumulate(const Vec& v, const Vec& mask, const Vec& p, int n,
                                            const Vec& eps, Vec& sum, Vec& log_sum) {
+    static_assert(!kGem, "GEM accumulates with gem_term");
     if constexpr (kSum) {
       sum += kMasked ? (v & mask) : v;
-    }
-    if constexpr (kGem) {
-      const Vec clamped = at::vec::clamp_min(v, eps);
-      if constexpr (kWithLog) {
-        const Vec lg = clamped.log();
-        const Vec pw = gem_pow<kPow>(clamped, lg, p, n);
-        const Vec pw_lg = pw * lg;
-        sum += kMasked ? (pw & mask) : pw;
-        log_sum += kMasked ? (pw_lg & mask) : pw_lg;
-      } else {
-        const Vec lg = kPow == kPowExp ? clamped.log() : clamped;
-        const Vec pw = gem_pow<kPow>(clamped, lg, p, n);
-        sum += kMasked ? (pw & mask) : pw;
-      }
     }
   }
 
@@ -324,11 +345,215 @@ struct PoolKernel {
     if constexpr (kSum) sum += v;
     if constexpr (kMax) scan_max(v, i, mx, index);
     if constexpr (kGem) {
-      const acc_t clamped = is_nan(v) ? v : std::max(v, eps);
-      const acc_t pw = scalar_pow(clamped, integer, p);
+      // mx is the running maximum M (it starts at eps, so it is never NaN: a NaN shows in sum).
+      const acc_t y = is_nan(v) ? v : std::max(v, eps);
+      if (y > mx) {
+        gem_rescale_scalar(mx, y, integer, p, with_log, sum, log_sum);
+        mx = y;
+      }
+      const acc_t z = y / mx;
+      const acc_t pw = scalar_pow(z, integer, p);
       sum += pw;
-      if (with_log) log_sum += pw * std::log(clamped);
+      // z may underflow to 0; the clamp keeps 0 * log(z) at 0.
+      if (with_log) log_sum += pw * std::max(std::log(z), std::numeric_limits<acc_t>::lowest());
     }
+  }
+
+  // ---------------------------------------------------------------- GEM, relative to the max
+  //
+  // Every vectorized GEM loop keeps, per lane, the running maximum `max` of y = clamp(x, eps), a
+  // reference `ref` >= max, and the sums of (y/ref)**p (and of (y/ref)**p * log(y/ref)), as
+  // flash-attention's online softmax does. It reads a small block of x into registers, takes the
+  // block's maximum, and where that exceeds ref, moves the lanes' sums to a new reference (the
+  // block's maximum times a headroom h = 2**(16/p), so that (max/ref)**p >= 2**-16) with
+  // gem_rescale, before it adds the block's terms, each (y * (1/ref))**p <= 1: nothing over- or
+  // underflows. The headroom makes those moves rare (the running maximum of a row grows at
+  // ~ln(S) places, and most of them by less than h); the lane's sums are moved once more to its
+  // exact maximum at the end (gem_to_max), so that the pieces' statistics are relative to M.
+  // ref and max start at eps, a lower bound of every y. A NaN is left out of both (clamp_min
+  // keeps them) and turns the sum NaN instead; gem_settle turns that into M = NaN.
+
+  static constexpr int kAllLanes = (1 << V) - 1;
+  // Register blocks: NCS chunks (2 vectors each), NSC rows (2 vectors each).
+  static constexpr int kGemBlockChunks = 4;
+  static constexpr int kGemBlockRows = 4;
+  // log(h) * p: the headroom of a new reference is 2**16 ** (1/p).
+  static constexpr double kGemHeadroomLog = 16 * 0.69314718055994530942;
+
+  struct GemRef {
+    Vec ref, inv, max;  // the reference, 1/ref and the exact running maximum, per lane
+  };
+
+  static inline Vec gem_headroom(const Vec& p) { return (Vec(acc_t(kGemHeadroomLog)) / p).exp(); }
+
+  // Adds one vector's terms (lanes outside `mask` ignored when kMasked), relative to 1/inv_m.
+  template <bool kMasked, int kPow, bool kLog>
+  static C10_ALWAYS_INLINE void gem_term(const Vec& v, const Vec& mask, const Vec& inv_m,
+                                         const Vec& p, int n, const Vec& eps, Vec& sum,
+                                         Vec& log_sum) {
+    const Vec z = at::vec::clamp_min(v, eps) * inv_m;
+    if constexpr (kLog) {
+      // z may underflow to 0: the clamp keeps 0 * log(z) at 0 (and NaN stays NaN).
+      const Vec lg = at::vec::clamp_min(z.log(), Vec(std::numeric_limits<acc_t>::lowest()));
+      const Vec pw = gem_pow<kPow>(z, lg, p, n);
+      const Vec pw_lg = pw * lg;
+      sum += kMasked ? (pw & mask) : pw;
+      log_sum += kMasked ? (pw_lg & mask) : pw_lg;
+    } else {
+      const Vec pw = gem_pow<kPow>(z, kPow == kPowExp ? z.log() : z, p, n);
+      sum += kMasked ? (pw & mask) : pw;
+    }
+  }
+
+  // Moves kCount pairs of sums from the reference m0 to m1 in the lanes where `grew` (m0, m1 > 0
+  // or m1 = inf; no NaN in either): the vector form of gem_rescale_scalar.
+  template <int kPow, bool kLog, int kCount>
+  static inline void gem_rescale(const Vec& m0, const Vec& m1, const Vec& grew, const Vec& p,
+                                 int n, Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
+    const Vec k = m0 / m1;
+    const Vec log_k = kPow == kPowExp || kLog ? k.log() : k;
+    const Vec kp = gem_pow<kPow>(k, log_k, p, n);
+    for (int i = 0; i < kCount; ++i) {
+      if constexpr (kLog) {
+        const Vec moved = (kp * (log_sum[i] + log_k * sum[i])) & (k > Vec(acc_t(0)));
+        log_sum[i] = Vec::blendv(log_sum[i], moved, grew);
+      }
+      sum[i] = Vec::blendv(sum[i], sum[i] * kp, grew);
+    }
+  }
+
+  // Takes block_max into the running maximum and, where it exceeds the reference, moves the
+  // kCount pairs of sums to block_max * headroom (not past the largest finite value unless
+  // block_max is inf). A NaN in block_max leaves everything as it is. `on_grow` runs first when
+  // a lane grows (NCS folds its block sums into the running ones there).
+  template <int kPow, bool kLog, int kCount, typename F>
+  static C10_ALWAYS_INLINE void gem_grow(const Vec& block_max, const Vec& p, const Vec& headroom,
+                                         int n, GemRef& g, Vec (&sum)[kCount],
+                                         Vec (&log_sum)[kCount], F&& on_grow) {
+    g.max = at::vec::clamp_min(g.max, block_max);
+    const Vec grew = block_max > g.ref;
+    if (C10_UNLIKELY(grew.zero_mask() != kAllLanes)) {
+      on_grow();
+      const Vec top = at::vec::clamp_min(block_max, Vec(std::numeric_limits<acc_t>::max()));
+      const Vec lifted = at::vec::clamp_max(block_max * headroom, top);
+      const Vec ref1 = Vec::blendv(g.ref, lifted, grew);
+      gem_rescale<kPow, kLog, kCount>(g.ref, ref1, grew, p, n, sum, log_sum);
+      g.ref = ref1;
+      g.inv = Vec(acc_t(1)) / ref1;
+    }
+  }
+
+  template <int kPow, bool kLog, int kCount>
+  static C10_ALWAYS_INLINE void gem_grow(const Vec& block_max, const Vec& p, const Vec& headroom,
+                                         int n, GemRef& g, Vec (&sum)[kCount],
+                                         Vec (&log_sum)[kCount]) {
+    gem_grow<kPow, kLog, kCount>(block_max, p, headroom, n, g, sum, log_sum, [] {});
+  }
+
+  // Moves the sums from the lanes' references to `target` (their maximum, or the row's).
+  template <int kPow, bool kLog, int kCount>
+  static inline void gem_to_max(const GemRef& g, const Vec& target, const Vec& p, int n,
+                                Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
+    gem_rescale<kPow, kLog, kCount>(g.ref, target, g.ref != target, p, n, sum, log_sum);
+  }
+
+  static inline GemRef gem_start(const Vec& eps) { return {eps, Vec(acc_t(1)) / eps, eps}; }
+
+  // The end of a piece of `count` elements of one row, `stride` apart: a NaN sum means a NaN in
+  // x, unless M is +inf (inf/inf is NaN too); then the piece is scanned for a NaN.
+  static inline void gem_settle(Stats& st, const scalar_t* x, int64_t count, int64_t stride) {
+    if (!is_nan(st.sum)) return;
+    bool has_nan = true;
+    if (st.max == std::numeric_limits<acc_t>::infinity()) {
+      has_nan = false;
+      for (int64_t i = 0; i < count && !has_nan; ++i) has_nan = is_nan(static_cast<acc_t>(x[i * stride]));
+    }
+    if (has_nan) st.max = std::numeric_limits<acc_t>::quiet_NaN();
+  }
+
+  // GEM's statistics of the contiguous run x[0, len).
+  static Stats reduce_run_gem(const scalar_t* x, int64_t len, const Power& power, const Args& a) {
+    Stats st{acc_t(0), acc_t(0), a.eps, 0};
+    if (len < W) {
+      for (int64_t i = 0; i < len; ++i) {
+        update_scalar(static_cast<acc_t>(x[i]), i, power.integer, power.value, a.eps, a.with_log,
+                      st.sum, st.log_sum, st.max, st.index);
+      }
+      gem_settle(st, x, len, 1);
+      return st;
+    }
+    const int64_t tail = len % W;
+    const int64_t full_end = len - tail;
+    with_power(power, false, a.with_log, [&](auto pow_c, auto log_c) {
+      constexpr int kPow = decltype(pow_c)::value;
+      constexpr bool kLog = decltype(log_c)::value;
+      const Vec eps(a.eps);
+      const Vec zero(acc_t(0));
+      const Vec p = power.p[0];
+      const int n = power.integer;
+      const Vec headroom = gem_headroom(p);
+      // Both halves of a chunk share the lanes' references. bsum: the sums of the current block
+      // of kSumBlockChunks chunks; a move folds them into sum first.
+      GemRef g = gem_start(eps);
+      Vec sum[2] = {zero, zero}, log_sum[2] = {zero, zero};
+      Vec bsum[2] = {zero, zero}, blog[2] = {zero, zero};
+      auto grow = [&](const Vec& block_max) {
+        gem_grow<kPow, kLog, 2>(block_max, p, headroom, n, g, sum, log_sum, [&] {
+          for (int k = 0; k < 2; ++k) {
+            sum[k] += bsum[k];
+            log_sum[k] += blog[k];
+            bsum[k] = zero;
+            blog[k] = zero;
+          }
+        });
+      };
+      auto block = [&](const scalar_t* xb, auto chunks_c) {
+        constexpr int kChunks = decltype(chunks_c)::value;
+        Vec v[2 * kChunks];
+        for (int j = 0; j < kChunks; ++j) IO::load(xb + j * W, v[2 * j], v[2 * j + 1]);
+        Vec block_max = v[0];
+        for (int j = 1; j < 2 * kChunks; ++j) block_max = at::vec::clamp_min(v[j], block_max);
+        grow(block_max);
+        for (int j = 0; j < 2 * kChunks; ++j) {
+          gem_term<false, kPow, kLog>(v[j], zero, g.inv, p, n, eps, bsum[j & 1], blog[j & 1]);
+        }
+      };
+      for (int64_t i = 0; i < full_end;) {
+        const int64_t sum_block_end = std::min(full_end, i + kSumBlockChunks * W);
+        for (; i + kGemBlockChunks * W <= sum_block_end; i += kGemBlockChunks * W) {
+          block(x + i, std::integral_constant<int, kGemBlockChunks>());
+        }
+        for (; i < sum_block_end; i += W) block(x + i, std::integral_constant<int, 1>());
+        for (int k = 0; k < 2; ++k) {
+          sum[k] += bsum[k];
+          log_sum[k] += blog[k];
+          bsum[k] = zero;
+          blog[k] = zero;
+        }
+      }
+      if (tail) {
+        // The last chunk overlaps the previous one; the mask drops the lanes already counted
+        // (0 never raises m >= eps).
+        Vec mask[2], v[2];
+        tail_mask(tail, mask);
+        IO::load(x + len - W, v[0], v[1]);
+        grow(at::vec::clamp_min(v[0] & mask[0], v[1] & mask[1]));
+        for (int k = 0; k < 2; ++k) {
+          gem_term<true, kPow, kLog>(v[k], mask[k], g.inv, p, n, eps, sum[k], log_sum[k]);
+        }
+      }
+      // The lanes' sums, moved to the row's maximum, added up.
+      const acc_t big_m = at::vec::vec_reduce_all<acc_t>(
+          [](const Vec& l, const Vec& r) { return at::vec::clamp_min(l, r); }, g.max);
+      Vec total[1] = {sum[0] + sum[1]}, log_total[1] = {log_sum[0] + log_sum[1]};
+      gem_to_max<kPow, kLog, 1>(g, Vec(big_m), p, n, total, log_total);
+      auto add = [](const Vec& l, const Vec& r) { return l + r; };
+      st.max = big_m;
+      st.sum = at::vec::vec_reduce_all<acc_t>(add, total[0]);
+      if constexpr (kLog) st.log_sum = at::vec::vec_reduce_all<acc_t>(add, log_total[0]);
+    });
+    gem_settle(st, x, len, 1);
+    return st;
   }
 
   // ---------------------------------------------------------------- forward, NCS
@@ -372,6 +597,14 @@ struct PoolKernel {
 
   // Statistics of the contiguous run x[0, len); indices relative to x.
   static Stats reduce_run(const scalar_t* x, int64_t len, const Power& power, const Args& a) {
+    if constexpr (kGem) {
+      return reduce_run_gem(x, len, power, a);
+    } else {
+      return reduce_run_plain(x, len, power, a);
+    }
+  }
+
+  static Stats reduce_run_plain(const scalar_t* x, int64_t len, const Power& power, const Args& a) {
     Stats st = empty_partial<acc_t>();
     if (len < W) {
       const acc_t p = power.value;
@@ -459,16 +692,17 @@ struct PoolKernel {
     const acc_t S = static_cast<acc_t>(a.S);
     __at_align__ acc_t root[kBatch];
     if constexpr (kGem) {
-      __at_align__ acc_t m[kBatch];
+      // root = r ** (1/p), r = mean((y/M)**p) in [1/S, 1].
+      __at_align__ acc_t r[kBatch];
       __at_align__ acc_t inv_p[kBatch];
       int64_t cc = c;
       for (int64_t i = 0; i < kBatch; ++i) {
-        m[i] = i < count ? st[i].sum / S : acc_t(1);
+        r[i] = i < count ? st[i].sum / S : acc_t(1);
         inv_p[i] = i < count ? acc_t(1) / a.param(cc) : acc_t(1);
         if (++cc == a.C) cc = 0;
       }
       for (int64_t i = 0; i < kBatch; i += V) {
-        (Vec::loadu(inv_p + i) * Vec::loadu(m + i).log()).exp().store(root + i);
+        (Vec::loadu(inv_p + i) * Vec::loadu(r + i).log()).exp().store(root + i);
       }
     }
     for (int64_t i = 0; i < count; ++i, ++c) {
@@ -492,10 +726,14 @@ struct PoolKernel {
         o.out[n * 2 * a.C + c] = static_cast<scalar_t>(s.sum / S);
         o.out[n * 2 * a.C + a.C + c] = static_cast<scalar_t>(s.max);
       } else {
-        const acc_t m = s.sum / S;
-        o.out[r] = static_cast<scalar_t>(root[i]);
-        o.aux[r * o.aux_columns] = m;
-        if (a.with_log) o.aux[r * o.aux_columns + 1] = s.log_sum / S;
+        // out = M * r**(1/p); M when M is +inf (r is NaN then); NaN when M is NaN.
+        const acc_t big_m = s.max;
+        const bool inf = big_m == std::numeric_limits<acc_t>::infinity();
+        o.out[r] = static_cast<scalar_t>(inf ? big_m : big_m * root[i]);
+        acc_t* aux = o.aux + r * o.aux_columns;
+        aux[0] = big_m;
+        aux[1] = s.sum / S;
+        if (a.with_log) aux[2] = s.log_sum / S;
       }
     }
   }
@@ -515,7 +753,13 @@ struct PoolKernel {
       for (int64_t i = 0; i < count; ++i) {
         const Stats* row = parts.data() + (r0 + i) * pieces;
         st[i] = row[0];
-        for (int64_t k = 1; k < pieces; ++k) merge(st[i], row[k]);
+        if constexpr (kGem) {
+          const acc_t p = a.param((r0 + i) % a.C);
+          const int integer = small_integer_power(p);
+          for (int64_t k = 1; k < pieces; ++k) gem_merge(st[i], row[k], integer, p, a.with_log);
+        } else {
+          for (int64_t k = 1; k < pieces; ++k) merge(st[i], row[k]);
+        }
       }
       finalize(a, o, r0, count, st);
     }
@@ -692,6 +936,69 @@ struct PoolKernel {
     }
   }
 
+  // GEM's version of reduce_lanes: each lane (row) keeps its running maximum, raised once per
+  // tile of 8 columns before the tile's terms are added. A row whose sum is NaN is reduced again
+  // by reduce_run, which settles it.
+  static void reduce_lanes_gem(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
+    const int64_t S = a.S;
+    const int64_t c0 = r0 % a.C;
+    const Power power = a.power_of(c0);
+    const bool per_lane_p = !a.uniform_p;
+    Vec p[2] = {power.p[0], power.p[1]};
+    if (per_lane_p) {
+      __at_align__ acc_t pl[kBatch];
+      for (int64_t i = 0, c = c0; i < kBatch; ++i) {
+        pl[i] = a.param(c);
+        if (++c == a.C) c = 0;
+      }
+      p[0] = Vec::loadu(pl);
+      p[1] = Vec::loadu(pl + V);
+    }
+    __at_align__ acc_t sums[kBatch], log_sums[kBatch], maxima[kBatch];
+    with_power(power, per_lane_p, a.with_log, [&](auto pow_c, auto log_c) {
+      constexpr int kPow = decltype(pow_c)::value;
+      constexpr bool kLog = decltype(log_c)::value;
+      const Vec eps(a.eps);
+      const Vec zero(acc_t(0));
+      const int n = power.integer;
+      const Vec headroom[2] = {gem_headroom(p[0]), gem_headroom(p[1])};
+      Vec sum[2][1] = {{zero}, {zero}}, log_sum[2][1] = {{zero}, {zero}};
+      GemRef g[2] = {gem_start(eps), gem_start(eps)};
+      Vec t[8];
+      // Columns [j0, 8) of the tile at column `base`, for both halves of the batch.
+      auto tile = [&](int64_t base, int64_t j0) {
+        for (int k = 0; k < 2; ++k) {
+          load_tile(x + k * V * S + base, S, t);
+          Vec block_max = t[j0];
+          for (int64_t j = j0 + 1; j < 8; ++j) block_max = at::vec::clamp_min(t[j], block_max);
+          gem_grow<kPow, kLog, 1>(block_max, p[k], headroom[k], n, g[k], sum[k], log_sum[k]);
+          for (int64_t j = j0; j < 8; ++j) {
+            gem_term<false, kPow, kLog>(t[j], zero, g[k].inv, p[k], n, eps, sum[k][0],
+                                        log_sum[k][0]);
+          }
+        }
+      };
+      int64_t s0 = 0;
+      for (; s0 + 8 <= S; s0 += 8) tile(s0, 0);
+      // The last tile overlaps the previous one; its first columns were already counted.
+      if (s0 < S) tile(S - 8, s0 - (S - 8));
+      for (int k = 0; k < 2; ++k) {
+        gem_to_max<kPow, kLog, 1>(g[k], g[k].max, p[k], n, sum[k], log_sum[k]);
+        sum[k][0].store(sums + k * V);
+        log_sum[k][0].store(log_sums + k * V);
+        g[k].max.store(maxima + k * V);
+      }
+    });
+    for (int64_t i = 0, c = c0; i < kBatch; ++i) {
+      if (is_nan(sums[i])) {
+        st[i] = reduce_run(x + i * S, S, a.power_of(c), a);
+      } else {
+        st[i] = {sums[i], log_sums[i], maxima[i], 0};
+      }
+      if (++c == a.C) c = 0;
+    }
+  }
+
   static void forward_ncs_lanes(const scalar_t* x, const Args& a, const Outputs& o) {
     const int64_t R = a.N * a.C;
     const int64_t S = a.S;
@@ -703,7 +1010,11 @@ struct PoolKernel {
         const int64_t r0 = g * kBatch;
         const int64_t count = std::min(kBatch, R - r0);
         if (count == kBatch) {
-          reduce_lanes(x + r0 * S, r0, a, st);
+          if constexpr (kGem) {
+            reduce_lanes_gem(x + r0 * S, r0, a, st);
+          } else {
+            reduce_lanes(x + r0 * S, r0, a, st);
+          }
         } else {
           for (int64_t i = 0, c = r0 % a.C; i < count; ++i) {
             st[i] = reduce_run(x + (r0 + i) * S, S, kGem ? a.power_of(c) : Power{}, a);
@@ -718,15 +1029,78 @@ struct PoolKernel {
   // ---------------------------------------------------------------- forward, NSC
 
   struct ChannelBuffers {
-    std::vector<acc_t> sum, log_sum, max, index;
-    explicit ChannelBuffers(int64_t C) : sum(C), log_sum(C), max(C), index(C) {}
-    void reset() {
+    // ref: GEM's references (see reduce_run_gem); empty for the other modes.
+    std::vector<acc_t> sum, log_sum, max, index, ref;
+    explicit ChannelBuffers(int64_t C)
+        : sum(C), log_sum(C), max(C), index(C), ref(kGem ? C : 0) {}
+    // GEM's running maxima start at eps, the max modes' at -inf.
+    void reset(acc_t max_start) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
       std::fill(log_sum.begin(), log_sum.end(), acc_t(0));
-      std::fill(max.begin(), max.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(max.begin(), max.end(), max_start);
       std::fill(index.begin(), index.end(), acc_t(0));
+      std::fill(ref.begin(), ref.end(), max_start);
     }
   };
+
+  // GEM's version of reduce_channels: each channel keeps its running maximum in b.max and its
+  // reference in b.ref, raised once per kGemBlockRows rows (read into registers first) before
+  // their terms are added. The rows of the next block are prefetched, as in reduce_channels_max:
+  // with the extra work per element, the hardware prefetcher alone no longer keeps up.
+  template <bool kMasked, int kPow, bool kLog>
+  static void reduce_channels_gem(const scalar_t* xn, int64_t s0, int64_t s1, int64_t c,
+                                  const Vec (&mask)[2], const Args& a, const Power& power,
+                                  ChannelBuffers& b) {
+    const int64_t C = a.C;
+    const Vec eps(a.eps);
+    const int n = power.integer;
+    const Vec p[2] = {kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c) : power.p[0],
+                      kPow == kPowExp && !a.uniform_p ? Vec::loadu(a.weight + c + V) : power.p[1]};
+    const Vec headroom[2] = {gem_headroom(p[0]), gem_headroom(p[1])};
+    Vec sum[2][1], log_sum[2][1];
+    GemRef g[2];
+    for (int k = 0; k < 2; ++k) {
+      sum[k][0] = Vec::loadu(b.sum.data() + c + k * V);
+      log_sum[k][0] = Vec::loadu(b.log_sum.data() + c + k * V);
+      g[k].max = Vec::loadu(b.max.data() + c + k * V);
+      g[k].ref = Vec::loadu(b.ref.data() + c + k * V);
+      g[k].inv = Vec(acc_t(1)) / g[k].ref;
+    }
+    // Integer arithmetic: the address may lie past the end of x.
+    const uintptr_t ahead = static_cast<uintptr_t>(kRowBlock * C) * sizeof(scalar_t);
+    auto rows = [&](int64_t r, auto rows_c) {
+      constexpr int kRows = decltype(rows_c)::value;
+      Vec v[kRows][2];
+      for (int i = 0; i < kRows; ++i) {
+        const scalar_t* row = xn + (r + i) * C + c;
+        __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row) + ahead));
+        IO::load(row, v[i][0], v[i][1]);
+      }
+      for (int k = 0; k < 2; ++k) {
+        // Masked lanes (channels of the previous chunk) read 0, which never raises max >= eps.
+        Vec block_max = kMasked ? v[0][k] & mask[k] : v[0][k];
+        for (int i = 1; i < kRows; ++i) {
+          block_max = at::vec::clamp_min(kMasked ? v[i][k] & mask[k] : v[i][k], block_max);
+        }
+        gem_grow<kPow, kLog, 1>(block_max, p[k], headroom[k], n, g[k], sum[k], log_sum[k]);
+        for (int i = 0; i < kRows; ++i) {
+          gem_term<kMasked, kPow, kLog>(v[i][k], mask[k], g[k].inv, p[k], n, eps, sum[k][0],
+                                        log_sum[k][0]);
+        }
+      }
+    };
+    int64_t r = s0;
+    for (; r + kGemBlockRows <= s1; r += kGemBlockRows) {
+      rows(r, std::integral_constant<int, kGemBlockRows>());
+    }
+    for (; r < s1; ++r) rows(r, std::integral_constant<int, 1>());
+    for (int k = 0; k < 2; ++k) {
+      sum[k][0].store(b.sum.data() + c + k * V);
+      log_sum[k][0].store(b.log_sum.data() + c + k * V);
+      g[k].max.store(b.max.data() + c + k * V);
+      g[k].ref.store(b.ref.data() + c + k * V);
+    }
+  }
 
   // Folds the sums of channels [c, c + W) of rows [s0, s1) into the channel buffers, in blocks
   // of kRowBlock rows so that the accumulators stay in registers within a block.
@@ -816,7 +1190,7 @@ struct PoolKernel {
   static void reduce_rows(const scalar_t* xn, int64_t s0, int64_t s1, const Args& a,
                           const Power& uniform, ChannelBuffers& b) {
     const int64_t C = a.C;
-    b.reset();
+    b.reset(kGem ? a.eps : -std::numeric_limits<acc_t>::infinity());
     if (C < W) {
       for (int64_t s = s0; s < s1; ++s) {
         const scalar_t* row = xn + s * C;
@@ -828,6 +1202,8 @@ struct PoolKernel {
           b.index[c] = static_cast<acc_t>(index);
         }
       }
+      // GEM: the scalar steps keep the sums relative to the maximum itself.
+      if constexpr (kGem) std::copy(b.max.begin(), b.max.end(), b.ref.begin());
       return;
     }
     const int64_t tail = C % W;
@@ -844,6 +1220,11 @@ struct PoolKernel {
             reduce_channels_max<false>(xn, s0, s, s_end, c, mask, C, b);
           }
           if (tail) reduce_channels_max<true>(xn, s0, s, s_end, C - W, mask, C, b);
+        } else if constexpr (kGem) {
+          for (int64_t c = 0; c < full_end; c += W) {
+            reduce_channels_gem<false, kPow, kLog>(xn, s, s_end, c, mask, a, uniform, b);
+          }
+          if (tail) reduce_channels_gem<true, kPow, kLog>(xn, s, s_end, C - W, mask, a, uniform, b);
         } else {
           for (int64_t c = 0; c < full_end; c += W) {
             reduce_channels<false, kPow, kLog>(xn, s, s_end, c, mask, a, uniform, b);
@@ -854,8 +1235,20 @@ struct PoolKernel {
     });
   }
 
-  static inline Stats channel_stats(const ChannelBuffers& b, int64_t c, int64_t s0) {
-    return {b.sum[c], b.log_sum[c], b.max[c], s0 + static_cast<int64_t>(b.index[c])};
+  // Channel c's statistics of rows [s0, s1) of sample xn. GEM's sums are moved from the
+  // channel's reference to its maximum.
+  static inline Stats channel_stats(const ChannelBuffers& b, int64_t c, const scalar_t* xn,
+                                    int64_t s0, int64_t s1, const Args& a) {
+    Stats st{b.sum[c], b.log_sum[c], b.max[c], s0 + static_cast<int64_t>(b.index[c])};
+    if constexpr (kGem) {
+      if (b.ref[c] != st.max) {
+        const acc_t p = a.param(c);
+        gem_rescale_scalar(b.ref[c], st.max, small_integer_power(p), p, a.with_log, st.sum,
+                           st.log_sum);
+      }
+      gem_settle(st, xn + s0 * a.C + c, s1 - s0, a.C);
+    }
+    return st;
   }
 
   static void forward_nsc(const scalar_t* x, const Args& a, const Outputs& o) {
@@ -877,17 +1270,21 @@ struct PoolKernel {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / pieces;
         const int64_t s0 = (t - n * pieces) * rows;
-        reduce_rows(x + n * S * C, s0, std::min(S, s0 + rows), a, uniform, b);
+        const int64_t s1 = std::min(S, s0 + rows);
+        const scalar_t* xn = x + n * S * C;
+        reduce_rows(xn, s0, s1, a, uniform, b);
         if (pieces == 1) {
           for (int64_t c0 = 0; c0 < C; c0 += kBatch) {
             const int64_t count = std::min(kBatch, C - c0);
-            for (int64_t i = 0; i < count; ++i) st[i] = channel_stats(b, c0 + i, s0);
+            for (int64_t i = 0; i < count; ++i) st[i] = channel_stats(b, c0 + i, xn, s0, s1, a);
             finalize(a, o, n * C + c0, count, st);
           }
         } else {
           // parts is ordered (n, c, piece) so that merging reads each row's pieces in a run.
           const int64_t k = t - n * pieces;
-          for (int64_t c = 0; c < C; ++c) parts[(n * C + c) * pieces + k] = channel_stats(b, c, s0);
+          for (int64_t c = 0; c < C; ++c) {
+            parts[(n * C + c) * pieces + k] = channel_stats(b, c, xn, s0, s1, a);
+          }
         }
       }
     });
@@ -908,26 +1305,30 @@ struct PoolKernel {
   };
 
   // grad_x[r, s] = A[r] * f(x) + (s == index[r]) * B[r], f = 1 except for GEM, where
-  // f = x**(p-1) for x >= eps, else 0. Fills rows r0 .. r0+count-1, count <= kBatch.
+  // f = (x * B[r])**(p-1) for x >= eps, else 0, with A = g * r**(1/p - 1) / S and B = 1/M.
+  // Fills rows r0 .. r0+count-1, count <= kBatch.
   static void row_coefficients(const Args& a, const Grad& g, int64_t r0, int64_t count, acc_t* A,
                                acc_t* B, int64_t* index) {
     int64_t n = r0 / a.C;
     int64_t c = r0 - n * a.C;
     const acc_t S = static_cast<acc_t>(a.S);
     if constexpr (kGem) {
-      __at_align__ acc_t m[kBatch];
+      __at_align__ acc_t big_m[kBatch];
+      __at_align__ acc_t ratio[kBatch];
       __at_align__ acc_t exponent[kBatch];
       __at_align__ acc_t go[kBatch];
       for (int64_t i = 0; i < kBatch; ++i) {
         const int64_t r = r0 + i;
-        m[i] = i < count ? g.aux[r * g.aux_columns] : acc_t(1);
+        big_m[i] = i < count ? g.aux[r * g.aux_columns] : acc_t(1);
+        ratio[i] = i < count ? g.aux[r * g.aux_columns + 1] : acc_t(1);
         exponent[i] = i < count ? acc_t(1) / a.param(c) - acc_t(1) : acc_t(0);
         go[i] = i < count ? static_cast<acc_t>(g.grad_out[r]) : acc_t(0);
         if (++c == a.C) c = 0;
       }
       for (int64_t i = 0; i < kBatch; i += V) {
-        const Vec pw = (Vec::loadu(exponent + i) * Vec::loadu(m + i).log()).exp();
+        const Vec pw = (Vec::loadu(exponent + i) * Vec::loadu(ratio + i).log()).exp();
         (Vec::loadu(go + i) * pw / Vec(S)).store(A + i);
+        (Vec(acc_t(1)) / Vec::loadu(big_m + i)).store(B + i);
       }
       return;
     }
@@ -957,12 +1358,14 @@ struct PoolKernel {
     }
   }
 
-  // One chunk of grad_x: A + (cur == index) * B, or GEM's coef * x**(p-1) masked by x >= eps.
-  // x**(p-1), with GEM's way of raising to p fixed by kPow (see kPowExp).
+  // One chunk of grad_x: A + (cur == index) * B, or GEM's A * (x * B)**(p-1) masked by x >= eps.
+  // z**(p-1), z = y/M in [0, 1], with GEM's way of raising to p fixed by kPow (see kPowExp).
   template <int kPow>
   static C10_ALWAYS_INLINE Vec grad_pow(const Vec& v, const Vec& p, int n) {
     if constexpr (kPow == kPowExp) {
-      return ((p - Vec(acc_t(1))) * v.log()).exp();
+      // z may underflow to 0: the clamp keeps 0**0 (p = 1) at 1.
+      const Vec lg = at::vec::clamp_min(v.log(), Vec(std::numeric_limits<acc_t>::lowest()));
+      return ((p - Vec(acc_t(1))) * lg).exp();
     } else if constexpr (kPow == kPowRuntimeInt) {
       return integer_pow(v, n - 1);
     } else if constexpr (kPow == 1) {
@@ -982,7 +1385,7 @@ struct PoolKernel {
       Vec v[2];
       IO::load(x, v[0], v[1]);
       for (int k = 0; k < 2; ++k) {
-        const Vec pw = grad_pow<kPow>(v[k], power.p[k], power.integer);
+        const Vec pw = grad_pow<kPow>(v[k] * B[k], power.p[k], power.integer);
         out[k] = (A[k] * pw) & (v[k] >= eps);
       }
     } else if constexpr (kMax) {
@@ -997,7 +1400,9 @@ struct PoolKernel {
                                   int integer, acc_t p, acc_t eps) {
     if constexpr (kGem) {
       if (!(x >= eps)) return acc_t(0);
-      const acc_t pw = integer > 0 ? scalar_integer_pow(x, integer - 1) : std::exp((p - 1) * std::log(x));
+      const acc_t z = x * B;
+      const acc_t pw = integer > 0 ? scalar_integer_pow(z, integer - 1)
+                                   : std::exp((p - 1) * std::max(std::log(z), std::numeric_limits<acc_t>::lowest()));
       return A * pw;
     } else if constexpr (kMax) {
       return s == index ? A + B : A;
@@ -1070,7 +1475,7 @@ struct PoolKernel {
           for (int64_t i = 0; i < count; ++i) {
             const int64_t r = r0 + i;
             const Power power = kGem ? a.power_of(c) : Power{};
-            grad_run(gx + r * S, x + r * S, 0, S, A[i], kGem ? acc_t(0) : B[i],
+            grad_run(gx + r * S, x + r * S, 0, S, A[i], kMax || kGem ? B[i] : acc_t(0),
                      kMax ? index[i] : -1, power, a);
             if (++c == a.C) c = 0;
           }
@@ -1087,7 +1492,7 @@ struct PoolKernel {
         row_coefficients(a, g, r, 1, A, B, index);
         const Power power = kGem ? a.power_of(r % a.C) : Power{};
         grad_run(gx + r * S, x + r * S, start, std::min(S, start + piece_len), A[0],
-                 kGem ? acc_t(0) : B[0], kMax ? index[0] : -1, power, a);
+                 kMax || kGem ? B[0] : acc_t(0), kMax ? index[0] : -1, power, a);
       }
     });
   }
@@ -1129,7 +1534,7 @@ struct PoolKernel {
             for (int64_t c = 0; c < C; ++c) {
               const acc_t pc = kGem ? p[c] : acc_t(0);
               gn[s * C + c] = static_cast<scalar_t>(grad_scalar(
-                  A[c], kGem ? acc_t(0) : B[c], kMax ? index[c] : -1, s,
+                  A[c], kMax || kGem ? B[c] : acc_t(0), kMax ? index[c] : -1, s,
                   kGem ? static_cast<acc_t>(xn[s * C + c]) : acc_t(0), small_integer_power(pc),
                   pc, a.eps));
             }
@@ -1141,9 +1546,11 @@ struct PoolKernel {
         auto chunk = [&](int64_t s, int64_t c, const Vec (&cur)[2]) {
           const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
           Vec Bv[2], iv[2];
-          if constexpr (kMax) {
+          if constexpr (kMax || kGem) {
             Bv[0] = Vec::loadu(B.data() + c);
             Bv[1] = Vec::loadu(B.data() + c + V);
+          }
+          if constexpr (kMax) {
             iv[0] = Vec::loadu(local_index.data() + c);
             iv[1] = Vec::loadu(local_index.data() + c + V);
           }
