@@ -367,9 +367,13 @@ def test_export_path_matches_the_kernels_and_is_off_outside_onnx_export(gen):
 
 
 def _pool_targets(ep) -> list[str]:
+    """The gapkernels ops in the program, nested graphs included (a learnable weight puts the
+    forward under a `wrap_with_set_grad_enabled` submodule)."""
     return [
         str(n.target)
-        for n in ep.graph.nodes
+        for module in ep.graph_module.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for n in module.graph.nodes
         if n.op == "call_function" and "gapkernels" in str(n.target)
     ]
 
