@@ -1,5 +1,5 @@
-// Shared by every device's kernels: the modes, the checks made before any kernel runs, and the
-// allocation of results. The contract is in docs/DESIGN.md.
+// Shared by every device's host side: the checks made before any kernel runs and the allocation
+// of results (the modes and the math are in pool_math.h). The contract is in docs/DESIGN.md.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,9 +7,9 @@
 #include <optional>
 #include <tuple>
 
-namespace gapkernels {
+#include "pool_math.h"
 
-enum class Mode : int64_t { Avg = 0, Max = 1, Mixed = 2, Cat = 3, Gem = 4 };
+namespace gapkernels {
 
 // A validated 3-D view (N, C, S) of the input.
 struct PoolShape {
@@ -18,17 +18,6 @@ struct PoolShape {
   int64_t S;
   bool channels_last;  // NSC: strides (S*C, 1, C). False: NCS, contiguous.
 };
-
-inline bool mode_has_max(Mode mode) {
-  return mode == Mode::Max || mode == Mode::Mixed || mode == Mode::Cat;
-}
-
-// Number of aux columns (K in docs/DESIGN.md).
-inline int64_t aux_columns(Mode mode, bool with_log) {
-  if (mode == Mode::Mixed) return 1;
-  if (mode == Mode::Gem) return with_log ? 3 : 2;
-  return 0;
-}
 
 // Checks x (3-D, float dtype, NCS or NSC strides), mode and weight; returns the view's shape.
 PoolShape check_forward_inputs(const at::Tensor& x, int64_t mode,

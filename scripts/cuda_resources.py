@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Registers, spills and shared memory of every CUDA kernel, from `nvcc -Xptxas -v`.
 
-Compiles csrc/cuda/*.cu for each architecture (one nvcc call per architecture, object files in a
-temporary directory) with the include directories, defines and flags of the real build (setup.py
-through torch.utils.cpp_extension), parses ptxas' report per kernel, demangles the names
+Compiles the kernel units csrc/cuda/*.cu (the host unit, pool_cuda.cpp, has no kernels) for each
+architecture (one nvcc call per architecture, object files in a temporary directory) with the
+include directories, defines and flags of the real build (setup.py through
+torch.utils.cpp_extension), parses ptxas' report per kernel, demangles the names
 (cu++filt, else c++filt), writes a markdown table to docs/cuda_resources.md and exits 1 if any
 kernel spills (spill stores or loads > 0 bytes) more than KNOWN_SPILLS allows: a new spill, or a
 known one that grew, fails the check.
@@ -118,12 +119,13 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def short_name(full: str) -> str:
-    """`void gapkernels::(anonymous namespace)::ncs_pool_forward_kernel<float, (Stat)4>(...)`
-    -> `ncs_pool_forward_kernel<float, Pow>`."""
+    """`void gapkernels::(anonymous namespace)::ncs_pool_forward_kernel<float,
+    (gapkernels::Stat)4>(...)` -> `ncs_pool_forward_kernel<float, Pow>`."""
     name = full
     name = re.sub(r"^void ", "", name)
-    name = name.replace("gapkernels::(anonymous namespace)::", "")
+    name = name.replace("gapkernels::(anonymous namespace)::", "").replace("gapkernels::", "")
     name = re.sub(r"\(ForwardArgs<.*$|\(BackwardArgs<.*$", "", name)
+    name = name.replace("__nv_bfloat16", "bfloat16").replace("__half", "half")
     name = name.replace("c10::Half", "half").replace("c10::BFloat16", "bfloat16")
     stats = ["Sum", "Max", "SumMax", "Pow", "PowLog"]
     grads = ["Uniform", "UniformPlusArgmax", "Gem"]
