@@ -33,7 +33,8 @@ PoolShape check_forward_inputs(const at::Tensor& x, int64_t mode,
   PoolShape s{x.size(0), x.size(1), x.size(2), false};
   TORCH_CHECK(s.S > 0, op, ": the spatial size S must be > 0");
   if (!x.is_contiguous()) {
-    const bool nsc = x.stride(1) == 1 && x.stride(2) == s.C && (s.N == 1 || x.stride(0) == s.S * s.C);
+    const bool nsc =
+        x.stride(1) == 1 && x.stride(2) == s.C && (s.N == 1 || x.stride(0) == s.S * s.C);
     TORCH_CHECK(nsc, op, ": x must have NCS (contiguous) or NSC (channels_last) strides, got ",
                 x.strides());
     s.channels_last = true;
@@ -60,8 +61,8 @@ PoolShape check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t out_c = m == Mode::Cat ? 2 * s.C : s.C;
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == s.N && grad_out.size(1) == out_c, op,
               ": grad_out must be (", s.N, ", ", out_c, "), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must be ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must be ", x.scalar_type(),
+              ", got ", grad_out.scalar_type());
   TORCH_CHECK(grad_out.is_contiguous(), op, ": grad_out must be contiguous");
   TORCH_CHECK(grad_out.device() == x.device() && aux.device() == x.device() &&
                   indices.device() == x.device(),

@@ -6,6 +6,7 @@ along a channel's rows), so that a running maximum that is moved wrongly, or not
 path, over-/underflows or gives a wrong value. Value, grad to x and grad to p are compared with
 `gapkernels.reference` evaluated in float64 on the same (rounded) input.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,15 +15,15 @@ import pytest
 import torch
 
 import gapkernels
-from gapkernels import reference
-
 from conftest import TOLERANCES
+from gapkernels import reference
 
 BACKEND = "cpu"
 P_VALUES = [1.0, 2.0, 3.0, 4.5, 6.0, 7.5, 30.0, 90.0, 100.0]
 EPS = 1e-6
 
-# name: shape. float32 (16 lanes a chunk, 8 a vector) / float64 (8 and 4), contiguous / channels_last.
+# name: shape. float32 (16 lanes a chunk, 8 a vector) / float64 (8 and 4),
+# contiguous / channels_last.
 SHAPES = {
     # NCS: S < 8, scalar run. NSC: C < 16, scalar channels.
     "tiny": (2, 3, 1, 5),
@@ -55,10 +56,17 @@ def gem_input(shape, dtype, layout, gen, scale=1.0):
     s = math.prod(shape[2:])
     base = torch.randn((n, c, s), dtype=torch.float64, generator=gen)
     ramp = torch.linspace(-3.0, 3.0, s, dtype=torch.float64)
-    spikes = torch.where(torch.rand((n, c, s), generator=gen, dtype=torch.float64) < 0.01,
-                         1000.0 * torch.rand((n, c, s), generator=gen, dtype=torch.float64), 1.0)
-    kinds = [base, (base.abs() + 0.05) * ramp.exp(), (base.abs() + 0.05) * (-ramp).exp(),
-             (base.abs() + 0.1) * spikes]
+    spikes = torch.where(
+        torch.rand((n, c, s), generator=gen, dtype=torch.float64) < 0.01,
+        1000.0 * torch.rand((n, c, s), generator=gen, dtype=torch.float64),
+        1.0,
+    )
+    kinds = [
+        base,
+        (base.abs() + 0.05) * ramp.exp(),
+        (base.abs() + 0.05) * (-ramp).exp(),
+        (base.abs() + 0.1) * spikes,
+    ]
     kind = torch.arange(c) % 4
     x = torch.zeros_like(base)
     for k in range(4):
@@ -114,16 +122,21 @@ def check(x, p, gen, dtype, rtol_scale=1.0, g=None, eps=EPS):
     rtol, atol = TOLERANCES[dtype]
     rtol *= rtol_scale
     assert torch.isfinite(out).all() and torch.isfinite(gx).all()
-    torch.testing.assert_close(out, o_ref.to(dtype), rtol=rtol, atol=atol * o_ref.abs().max().item())
+    torch.testing.assert_close(
+        out, o_ref.to(dtype), rtol=rtol, atol=atol * o_ref.abs().max().item()
+    )
     # grad_x: relative to the row's largest gradient (small ones are (y/M)**(p-1) of it).
     scale = gx_ref.abs().flatten(2).amax(dim=2).view(*gx_ref.shape[:2], *[1] * (x.dim() - 2))
     assert_close_scaled(gx, gx_ref, dtype, rtol, atol, scale)
     if gp is not None:
         assert torch.isfinite(gp).all()
         # grad_p adds up float32 statistics (aux) whatever x's dtype.
-        rtol_p = max(rtol, TOLERANCES[torch.float32][0] * rtol_scale) if dtype != torch.float64 else rtol
-        torch.testing.assert_close(gp, gp_ref.to(gp.dtype), rtol=rtol_p,
-                                   atol=rtol_p * gp_abs.abs().max().item() + 1e-30)
+        rtol_p = (
+            max(rtol, TOLERANCES[torch.float32][0] * rtol_scale) if dtype != torch.float64 else rtol
+        )
+        torch.testing.assert_close(
+            gp, gp_ref.to(gp.dtype), rtol=rtol_p, atol=rtol_p * gp_abs.abs().max().item() + 1e-30
+        )
     return out, o_ref
 
 
@@ -134,8 +147,10 @@ def assert_close_scaled(actual, expected, dtype, rtol, atol, scale):
     fi = torch.finfo(dtype)
     bound = rtol * exp.abs() + (atol + rtol) * scale + fi.tiny * fi.eps
     bad = ~(diff <= bound)
-    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} differ; worst "
-                           f"{(diff / bound)[bad].max().item():.3g}x the bound")
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} differ; worst "
+        f"{(diff / bound)[bad].max().item():.3g}x the bound"
+    )
 
 
 # Large p raises the relative error of (y/M)**(p-1) by about p ulps of the acc dtype.
@@ -155,10 +170,14 @@ def test_matches_reference(pkind, shape, layout, dtype, p, gen):
     w = make_p(p, pkind, shape[1], gen, dtype)
     out, o_ref = check(x, w, gen, dtype, rtol_for(p, dtype))
     # The textbook formula, where it is finite and not underflowed (float64).
-    plain = reference.global_gem_pool_plain(x.double(), w.detach().double() if pkind != "float" else w, EPS)
+    plain = reference.global_gem_pool_plain(
+        x.double(), w.detach().double() if pkind != "float" else w, EPS
+    )
     ok = torch.isfinite(plain) & (plain > 1e-250)
     rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(out[ok], plain[ok].to(dtype), rtol=rtol * rtol_for(p, dtype), atol=atol)
+    torch.testing.assert_close(
+        out[ok], plain[ok].to(dtype), rtol=rtol * rtol_for(p, dtype), atol=atol
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -176,8 +195,9 @@ def test_dead_channel(dtype, p, shape, layout, gen):
     for kind in ("scalar", "channel"):
         w = make_p(p, kind, shape[1], gen, dtype)
         out, _ = check(x, w, gen, dtype, rtol_for(p, dtype))
-        torch.testing.assert_close(out[:, 1].float(), torch.full((shape[0],), EPS),
-                                   rtol=TOLERANCES[dtype][0], atol=0)
+        torch.testing.assert_close(
+            out[:, 1].float(), torch.full((shape[0],), EPS), rtol=TOLERANCES[dtype][0], atol=0
+        )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -196,9 +216,16 @@ def test_constant_three_p90(dtype, shape, layout, gen):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("p", [3.0, 7.5, 90.0])
-@pytest.mark.parametrize("dtype,scale,eps", [(torch.float32, 1e30, EPS), (torch.float32, 1e-30, 1e-37),
-                                             (torch.float64, 1e300, EPS), (torch.float64, 1e-300, 1e-305)],
-                         ids=["f32-1e30", "f32-1e-30", "f64-1e300", "f64-1e-300"])
+@pytest.mark.parametrize(
+    "dtype,scale,eps",
+    [
+        (torch.float32, 1e30, EPS),
+        (torch.float32, 1e-30, 1e-37),
+        (torch.float64, 1e300, EPS),
+        (torch.float64, 1e-300, 1e-305),
+    ],
+    ids=["f32-1e30", "f32-1e-30", "f64-1e300", "f64-1e-300"],
+)
 def test_large_and_small_inputs(dtype, scale, eps, p, shape, layout, gen):
     """Values near the ends of the dtype's range (eps below the small ones): x**p over- or
     underflows; y/M does not."""
@@ -252,7 +279,11 @@ def test_nan_and_inf(shape, layout, gen):
         assert out[0, 0].isnan() and out[-1, -1] == float("inf")
         if c > 2:
             assert out[0, 1].isnan()
-        x3 = x.flatten(2) if layout == "contiguous" else x.movedim(1, -1).reshape(n, s, c).transpose(1, 2)
+        x3 = (
+            x.flatten(2)
+            if layout == "contiguous"
+            else x.movedim(1, -1).reshape(n, s, c).transpose(1, 2)
+        )
         _, aux, _ = torch.ops.gapkernels.pool_forward(x3, 4, w, 0.0, EPS, True)
         assert aux.shape == (n, c, 3)
         big_m = reference._flat(x, "NCHW").clamp(min=EPS).amax(dim=2)
@@ -263,8 +294,11 @@ def test_nan_and_inf(shape, layout, gen):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [SHAPES["pieces"], SHAPES["channel-pieces"], SHAPES["short"]],
-                         ids=["pieces", "channel-pieces", "short"])
+@pytest.mark.parametrize(
+    "shape",
+    [SHAPES["pieces"], SHAPES["channel-pieces"], SHAPES["short"]],
+    ids=["pieces", "channel-pieces", "short"],
+)
 @pytest.mark.parametrize("p", [3.0, 7.5])
 def test_deterministic(p, shape, layout, gen):
     """Bitwise the same value and gradients on a second run (data-dependent rescaling included)."""
@@ -278,7 +312,7 @@ def test_deterministic(p, shape, layout, gen):
         out = gapkernels.global_gem_pool(xk, wk, EPS, backend=BACKEND)
         out.backward(g)
         results.append((out, xk.grad, wk.grad))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 

@@ -33,7 +33,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Splitting a reduction: aim for this many tasks (a constant, never the thread count) ...
 constexpr int64_t kTargetTasks = 64;
@@ -210,8 +212,8 @@ inline acc_t scalar_pow(acc_t x, int integer, acc_t p) {
 // log_sum = k**p * (log_sum + log(k) * sum), since log(y/m1) = log(y/m0) + log(k).
 // k = 0 (m1 = inf) gives 0, the limit of k**p * log(k).
 template <typename acc_t>
-inline void gem_rescale_scalar(acc_t m0, acc_t m1, int integer, acc_t p, bool with_log,
-                               acc_t& sum, acc_t& log_sum) {
+inline void gem_rescale_scalar(acc_t m0, acc_t m1, int integer, acc_t p, bool with_log, acc_t& sum,
+                               acc_t& log_sum) {
   const acc_t k = m0 / m1;
   const acc_t kp = scalar_pow(k, integer, p);
   if (with_log) log_sum = k > acc_t(0) ? kp * (log_sum + std::log(k) * sum) : acc_t(0);
@@ -259,9 +261,7 @@ struct PoolKernel {
     bool with_log;
     // GEM with one p for every channel (scalar, 1-element weight, or all weights equal).
     bool uniform_p;
-    acc_t param(int64_t c) const {
-      return weight ? weight[weight_numel == 1 ? 0 : c] : scalar;
-    }
+    acc_t param(int64_t c) const { return weight ? weight[weight_numel == 1 ? 0 : c] : scalar; }
     Power power_of(int64_t c) const {
       const acc_t p = param(c);
       return {small_integer_power(p), p, {Vec(p), Vec(p)}};
@@ -284,7 +284,8 @@ struct PoolKernel {
       f(std::integral_constant<int, 1>(), std::false_type());
     } else {
       auto pick = [&](auto log_c) {
-        if (per_lane_p || power.integer == 0) return f(std::integral_constant<int, kPowExp>(), log_c);
+        if (per_lane_p || power.integer == 0)
+          return f(std::integral_constant<int, kPowExp>(), log_c);
         switch (power.integer) {
           case 1:
             return f(std::integral_constant<int, 1>(), log_c);
@@ -408,8 +409,8 @@ struct PoolKernel {
   // Moves kCount pairs of sums from the reference m0 to m1 in the lanes where `grew` (m0, m1 > 0
   // or m1 = inf; no NaN in either): the vector form of gem_rescale_scalar.
   template <int kPow, bool kLog, int kCount>
-  static inline void gem_rescale(const Vec& m0, const Vec& m1, const Vec& grew, const Vec& p,
-                                 int n, Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
+  static inline void gem_rescale(const Vec& m0, const Vec& m1, const Vec& grew, const Vec& p, int n,
+                                 Vec (&sum)[kCount], Vec (&log_sum)[kCount]) {
     const Vec k = m0 / m1;
     const Vec log_k = kPow == kPowExp || kLog ? k.log() : k;
     const Vec kp = gem_pow<kPow>(k, log_k, p, n);
@@ -466,7 +467,8 @@ struct PoolKernel {
     bool has_nan = true;
     if (st.max == std::numeric_limits<acc_t>::infinity()) {
       has_nan = false;
-      for (int64_t i = 0; i < count && !has_nan; ++i) has_nan = is_nan(static_cast<acc_t>(x[i * stride]));
+      for (int64_t i = 0; i < count && !has_nan; ++i)
+        has_nan = is_nan(static_cast<acc_t>(x[i * stride]));
     }
     if (has_nan) st.max = std::numeric_limits<acc_t>::quiet_NaN();
   }
@@ -826,7 +828,8 @@ struct PoolKernel {
     } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     } else {
-      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i wide =
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
     }
 #else
@@ -1031,8 +1034,7 @@ struct PoolKernel {
   struct ChannelBuffers {
     // ref: GEM's references (see reduce_run_gem); empty for the other modes.
     std::vector<acc_t> sum, log_sum, max, index, ref;
-    explicit ChannelBuffers(int64_t C)
-        : sum(C), log_sum(C), max(C), index(C), ref(kGem ? C : 0) {}
+    explicit ChannelBuffers(int64_t C) : sum(C), log_sum(C), max(C), index(C), ref(kGem ? C : 0) {}
     // GEM's running maxima start at eps, the max modes' at -inf.
     void reset(acc_t max_start) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
@@ -1105,8 +1107,8 @@ struct PoolKernel {
   // Folds the sums of channels [c, c + W) of rows [s0, s1) into the channel buffers, in blocks
   // of kRowBlock rows so that the accumulators stay in registers within a block.
   template <bool kMasked, int kPow, bool kLog>
-  static void reduce_channels(const scalar_t* xn, int64_t s0, int64_t s1,
-                              int64_t c, const Vec (&mask)[2], const Args& a, const Power& power,
+  static void reduce_channels(const scalar_t* xn, int64_t s0, int64_t s1, int64_t c,
+                              const Vec (&mask)[2], const Args& a, const Power& power,
                               ChannelBuffers& b) {
     const int64_t C = a.C;
     const Vec eps(a.eps);
@@ -1256,8 +1258,8 @@ struct PoolKernel {
     int64_t pieces = ceil_div(S, kMaxRowsPiece);
     if (N < kTargetTasks) {
       // Each piece costs C partial results to write and merge, so pieces stay large.
-      pieces = std::max(pieces,
-                        std::min(ceil_div(kTargetTasks, N), ceil_div(S * C, kMinChannelsPiece)));
+      pieces =
+          std::max(pieces, std::min(ceil_div(kTargetTasks, N), ceil_div(S * C, kMinChannelsPiece)));
     }
     pieces = std::min(pieces, S);
     const int64_t rows = ceil_div(S, pieces);
@@ -1396,13 +1398,15 @@ struct PoolKernel {
     }
   }
 
-  static inline acc_t grad_scalar(acc_t A, acc_t B, int64_t index, int64_t s, acc_t x,
-                                  int integer, acc_t p, acc_t eps) {
+  static inline acc_t grad_scalar(acc_t A, acc_t B, int64_t index, int64_t s, acc_t x, int integer,
+                                  acc_t p, acc_t eps) {
     if constexpr (kGem) {
       if (!(x >= eps)) return acc_t(0);
       const acc_t z = x * B;
-      const acc_t pw = integer > 0 ? scalar_integer_pow(z, integer - 1)
-                                   : std::exp((p - 1) * std::max(std::log(z), std::numeric_limits<acc_t>::lowest()));
+      const acc_t pw =
+          integer > 0
+              ? scalar_integer_pow(z, integer - 1)
+              : std::exp((p - 1) * std::max(std::log(z), std::numeric_limits<acc_t>::lowest()));
       return A * pw;
     } else if constexpr (kMax) {
       return s == index ? A + B : A;
@@ -1429,8 +1433,8 @@ struct PoolKernel {
     const Vec eps(a.eps);
     const Vec Av[2] = {Vec(A), Vec(A)};
     const Vec Bv[2] = {Vec(B), Vec(B)};
-    const acc_t local_index = index >= start && index < end ? static_cast<acc_t>(index - start)
-                                                            : acc_t(-1);
+    const acc_t local_index =
+        index >= start && index < end ? static_cast<acc_t>(index - start) : acc_t(-1);
     const Vec iv[2] = {Vec(local_index), Vec(local_index)};
     const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
     const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
@@ -1523,8 +1527,8 @@ struct PoolKernel {
         }
         if constexpr (kMax) {
           for (int64_t c = 0; c < C; ++c) {
-            local_index[c] = index[c] >= s0 && index[c] < s1 ? static_cast<acc_t>(index[c] - s0)
-                                                             : acc_t(-1);
+            local_index[c] =
+                index[c] >= s0 && index[c] < s1 ? static_cast<acc_t>(index[c] - s0) : acc_t(-1);
           }
         }
         const scalar_t* xn = x + n * S * C;
@@ -1533,17 +1537,17 @@ struct PoolKernel {
           for (int64_t s = s0; s < s1; ++s) {
             for (int64_t c = 0; c < C; ++c) {
               const acc_t pc = kGem ? p[c] : acc_t(0);
-              gn[s * C + c] = static_cast<scalar_t>(grad_scalar(
-                  A[c], kMax || kGem ? B[c] : acc_t(0), kMax ? index[c] : -1, s,
-                  kGem ? static_cast<acc_t>(xn[s * C + c]) : acc_t(0), small_integer_power(pc),
-                  pc, a.eps));
+              gn[s * C + c] = static_cast<scalar_t>(
+                  grad_scalar(A[c], kMax || kGem ? B[c] : acc_t(0), kMax ? index[c] : -1, s,
+                              kGem ? static_cast<acc_t>(xn[s * C + c]) : acc_t(0),
+                              small_integer_power(pc), pc, a.eps));
             }
           }
           continue;
         }
         const Vec eps(a.eps);
         const int64_t full_end = C - C % W;
-        auto chunk = [&](int64_t s, int64_t c, const Vec (&cur)[2]) {
+        auto chunk = [&](int64_t s, int64_t c, const Vec(&cur)[2]) {
           const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
           Vec Bv[2], iv[2];
           if constexpr (kMax || kGem) {
@@ -1556,7 +1560,8 @@ struct PoolKernel {
           }
           Vec out[2];
           if (kGem && !a.uniform_p) {
-            const Power per_channel{0, acc_t(0), {Vec::loadu(p.data() + c), Vec::loadu(p.data() + c + V)}};
+            const Power per_channel{
+                0, acc_t(0), {Vec::loadu(p.data() + c), Vec::loadu(p.data() + c + V)}};
             grad_chunk<kPowExp>(Av, Bv, iv, cur, xn + s * C + c, per_channel, eps, out);
           } else if (uniform.integer > 0) {
             grad_chunk<kPowRuntimeInt>(Av, Bv, iv, cur, xn + s * C + c, uniform, eps, out);
@@ -1650,12 +1655,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_forward_cpu(
   const Mode m = static_cast<Mode>(mode);
   auto [out, aux, indices] = allocate_forward_outputs(x, shape, m, with_log);
   if (shape.N == 0 || shape.C == 0) return {out, aux, indices};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_forward_cpu", [&] {
-    dispatch_mode(m, [&](auto mode_constant) {
-      PoolKernel<decltype(mode_constant)::value, scalar_t>::forward(x, shape, weight, scalar, eps,
-                                                                     with_log, out, aux, indices);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "pool_forward_cpu", [&] {
+        dispatch_mode(m, [&](auto mode_constant) {
+          PoolKernel<decltype(mode_constant)::value, scalar_t>::forward(
+              x, shape, weight, scalar, eps, with_log, out, aux, indices);
+        });
+      });
   return {out, aux, indices};
 }
 
@@ -1667,12 +1673,13 @@ at::Tensor pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
   if (shape.N == 0 || shape.C == 0) return grad_x;
   advise_huge_pages(grad_x);
   const Mode m = static_cast<Mode>(mode);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_backward_cpu", [&] {
-    dispatch_mode(m, [&](auto mode_constant) {
-      PoolKernel<decltype(mode_constant)::value, scalar_t>::backward(
-          grad_out, x, aux, indices, shape, weight, scalar, eps, grad_x);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "pool_backward_cpu", [&] {
+        dispatch_mode(m, [&](auto mode_constant) {
+          PoolKernel<decltype(mode_constant)::value, scalar_t>::backward(
+              grad_out, x, aux, indices, shape, weight, scalar, eps, grad_x);
+        });
+      });
   return grad_x;
 }
 
