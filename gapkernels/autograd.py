@@ -179,6 +179,35 @@ def pool_tangent(x3, aux, indices, mode, weight, scalar, eps, t_x, t_w):
     return tangent.to(x3.dtype)
 
 
+def save_pool_context(ctx, inputs, output) -> tuple:
+    """What a pool op's backward needs, saved the same way by both autograd routes; returns the
+    saved tensors."""
+    x3, mode, weight, scalar, eps = inputs[:5]
+    _, aux, indices = output
+    ctx.mode, ctx.scalar, ctx.eps = mode, scalar, eps
+    ctx.save_for_backward(x3, aux, indices, weight)
+    ctx.mark_non_differentiable(aux, indices)
+    return x3, aux, indices, weight
+
+
+def grads_from_context(ctx, pair: OpPair, grad_out):
+    """(grad_x, grad_weight) from what `save_pool_context` saved."""
+    x3, aux, indices, weight = ctx.saved_tensors
+    return pool_grads(
+        pair,
+        x3,
+        aux,
+        indices,
+        ctx.mode,
+        weight,
+        ctx.scalar,
+        ctx.eps,
+        grad_out,
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[2],
+    )
+
+
 def _pair(backend: str) -> OpPair:
     if backend == "triton":
         from gapkernels import triton as gk_triton
@@ -196,29 +225,12 @@ class PoolFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x3, mode, weight, scalar, eps, _, backend = inputs
-        _, aux, indices = output
-        ctx.mode, ctx.scalar, ctx.eps, ctx.backend = mode, scalar, eps, backend
-        ctx.save_for_backward(x3, aux, indices, weight)
-        ctx.save_for_forward(x3, aux, indices, weight)
-        ctx.mark_non_differentiable(aux, indices)
+        ctx.save_for_forward(*save_pool_context(ctx, inputs, output))
+        ctx.backend = inputs[6]
 
     @staticmethod
     def backward(ctx, grad_out, _grad_aux, _grad_indices):
-        x3, aux, indices, weight = ctx.saved_tensors
-        grad_x, grad_w = pool_grads(
-            _pair(ctx.backend),
-            x3,
-            aux,
-            indices,
-            ctx.mode,
-            weight,
-            ctx.scalar,
-            ctx.eps,
-            grad_out,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[2],
-        )
+        grad_x, grad_w = grads_from_context(ctx, _pair(ctx.backend), grad_out)
         return grad_x, None, grad_w, None, None, None, None
 
     @staticmethod

@@ -96,29 +96,14 @@ def register_pool_ops(forward_op, backward_op) -> None:
     torch.library.register_fake(backward_op)(pool_backward_fake)
 
     def setup_context(ctx, inputs, output):
-        x, mode, weight, scalar, eps, _ = inputs
-        _, aux, indices = output
-        ctx.mode, ctx.scalar, ctx.eps = mode, scalar, eps
-        ctx.save_for_backward(x, aux, indices, weight)
-        ctx.mark_non_differentiable(aux, indices)
+        from gapkernels.autograd import save_pool_context
+
+        save_pool_context(ctx, inputs, output)
 
     def backward(ctx, grad_out, _grad_aux, _grad_indices):
-        from gapkernels.autograd import pool_grads
+        from gapkernels.autograd import grads_from_context
 
-        x, aux, indices, weight = ctx.saved_tensors
-        grad_x, grad_weight = pool_grads(
-            (forward_op, backward_op),
-            x,
-            aux,
-            indices,
-            ctx.mode,
-            weight,
-            ctx.scalar,
-            ctx.eps,
-            grad_out,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[2],
-        )
+        grad_x, grad_weight = grads_from_context(ctx, (forward_op, backward_op), grad_out)
         return grad_x, None, grad_weight, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
