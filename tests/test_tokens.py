@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import gapkernels
-from conftest import DTYPES, assert_close
-from gapkernels import reference
 from tokens_common import (
     TOKEN_CASES,
     TOKEN_LAYOUTS,
@@ -23,6 +19,10 @@ from tokens_common import (
     varlen_oracle,
     weight_for,
 )
+
+import gapkernels
+from conftest import DTYPES, assert_close
+from gapkernels import reference
 
 
 @pytest.mark.parametrize("layout", TOKEN_LAYOUTS)

@@ -13,10 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-import gapkernels  # noqa: E402
-from conftest import assert_bitwise_equal, assert_close  # noqa: E402
-from gapkernels import reference  # noqa: E402
 from tokens_common import (  # noqa: E402
     TOKEN_OPS,
     call,
@@ -25,6 +21,10 @@ from tokens_common import (  # noqa: E402
     token_args,
     weight_for,
 )
+
+import gapkernels  # noqa: E402
+from conftest import assert_bitwise_equal, assert_close  # noqa: E402
+from gapkernels import reference  # noqa: E402
 
 gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
 from gapkernels.triton import tokens as ttokens  # noqa: E402
