@@ -244,13 +244,13 @@ class GlobalPool(torch.nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        *,
         mask: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         start: int | None = None,
     ) -> torch.Tensor:
         """Pools x; `mask`, `lengths` and `start` (default: the module's) as the functions
-        take them."""
+        take them. (Not keyword-only: torch.onnx's TorchScript exporter passes every default
+        positionally.)"""
         start = self.start if start is None else start
         if mask is not None or lengths is not None or start or self.input_fmt == "NLC":
             return self._pool(x, dict(mask=mask, lengths=lengths, start=start))
