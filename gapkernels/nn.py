@@ -205,7 +205,7 @@ class GlobalPool(torch.nn.Module):
         return export.global_gem_pool(x, self.p, self.eps, **kw)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        if export.onnx_exporting():
+        if functional._onnx_exporting():
             return self._export_pool(x)
         keepdim, fmt, backend = not self.flatten, self.input_fmt, self.backend
         if self.pool_type == "avg":
