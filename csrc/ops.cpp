@@ -210,18 +210,30 @@ at::Tensor as_3d(const at::Tensor& x, Layout layout) {
   return x3.contiguous();
 }
 
-// grad_x3 (N, C, S) back to the shape of the Function's input (sizes: x's).
+// grad_x3 (N, C, S) back to the shape of the Function's input x (sizes: x's), through the views
+// that gapkernels.functional._as_3d takes, in reverse: a kernel's grad_x (NCS or NSC, like x3)
+// then has x's strides, also in the dims of size 1.
 at::Tensor from_3d(const at::Tensor& grad_x3, Layout layout, at::IntArrayRef sizes) {
   if (layout == Layout::Op || !grad_x3.defined()) {
     return grad_x3;
   }
-  if (layout == Layout::Nchw) {
-    return grad_x3.reshape(sizes);
+  std::vector<int64_t> ncs(sizes.begin(), sizes.end());  // (N, C, *spatial)
+  if (layout == Layout::Nhwc) {
+    ncs.insert(ncs.begin() + 1, ncs.back());
+    ncs.pop_back();
   }
-  std::vector<int64_t> nc_first(sizes.begin(), sizes.end());  // (N, C, *spatial)
-  nc_first.insert(nc_first.begin() + 1, nc_first.back());
-  nc_first.pop_back();
-  return grad_x3.reshape(nc_first).movedim(1, -1);
+  at::Tensor grad;
+  if (grad_x3.is_contiguous()) {
+    grad = grad_x3.view(ncs);
+  } else if (grad_x3.transpose(1, 2).is_contiguous()) {
+    std::vector<int64_t> nsc(ncs.begin(), ncs.end());  // (N, *spatial, C)
+    nsc.push_back(nsc[1]);
+    nsc.erase(nsc.begin() + 1);
+    grad = grad_x3.transpose(1, 2).view(nsc).movedim(-1, 1);
+  } else {
+    grad = grad_x3.reshape(ncs);
+  }
+  return layout == Layout::Nhwc ? grad.movedim(1, -1) : grad;
 }
 
 // pool_forward's derivative. First order (grad mode off in backward) without a weight gradient,

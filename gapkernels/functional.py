@@ -86,13 +86,18 @@ def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
 
 
 def _as_3d(x: torch.Tensor, input_fmt: str) -> torch.Tensor:
-    """The (N, C, S) view of docs/DESIGN.md: NCS or NSC strides; a copy only for other strides."""
+    """The (N, C, S) view of docs/DESIGN.md: NCS or NSC strides; a copy only for other strides.
+    (The eager entry takes the same view in C++: `as_3d` in csrc/ops.cpp.)"""
     if input_fmt == "NHWC":
         x = x.movedim(-1, 1)
-    x3 = x.flatten(2)  # a view for NCS and NSC strides (and x itself when it is 3-D)
-    if x3.is_contiguous() or x3.transpose(1, 2).is_contiguous():
-        return x3
-    return x3.contiguous()
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    if x.is_contiguous():
+        return x.view(n, c, s)
+    channels_inner = x.movedim(1, -1)
+    if channels_inner.is_contiguous():
+        return channels_inner.view(n, s, c).transpose(1, 2)
+    return x.contiguous().view(n, c, s)
 
 
 def _finish(out: torch.Tensor, x: torch.Tensor, keepdim: bool, input_fmt: str) -> torch.Tensor:

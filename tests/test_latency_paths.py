@@ -129,3 +129,13 @@ def test_unavailable_backend_raises_on_every_call():
     for _ in range(2):
         with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
             gapkernels.global_avg_pool(x, backend="cuda")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "nhwc"])
+@pytest.mark.parametrize("shape", [(1, 2, 5, 6), (3, 2, 5, 6)], ids=str)
+def test_entry_grad_has_the_strides_of_x(layout, shape, gen):
+    """Like the Python route's views: grad_x has x's strides, in the dims of size 1 too."""
+    x, fmt = make_input(shape, torch.float32, layout, gen=gen)
+    x.requires_grad_(True)
+    (grad_x,) = autograd.grad(gapkernels.global_avg_pool(x, input_fmt=fmt).sum(), x)
+    assert grad_x.stride() == x.stride()

@@ -45,6 +45,7 @@ OPS = ("avg", "max", "avgmax", "catavgmax", "mixed", "gem")
 # math (nn.AdaptiveAvgPool2d / AdaptiveMaxPool2d + flatten, or EagerPool below).
 APIS = ("fn", "module")
 PASSES = ("fwd", "fwdbwd")
+MODES = ("eager", "compile")
 MODELS = ("efficientnet_b0", "seresnext26d_32x4d")
 ALPHA, P, EPS = 0.3, 3.0, 1e-6
 
@@ -237,7 +238,7 @@ def case_list(args) -> list[dict]:
         for op in args.ops:
             for api in args.apis:
                 for pass_ in args.passes:
-                    for compiled in (False, True) if args.compile else (False,):
+                    for compiled in _compiled_modes(args):
                         cases.append(
                             dict(
                                 kind="op",
@@ -249,9 +250,15 @@ def case_list(args) -> list[dict]:
                             )
                         )
     for name in args.models:
-        for compiled in (False, True) if args.compile and args.compile_models else (False,):
+        for compiled in (
+            (False, True) if "compile" in args.modes and args.compile_models else (False,)
+        ):
             cases.append(dict(kind="model", model=name, compiled=compiled))
     return cases
+
+
+def _compiled_modes(args) -> list[bool]:
+    return [mode == "compile" for mode in args.modes]
 
 
 def case_key(case: dict) -> str:
@@ -386,6 +393,7 @@ def compare(args) -> None:
     passthrough = [a for a in sys.argv[1:] if a not in args.compare and a != "--compare"]
     passthrough = _drop_option(passthrough, ("--rounds", "--out", "--json", "--md"))
     merged: dict[str, dict] = {root: {} for root in roots}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for root in roots if round_ % 2 == 0 else roots[::-1]:
             out = Path(args.out) / f".compare-{round_}-{Path(root).name}.json"
@@ -493,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=names(PASSES), default=list(PASSES))
     p.add_argument("--models", type=names(MODELS), default=list(MODELS))
     p.add_argument("--no-models", dest="models", action="store_const", const=[])
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--modes", type=names(MODES), default=list(MODES), help="eager,compile")
+    p.add_argument("--no-compile", dest="modes", action="store_const", const=["eager"])
     p.add_argument(
         "--compile-models", action="store_true", help="also time the models under torch.compile"
     )
