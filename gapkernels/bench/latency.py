@@ -337,6 +337,17 @@ def _stats(loops: list[float]) -> dict:
     }
 
 
+def _summarized(results: dict) -> dict:
+    """results with each implementation's loops replaced by their statistics (for the files)."""
+    out = {}
+    for key, r in results.items():
+        out[key] = dict(r)
+        for impl in IMPLS:
+            if r.get(impl):
+                out[key][impl] = dict(_stats(r[impl]), loops=len(r[impl]))
+    return out
+
+
 def _rows(results: dict) -> list[dict]:
     """One row per case: torch's and gapkernels' time statistics and the ratio of the bests."""
     rows = []
@@ -410,7 +421,7 @@ def compare(args) -> None:
                     have[impl] += r.get(impl, [])
             out.unlink()
     head = header(args, roots)
-    doc = {"header": head, "results": merged}
+    doc = {"header": head, "results": {root: _summarized(merged[root]) for root in roots}}
     stem = _stem(args, "latency-compare")
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     stem.with_suffix(".md").write_text(compare_markdown(head, merged, roots))
@@ -534,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"header": head, "results": results}))
         return 0
     stem = _stem(args, "latency")
-    stem.with_suffix(".json").write_text(json.dumps({"header": head, "results": results}, indent=1))
+    doc = {"header": head, "results": _summarized(results)}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     stem.with_suffix(".md").write_text(markdown(head, results))
     print(markdown(head, results))
     print(f"wrote {stem}.json and .md")
