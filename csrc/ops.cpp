@@ -1,13 +1,52 @@
-// The schema of every gapkernels op, defined once, and the checks shared by all devices.
+// The schema of every gapkernels op, defined once, the checks shared by all devices, and the ops'
+// autograd (the Autograd dispatch key, in C++ so that a call costs no Python).
 #include <Python.h>
+#include <torch/autograd.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include "pool_common.h"
 
+namespace {
+
+// gapkernels.autograd.cpp_op_grads, set once at import: the backward's Python route (weight
+// gradients, and every backward that is itself differentiated), one copy of those formulas.
+PyObject* python_grads = nullptr;
+
+PyObject* set_python_grads(PyObject* /*module*/, PyObject* fn) {
+  if (!PyCallable_Check(fn)) {
+    PyErr_SetString(PyExc_TypeError, "_set_python_grads expects a callable");
+    return nullptr;
+  }
+  Py_INCREF(fn);
+  Py_XSETREF(python_grads, fn);
+  Py_RETURN_NONE;
+}
+
+}  // namespace
+
+namespace gapkernels {
+PyObject* pool_entry(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
+}  // namespace gapkernels
+
+namespace {
+
+PyMethodDef module_methods[] = {
+    {"pool", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(gapkernels::pool_entry)),
+     METH_FASTCALL, "The public functions' eager entry: see csrc/ops.cpp."},
+    {"_set_python_grads", set_python_grads, METH_O,
+     "Sets the Python function the ops' C++ backward calls for weight gradients and for a "
+     "differentiated backward."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// `import gapkernels._C` loads this library, which registers the ops below; the module is empty.
+// `import gapkernels._C` loads this library, which registers the ops below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -99,7 +138,249 @@ at::Tensor allocate_grad_input(const at::Tensor& x, const PoolShape& s) {
   return at::empty({s.N, s.C, s.S}, x.options());
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult call_forward(const at::Tensor& x, int64_t mode,
+                           const std::optional<at::Tensor>& weight, double scalar, double eps,
+                           bool with_log) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gapkernels::pool_forward", "")
+          .typed<ForwardResult(const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double,
+                               double, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, mode, weight, scalar, eps, with_log);
+}
+
+at::Tensor call_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& aux,
+                         const at::Tensor& indices, int64_t mode,
+                         const std::optional<at::Tensor>& weight, double scalar, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gapkernels::pool_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, int64_t,
+                                               const std::optional<at::Tensor>&, double, double)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(grad_out, x, aux, indices, mode, weight, scalar, eps);
+}
+
+bool requires_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || (weight.has_value() && weight->requires_grad()));
+}
+
+// (grad_x3, grad_weight) from Python (gapkernels.autograd.cpp_op_grads).
+std::pair<at::Tensor, at::Tensor> grads_from_python(const at::Tensor& grad_out,
+                                                    const at::Tensor& x3, const at::Tensor& aux,
+                                                    const at::Tensor& indices,
+                                                    const at::Tensor& weight, int64_t mode,
+                                                    double scalar, double eps, bool need_x,
+                                                    bool need_w) {
+  TORCH_CHECK(python_grads != nullptr,
+              "gapkernels: the ops' backward needs gapkernels.autograd to be imported");
+  pybind11::gil_scoped_acquire gil;
+  pybind11::object result = pybind11::reinterpret_borrow<pybind11::object>(python_grads)(
+      grad_out, x3, aux, indices, mode,
+      weight.defined() ? pybind11::cast(weight) : pybind11::none(), scalar, eps, need_x, need_w);
+  auto pair = result.cast<std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>>>();
+  return {pair.first.value_or(at::Tensor()), pair.second.value_or(at::Tensor())};
+}
+
+// How the autograd Function's input relates to the op's (N, C, S) input.
+enum class Layout : int64_t {
+  Op = 0,    // it is the op's input
+  Nchw = 1,  // (N, C, *spatial): as_3d(x)
+  Nhwc = 2,  // (N, *spatial, C): as_3d(x.movedim(-1, 1))
+};
+
+// The (N, C, S) view with NCS or NSC strides (a copy only for other strides), as
+// gapkernels.functional._as_3d makes it.
+at::Tensor as_3d(const at::Tensor& x, Layout layout) {
+  if (layout == Layout::Op) {
+    return x;
+  }
+  const at::Tensor x3 = (layout == Layout::Nhwc ? x.movedim(-1, 1) : x).flatten(2);
+  if (x3.is_contiguous() || x3.transpose(1, 2).is_contiguous()) {
+    return x3;
+  }
+  return x3.contiguous();
+}
+
+// grad_x3 (N, C, S) back to the shape of the Function's input x (sizes: x's), through the views
+// that gapkernels.functional._as_3d takes, in reverse: a kernel's grad_x (NCS or NSC, like x3)
+// then has x's strides, also in the dims of size 1.
+at::Tensor from_3d(const at::Tensor& grad_x3, Layout layout, at::IntArrayRef sizes) {
+  if (layout == Layout::Op || !grad_x3.defined()) {
+    return grad_x3;
+  }
+  std::vector<int64_t> ncs(sizes.begin(), sizes.end());  // (N, C, *spatial)
+  if (layout == Layout::Nhwc) {
+    ncs.insert(ncs.begin() + 1, ncs.back());
+    ncs.pop_back();
+  }
+  at::Tensor grad;
+  if (grad_x3.is_contiguous()) {
+    grad = grad_x3.view(ncs);
+  } else if (grad_x3.transpose(1, 2).is_contiguous()) {
+    std::vector<int64_t> nsc(ncs.begin(), ncs.end());  // (N, *spatial, C)
+    nsc.push_back(nsc[1]);
+    nsc.erase(nsc.begin() + 1);
+    grad = grad_x3.transpose(1, 2).view(nsc).movedim(-1, 1);
+  } else {
+    grad = grad_x3.reshape(ncs);
+  }
+  return layout == Layout::Nhwc ? grad.movedim(1, -1) : grad;
+}
+
+// pool_forward's derivative. First order (grad mode off in backward) without a weight gradient,
+// all in C++: the backend's fused backward kernel. Otherwise the Python formulas (see
+// gapkernels/autograd.py), which are differentiable to any order.
+class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t layout,
+                               int64_t mode, const std::optional<at::Tensor>& weight, double scalar,
+                               double eps, bool with_log) {
+    const auto x3 = as_3d(x, static_cast<Layout>(layout));
+    auto [out, aux, indices] = call_forward(x3, mode, weight, scalar, eps, with_log);
+    // x3 for the fused kernel; x for the Python route, which takes the view again where autograd
+    // sees it (a differentiated backward then reaches x through it).
+    ctx->save_for_backward({x3, aux, indices, weight.value_or(at::Tensor()), x});
+    ctx->saved_data["layout"] = layout;
+    ctx->saved_data["sizes"] = x.sizes();
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["scalar"] = scalar;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({aux, indices});
+    return {out, aux, indices};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const double scalar = ctx->saved_data["scalar"].toDouble();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool has_weight = saved[3].defined();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = has_weight && ctx->needs_input_grad(1) &&
+                        (mode == static_cast<int64_t>(gapkernels::Mode::Mixed) ||
+                         mode == static_cast<int64_t>(gapkernels::Mode::Gem));
+    at::Tensor grad_x, grad_w;
+    if (at::GradMode::is_enabled() || need_w) {
+      std::tie(grad_x, grad_w) =
+          grads_from_python(grads[0], as_3d(saved[4], layout), saved[1], saved[2], saved[3], mode,
+                            scalar, eps, need_x, need_w);
+    } else if (need_x) {
+      const std::optional<at::Tensor> weight =
+          has_weight ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+      grad_x = call_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], mode, weight,
+                             scalar, eps);
+    }
+    grad_x = from_3d(grad_x, layout, ctx->saved_data["sizes"].toIntVector());
+    return {grad_x, at::Tensor(), at::Tensor(), grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+ForwardResult forward_with_autograd(const at::Tensor& x, Layout layout, int64_t mode,
+                                    const std::optional<at::Tensor>& weight, double scalar,
+                                    double eps, bool with_log) {
+  if (!requires_grad(x, weight)) {
+    return call_forward(as_3d(x, layout), mode, weight, scalar, eps, with_log);
+  }
+  auto outs = PoolForwardFunction::apply(x, static_cast<int64_t>(layout), mode, weight, scalar, eps,
+                                         with_log);
+  return {outs[0], outs[1], outs[2]};
+}
+
+ForwardResult pool_forward_autograd(const at::Tensor& x, int64_t mode,
+                                    const std::optional<at::Tensor>& weight, double scalar,
+                                    double eps, bool with_log) {
+  return forward_with_autograd(x, Layout::Op, mode, weight, scalar, eps, with_log);
+}
+
+// pool_backward has no derivative of its own: the forward's backward is what is differentiable.
+class PoolBackwardFunction : public torch::autograd::Function<PoolBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& grad_out,
+                            const at::Tensor& x, const at::Tensor& aux, const at::Tensor& indices,
+                            int64_t mode, const std::optional<at::Tensor>& weight, double scalar,
+                            double eps) {
+    return call_backward(grad_out, x, aux, indices, mode, weight, scalar, eps);
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    TORCH_CHECK(false,
+                "gapkernels::pool_backward: differentiating the backward op itself is not "
+                "supported; differentiate through the forward (gapkernels' functions or "
+                "pool_forward), whose backward is differentiable to any order");
+  }
+};
+
+at::Tensor pool_backward_autograd(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& aux, const at::Tensor& indices, int64_t mode,
+                                  const std::optional<at::Tensor>& weight, double scalar,
+                                  double eps) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+                        (grad_out.requires_grad() || x.requires_grad() || aux.requires_grad() ||
+                         (weight.has_value() && weight->requires_grad()));
+  if (!any_grad) {
+    return call_backward(grad_out, x, aux, indices, mode, weight, scalar, eps);
+  }
+  return PoolBackwardFunction::apply(grad_out, x, aux, indices, mode, weight, scalar, eps);
+}
+
+}  // namespace
+
+// _C.pool(x, nhwc, mode, weight, scalar, eps, with_log) -> (out, aux, indices): pool_forward of
+// the (N, C, S) view of x (rank >= 3; channels at dim 1, or last with nhwc), the view taken here
+// and recorded by no autograd node. The public functions' eager path, for a plain tensor x that
+// they have checked and whose backend is the C++ one; it costs a fraction of a torch.ops call.
+PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 7, "_C.pool takes 7 arguments, got ", nargs);
+  TORCH_CHECK_TYPE(THPVariable_Check(args[0]), "_C.pool: x must be a tensor");
+  TORCH_CHECK_TYPE(args[3] == Py_None || THPVariable_Check(args[3]),
+                   "_C.pool: weight must be a tensor or None");
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const Layout layout = PyObject_IsTrue(args[1]) ? Layout::Nhwc : Layout::Nchw;
+  const int64_t mode = PyLong_AsLongLong(args[2]);
+  std::optional<at::Tensor> weight;
+  if (args[3] != Py_None) {
+    weight = THPVariable_Unpack(args[3]);
+  }
+  const double scalar = PyFloat_AsDouble(args[4]);
+  const double eps = PyFloat_AsDouble(args[5]);
+  const bool with_log = PyObject_IsTrue(args[6]);
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  TORCH_CHECK(x.dim() >= 3, "_C.pool: x must have rank >= 3, got ", x.dim());
+  ForwardResult result;
+  {
+    pybind11::gil_scoped_release no_gil;
+    result = forward_with_autograd(x, layout, mode, weight, scalar, eps, with_log);
+  }
+  PyObject* tuple = PyTuple_New(3);
+  if (tuple == nullptr) {
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(tuple, 0, THPVariable_Wrap(std::move(std::get<0>(result))));
+  PyTuple_SET_ITEM(tuple, 1, THPVariable_Wrap(std::move(std::get<1>(result))));
+  PyTuple_SET_ITEM(tuple, 2, THPVariable_Wrap(std::move(std::get<2>(result))));
+  return tuple;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace gapkernels
+
+TORCH_LIBRARY_IMPL(gapkernels, Autograd, m) {
+  m.impl("pool_forward", &gapkernels::pool_forward_autograd);
+  m.impl("pool_backward", &gapkernels::pool_backward_autograd);
+}
 
 TORCH_LIBRARY(gapkernels, m) {
   m.def(

@@ -9,8 +9,12 @@ Two routes lead here, with one set of formulas:
   forward-mode formula (`jvp`, `jacfwd`, `torch.autograd.forward_ad`); Dynamo refuses a custom
   `jvp`, so under `torch.compile` the class without it is used (forward mode of a compiled graph
   then raises torch's "jvp is not implemented" error instead of giving zeros).
-- The ops' own autograd (`register_pool_ops` in `gapkernels/ops.py`), for callers of
-  `torch.ops.gapkernels*.pool_forward` itself and for `opcheck`.
+- The ops' own autograd, for callers of `torch.ops.gapkernels*.pool_forward` itself, for
+  `opcheck`, and for the public functions' plain eager calls (no `torch.func`, no forward mode,
+  not compiling), where `PoolFunction`'s Python costs more than the op. The C++ ops register it in
+  C++ (`csrc/ops.cpp`, the Autograd key): first order without a weight gradient runs there
+  entirely; weight gradients and a differentiated backward call `cpp_op_grads` below. The Triton
+  ops register it in Python (`register_pool_ops` in `gapkernels/ops.py`).
 
 First-order backward (grad mode off inside backward: `loss.backward()`, `autograd.grad` without
 `create_graph`) runs the backend's fused backward kernel, and the weight gradients from the
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from gapkernels import _ext
 from gapkernels.ops import (
     MAX_MODES,
     MODE_AVG,
@@ -216,12 +221,35 @@ def _pair(backend: str) -> OpPair:
     return torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default
 
 
+def cpp_op_grads(grad_out, x3, aux, indices, mode, weight, scalar, eps, need_x, need_w):
+    """(grad_x, grad_weight) for the C++ ops' autograd (csrc/ops.cpp), which calls this for a
+    weight gradient or a backward that is itself differentiated."""
+    return pool_grads(
+        _pair("cpu"), x3, aux, indices, mode, weight, scalar, eps, grad_out, need_x, need_w
+    )
+
+
+def _no_cpp_ops(*args):
+    raise RuntimeError(f"gapkernels: the C++ extension is not loaded: {_ext.missing_reason}")
+
+
+_CPP_FORWARD: Callable[..., Any] = _no_cpp_ops
+# _C.pool(x, nhwc, mode, weight, scalar, eps, with_log): see entry_applies and csrc/ops.cpp.
+cpp_entry: Callable[..., Any] = _no_cpp_ops
+if _ext._C is not None:
+    _ext._C._set_python_grads(cpp_op_grads)
+    _CPP_FORWARD = torch.ops.gapkernels.pool_forward.default
+    cpp_entry = _ext._C.pool
+
+
 class PoolFunction(torch.autograd.Function):
     """out, aux, indices = pool_forward(x3, ...) on `backend`, with autograd and torch.func."""
 
     @staticmethod
     def forward(x3, mode, weight, scalar, eps, with_log, backend):
-        return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+        # Below the Autograd key: the op's own autograd has nothing to do here (and a C++
+        # autograd kernel would refuse nested torch.func transforms).
+        return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -295,18 +323,39 @@ def _differentiable(x3: torch.Tensor, weight: torch.Tensor | None) -> bool:
         x3.requires_grad or (weight is not None and weight.requires_grad)
     ):
         return True
+    return _transformed()
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform or forward-mode AD is active: PoolFunction's territory."""
     return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
+
+
+def entry_applies(x: torch.Tensor) -> bool:
+    """Whether a public function's call on `x` (on a C++ backend) can take `_C.pool`, which
+    takes the (N, C, S) view and calls the op in C++: a plain tensor in plain eager mode (not
+    compiling, no torch.func transform or forward mode, no __torch_function__ to honor)."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(x) is torch.Tensor
+        and not _transformed()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
 
 
 def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
     """The differentiable (out, aux, indices) of one pool op on `backend` ("cpu"/"cuda" use the
     C++ ops, "triton" the Triton ones).
 
-    A call that nothing can differentiate (inference, `torch.no_grad`) skips autograd entirely:
-    `autograd.Function.apply` binds its arguments with `inspect.signature` on every call, which
-    costs more than a small pooling, and the op's own Autograd kernel is Python too."""
+    A plain eager call of the C++ ops is the op itself: their autograd is in C++ (csrc/ops.cpp),
+    cheaper than `autograd.Function.apply`, which binds its arguments with `inspect.signature`
+    on every call. torch.func transforms and forward mode need PoolFunctionFwdAD, and compiled
+    graphs PoolFunction. A Triton call that nothing can differentiate skips autograd entirely
+    (the Triton ops' own Autograd kernel is Python)."""
     if torch.compiler.is_compiling():
         return PoolFunction.apply(x3, mode, weight, scalar, eps, with_log, backend)
+    if backend != "triton" and not _transformed():
+        return _CPP_FORWARD(x3, mode, weight, scalar, eps, with_log)
     if _differentiable(x3, weight):
         return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, backend)
     return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)

@@ -43,27 +43,30 @@ def unavailable_reason(backend: str, x: torch.Tensor) -> str | None:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _layout_name(channels_last: bool) -> str:
-    return "channels_last" if channels_last else "contiguous"
+def _channels_inner(x: torch.Tensor, input_fmt: str) -> bool:
+    """Whether x is stored channels-last (the NSC layout) rather than contiguous or otherwise."""
+    x = x.movedim(-1, 1) if input_fmt == "NHWC" else x
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
-def _auto(x: torch.Tensor, channels_last: bool) -> str:
-    candidates: tuple[str, ...]
-    if x.device.type == "cpu":
-        candidates = ("cpu",)
-    elif x.device.type == "cuda":
-        dtype = str(x.dtype).removeprefix("torch.")
-        layout = _layout_name(channels_last)
-        size = x.numel() * x.element_size()
-        candidates = ()
-        for row_dtype, row_layout, min_bytes, order in auto_table.CUDA_TABLE:
-            if row_dtype in ("*", dtype) and row_layout in ("*", layout) and size >= min_bytes:
-                candidates = order
-                break
-    else:
-        candidates = ()
+# The choices are cached: what is available depends only on the backend, the device and the
+# dtype (the extension and Triton are loaded once per process), and `auto` on a GPU also on the
+# layout and the CUDA_TABLE row that the input's size falls in. An error is raised again on every
+# call, never cached.
+_reasons: dict[tuple[str, torch.device, torch.dtype], str | None] = {}
+_auto_choices: dict[tuple, str] = {}
+
+
+def _cached_reason(name: str, x: torch.Tensor) -> str | None:
+    key = (name, x.device, x.dtype)
+    if key not in _reasons:
+        _reasons[key] = unavailable_reason(name, x)
+    return _reasons[key]
+
+
+def _first_available(candidates: tuple[str, ...], x: torch.Tensor) -> str:
     for name in candidates:
-        reason = unavailable_reason(name, x)
+        reason = _cached_reason(name, x)
         if reason is None:
             return name
         if name in ("cpu", "cuda") and _ext.broken_reason is not None:
@@ -72,14 +75,50 @@ def _auto(x: torch.Tensor, channels_last: bool) -> str:
     return "reference"
 
 
-def resolve(backend: str, x: torch.Tensor, channels_last: bool, fn: str) -> str:
-    """The backend that runs `fn` on `x`; raises if an explicitly named one cannot."""
+def _auto(x: torch.Tensor, input_fmt: str) -> str:
+    if x.is_cpu:
+        key: tuple = ("cpu",)
+        candidates: tuple[str, ...] = ("cpu",)
+    elif x.is_cuda:
+        dtype = str(x.dtype).removeprefix("torch.")
+        layout = "channels_last" if _channels_inner(x, input_fmt) else "contiguous"
+        size = x.numel() * x.element_size()
+        row, candidates = -1, ()
+        for i, (row_dtype, row_layout, min_bytes, order) in enumerate(auto_table.CUDA_TABLE):
+            if row_dtype in ("*", dtype) and row_layout in ("*", layout) and size >= min_bytes:
+                row, candidates = i, order
+                break
+        key = (x.device, x.dtype, layout, row)
+    else:
+        return "reference"
+    choice = _auto_choices.get(key)
+    if choice is None:
+        choice = _auto_choices[key] = _first_available(candidates, x)
+    return choice
+
+
+# os.environ.get costs more than a small pooling's kernel (it encodes the key and raises KeyError
+# when unset); os.environ's own dict, keyed by the encoded name, is read directly when present.
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+_ENV_DATA = getattr(os.environ, "_data", None)
+
+
+def _env_backend() -> str | None:
+    if _ENV_DATA is None:
+        return os.environ.get(ENV_VAR)
+    value = _ENV_DATA.get(_ENV_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+def resolve(backend: str, x: torch.Tensor, input_fmt: str, fn: str) -> str:
+    """The backend that runs `fn` on `x` (laid out as `input_fmt` says); raises if an explicitly
+    named one cannot."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(
             f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
         )
     if backend == "auto":
-        env = os.environ.get(ENV_VAR)
+        env = _env_backend()
         if env:
             if env not in BACKENDS:
                 raise ValueError(
@@ -87,9 +126,9 @@ def resolve(backend: str, x: torch.Tensor, channels_last: bool, fn: str) -> str:
                     f"{', '.join(map(repr, BACKENDS))}"
                 )
             backend = env
-    if backend == "auto":
-        return _auto(x, channels_last)
-    reason = unavailable_reason(backend, x)
+        if backend == "auto":
+            return _auto(x, input_fmt)
+    reason = _cached_reason(backend, x)
     if reason is not None:
         raise RuntimeError(f"{fn}: backend={backend!r} is not available: {reason}")
     return backend

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from gapkernels import backends, export, reference, tokens
-from gapkernels.autograd import pool_apply
+from gapkernels import autograd, backends, export, reference, tokens
+from gapkernels.autograd import entry_applies, pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
 Weight = float | torch.Tensor
@@ -23,20 +23,22 @@ def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
     """Validates x and input_fmt; returns (N, C)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if input_fmt not in INPUT_FORMATS:
+    nchw = input_fmt == "NCHW"
+    if not nchw and input_fmt != "NHWC":
         raise ValueError(f"{fn}: input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
-    if x.dim() < 3:
-        layout = "(N, C, *spatial)" if input_fmt == "NCHW" else "(N, *spatial, C)"
-        raise ValueError(f"{fn}: x must have rank >= 3, {layout}; got shape {tuple(x.shape)}")
+    shape = x.shape
+    if len(shape) < 3:
+        layout = "(N, C, *spatial)" if nchw else "(N, *spatial, C)"
+        raise ValueError(f"{fn}: x must have rank >= 3, {layout}; got shape {tuple(shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    spatial = x.shape[2:] if input_fmt == "NCHW" else x.shape[1:-1]
-    if math.prod(spatial) == 0:
+    spatial = shape[2:] if nchw else shape[1:-1]
+    if 0 in spatial:
         raise ValueError(
             f"{fn}: x has empty spatial dims {tuple(spatial)} (shape "
-            f"{tuple(x.shape)}, input_fmt={input_fmt!r}); global pooling needs S >= 1"
+            f"{tuple(shape)}, input_fmt={input_fmt!r}); global pooling needs S >= 1"
         )
-    return x.shape[0], x.shape[1] if input_fmt == "NCHW" else x.shape[-1]
+    return shape[0], shape[1] if nchw else shape[-1]
 
 
 def _check_weight(w, name: str, channels: int, x: torch.Tensor, fn: str) -> None:
@@ -83,14 +85,9 @@ def _check_gem_args(p, eps, fn: str, check_p_values: bool) -> None:
         raise ValueError(f"{fn}: p must be a finite number > 0, got {p!r}")
 
 
-def _channels_inner(x: torch.Tensor, input_fmt: str) -> bool:
-    """Whether x is stored channels-last (the NSC layout) rather than contiguous or otherwise."""
-    x = x.movedim(-1, 1) if input_fmt == "NHWC" else x
-    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
 def _as_3d(x: torch.Tensor, input_fmt: str) -> torch.Tensor:
-    """The (N, C, S) view of docs/DESIGN.md: NCS or NSC strides; a copy only for other strides."""
+    """The (N, C, S) view of docs/DESIGN.md: NCS or NSC strides; a copy only for other strides.
+    (The eager entry takes the same view in C++: `as_3d` in csrc/ops.cpp.)"""
     if input_fmt == "NHWC":
         x = x.movedim(-1, 1)
     n, c = x.shape[:2]
@@ -112,10 +109,25 @@ def _finish(out: torch.Tensor, x: torch.Tensor, keepdim: bool, input_fmt: str) -
     return out.view(out.shape[0], out.shape[1], *ones)
 
 
+try:
+    # What torch.onnx.is_in_onnx_export() reads, without the two imports it runs on every call
+    # (they cost a third of a small pooling).
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ONNX_GLOBALS
+
+    def _onnx_exporting() -> bool:
+        if torch.compiler.is_compiling():  # Dynamo traces the public function, not these
+            return export.onnx_exporting()
+        return bool(_ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
+
+except ImportError:  # another torch's layout: its public function
+    _onnx_exporting = export.onnx_exporting
+
+
 def _plain():
     """The plain-torch implementation: gapkernels.export's while torch.onnx exports (it
     translates to standard ONNX operators), else the reference."""
-    return export if export.onnx_exporting() else reference
+    return export if _onnx_exporting() else reference
 
 
 def _run(
@@ -128,14 +140,14 @@ def _run(
     backend: str,
     fn: str,
 ):
-    """Runs one pooling op on a non-reference backend; returns (out, indices) shaped for the user,
-    or None for the plain-torch path (backend 'reference', or an ONNX export)."""
-    if export.onnx_exporting():
+    """Runs one pooling op on a non-reference backend; returns (out shaped for the user, the
+    (N, C) indices of MAX_MODES), or None for the plain-torch path (backend 'reference', or an
+    ONNX export)."""
+    if _onnx_exporting():
         return None
-    name = backends.resolve(backend, x, _channels_inner(x, input_fmt), fn)
+    name = backends.resolve(backend, x, input_fmt, fn)
     if name == "reference":
         return None
-    x3 = _as_3d(x, input_fmt)
     w_tensor, scalar, with_log = None, 0.5, False
     if isinstance(weight, torch.Tensor):
         # The one place a weight is normalized: any strides (expanded, sliced) become a contiguous
@@ -144,10 +156,14 @@ def _run(
         with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
     elif weight is not None:
         scalar = float(weight)
-    out, _, indices = pool_apply(x3, mode, w_tensor, scalar, eps, with_log, name)
-    out = _finish(out, x, keepdim, input_fmt)
-    if mode == MODE_MAX:
-        indices = indices.view(out.shape)
+    if name != "triton" and entry_applies(x):
+        nhwc = input_fmt == "NHWC"
+        out, _, indices = autograd.cpp_entry(x, nhwc, mode, w_tensor, scalar, eps, with_log)
+    else:
+        x3 = _as_3d(x, input_fmt)
+        out, _, indices = pool_apply(x3, mode, w_tensor, scalar, eps, with_log, name)
+    if keepdim:
+        out = _finish(out, x, keepdim, input_fmt)
     return out, indices
 
 
@@ -208,7 +224,10 @@ def global_max_pool(
     result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
         return _plain().global_max_pool(x, return_indices, keepdim=keepdim, input_fmt=input_fmt)
-    return result if return_indices else result[0]
+    if return_indices:
+        out, indices = result
+        return out, indices.view(out.shape)
+    return result[0]
 
 
 def global_mixed_pool(

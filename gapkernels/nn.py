@@ -214,7 +214,7 @@ class GlobalPool(torch.nn.Module):
         return export.global_gem_pool(x, self.p, self.eps, **kw)
 
     def _pool(self, x: torch.Tensor, tok=None) -> torch.Tensor:
-        if export.onnx_exporting() and tok is None:
+        if functional._onnx_exporting() and tok is None:
             return self._export_pool(x)
         keepdim, fmt, backend = not self.flatten, self.input_fmt, self.backend
         tok = tok or {}

@@ -90,10 +90,13 @@ def gem_finish(big_m: torch.Tensor, r: torch.Tensor, p) -> torch.Tensor:
     return torch.where(torch.isinf(big_m), big_m, out)
 
 
-def register_pool_ops(forward_op, backward_op) -> None:
-    """Registers the fake kernels and autograd of one backend's (forward, backward) op pair."""
+def register_pool_ops(forward_op, backward_op, autograd: bool = True) -> None:
+    """Registers the fake kernels and (with `autograd`) the Python autograd of one backend's
+    (forward, backward) op pair. The C++ ops register their autograd in C++ (csrc/ops.cpp)."""
     torch.library.register_fake(forward_op)(pool_forward_fake)
     torch.library.register_fake(backward_op)(pool_backward_fake)
+    if not autograd:
+        return
 
     def setup_context(ctx, inputs, output):
         from gapkernels.autograd import save_pool_context
@@ -120,5 +123,7 @@ def register_pool_ops(forward_op, backward_op) -> None:
 
 if _ext.loaded():
     register_pool_ops(
-        torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default
+        torch.ops.gapkernels.pool_forward.default,
+        torch.ops.gapkernels.pool_backward.default,
+        autograd=False,
     )
