@@ -2,7 +2,8 @@
 
 Versions (gapkernels, Python, torch, CUDA, Triton), what the extension was built with (CUDA
 architectures, CPU kernel variants, the torch it was built against), which CPU kernel variant is
-loaded and why, which backends load on each device and why not, and where `auto`'s GPU table comes from.
+loaded and why, which backends load on each device and why not, and where `auto`'s GPU table
+comes from.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ needs_extension = pytest.mark.skipif(not _ext.loaded(), reason="the C++ extensio
 
 
 def _env(**overrides: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", _ext.CPU_ENV_VAR)}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", _ext.CPU_ENV_VAR)
+    }
     env.update({k: v for k, v in overrides.items() if v is not None})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env
