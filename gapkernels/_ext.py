@@ -91,9 +91,7 @@ def choose_cpu_variant(
     if os.environ.get("ATEN_CPU_CAPABILITY"):
         why += f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']})"
     usable = [
-        v
-        for v in CPU_VARIANTS[: CPU_VARIANTS.index(best) + 1]
-        if v in built and v in supported
+        v for v in CPU_VARIANTS[: CPU_VARIANTS.index(best) + 1] if v in built and v in supported
     ]
     if not usable:
         return None, why
