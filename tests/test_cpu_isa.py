@@ -8,6 +8,7 @@ import os
 import pathlib
 import platform
 import re
+import runpy
 import subprocess
 import sys
 
@@ -42,6 +43,55 @@ def _python(code: str, timeout: int = 300, **env: str | None) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+# --- what setup.py builds ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's functions, without running setup() (it runs only as __main__)."""
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    for name in ("GAPKERNELS_CPU_VARIANTS", "GAPKERNELS_CPU_ISA", "GAPKERNELS_NO_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(ROOT)  # setup.py globs csrc/ relative to the current folder
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="gapkernels_setup")[
+        "extension"
+    ].__globals__
+
+
+def test_setup_builds_every_variant_of_the_architecture(setup_py, monkeypatch):
+    assert setup_py["cpu_variants"]("x86_64") == list(ALL)
+    assert setup_py["cpu_variants"]("aarch64") == ["default"]
+    monkeypatch.setenv("GAPKERNELS_CPU_VARIANTS", "avx512, default")
+    assert setup_py["cpu_variants"]("x86_64") == ["default", "avx512"]
+    with pytest.raises(SystemExit, match="the variants of aarch64"):
+        setup_py["cpu_variants"]("aarch64")
+    monkeypatch.setenv("GAPKERNELS_CPU_VARIANTS", "sse2")
+    with pytest.raises(SystemExit, match="expected a comma-separated list of default, avx2"):
+        setup_py["cpu_variants"]("x86_64")
+    monkeypatch.setenv("GAPKERNELS_CPU_ISA", "avx2")  # the old build flag: an error, not ignored
+    with pytest.raises(SystemExit, match="GAPKERNELS_CPU_ISA is gone"):
+        setup_py["cpu_variants"]("x86_64")
+
+
+def test_setup_splits_sources_between_the_libraries(setup_py, monkeypatch):
+    monkeypatch.setenv("GAPKERNELS_CPU_VARIANTS", "default,avx2")
+    cpu = setup_py["cpu_extensions"]()
+    assert [e.name for e in cpu] == ["gapkernels._cpu_default", "gapkernels._cpu_avx2"]
+    kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").rglob("*.cpp"))
+    for ext in cpu:
+        assert ext.sources == [*kernels, "csrc/checks.cpp"]  # every kernel unit, and the checks
+    flags = {e.name: e.extra_compile_args["cxx"] for e in cpu}
+    assert "-DCPU_CAPABILITY=DEFAULT" in flags["gapkernels._cpu_default"]
+    assert not any(f.startswith("-mavx") for f in flags["gapkernels._cpu_default"])
+    assert {"-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2"} <= set(flags["gapkernels._cpu_avx2"])
+    monkeypatch.setenv("GAPKERNELS_NO_CUDA", "1")
+    main = setup_py["extension"]()
+    assert main.name == "gapkernels._C" and "csrc/ops.cpp" in main.sources
+    assert "csrc/checks.cpp" in main.sources  # the CUDA host code calls the checks too
+    assert not any(f.startswith(("csrc/cpu/", "csrc/cuda/")) for f in main.sources)
+    assert not any(f.startswith("-m") for f in main.extra_compile_args["cxx"])
 
 
 # --- the choice, as a function of what is requested, supported and built ---------------------
