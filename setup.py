@@ -7,7 +7,17 @@ Environment:
   TORCH_CUDA_ARCH_LIST      GPU architectures; when set, it is used as given. Default: Ampere to
                             Hopper (8.0;8.6;8.9;9.0), plus Blackwell (10.0;12.0) when nvcc is 12.8
                             or newer, with +PTX on the newest so that later GPUs still run
-  GAPKERNELS_CPU_ISA        x86-64 vector ISA for the CPU kernels: avx2 (default) or default
+  GAPKERNELS_CPU_VARIANTS   which CPU kernel variants to build, comma-separated (default: all
+                            that the machine architecture has: default,avx2,avx512 on x86-64,
+                            default elsewhere). Restricting it only shortens the build (coverage
+                            builds, development); the variant used is chosen at run time.
+
+The CPU kernels (csrc/cpu/) are built once per instruction set into their own libraries,
+gapkernels/_cpu_<variant>.*.so, each registering the same CPU kernels; gapkernels/_ext.py loads
+exactly one at import, the best this CPU runs (the answer torch.backends.cpu.get_cpu_capability()
+gives), or the one GAPKERNELS_CPU_CAPABILITY names. The main library gapkernels._C holds the op
+schemas (csrc/ops.cpp) and the CUDA kernels. Which machine builds never matters: every x86-64
+build holds every variant.
 """
 
 import glob
@@ -66,28 +76,89 @@ def default_cuda_arch_list(nvcc: tuple[int, int] | None) -> str:
     return ";".join(archs)
 
 
-def cpu_flags() -> list[str]:
+# The CPU kernel variants: at::vec picks its implementation (and the inline namespace of its code)
+# from CPU_CAPABILITY and the CPU_CAPABILITY_<ISA> macro, as ATen's own DEFAULT/AVX2/AVX512
+# builds do. AVX2 + FMA + F16C: every x86-64 CPU since 2013. AVX-512: the four subsets torch
+# requires for its AVX512 capability (F, BW, VL, DQ), plus FMA and F16C, which every such CPU has.
+# Not -mavx512bf16: some AVX-512 CPUs lack it, torch's AVX512 capability does not require it, and
+# ATen's vec headers have no code path that uses it.
+CPU_VARIANTS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": [
+        *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"),
+        *("-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"),
+        # GCC 12's avx512fintrin.h warns thousands of times on its own _mm512_undefined_*()
+        # (GCC bug 105593, fixed in later releases). The other variants compile the same
+        # kernels with these warnings on, so nothing of ours goes unchecked.
+        *("-Wno-uninitialized", "-Wno-maybe-uninitialized"),
+    ],
+}
+X86_64 = ("x86_64", "AMD64")
+
+
+def cpu_variants(machine: str | None = None) -> list[str]:
+    """The CPU kernel variants this build makes: every one the architecture has, or those
+    GAPKERNELS_CPU_VARIANTS names."""
+    machine = machine or platform.machine()
+    possible = list(CPU_VARIANTS) if machine in X86_64 else ["default"]
+    if "GAPKERNELS_CPU_ISA" in os.environ:
+        raise SystemExit(
+            "gapkernels: GAPKERNELS_CPU_ISA is gone: every CPU variant is built and the best one "
+            "is chosen at run time (GAPKERNELS_CPU_CAPABILITY forces one); to build fewer, set "
+            f"GAPKERNELS_CPU_VARIANTS to some of {','.join(possible)}"
+        )
+    wanted = os.environ.get("GAPKERNELS_CPU_VARIANTS")
+    if not wanted:
+        return possible
+    names = [name.strip() for name in wanted.split(",") if name.strip()]
+    unknown = [name for name in names if name not in possible]
+    if unknown or not names:
+        raise SystemExit(
+            f"gapkernels: GAPKERNELS_CPU_VARIANTS={wanted!r}: expected a comma-separated list of "
+            f"{', '.join(possible)} (the variants of {machine})"
+        )
+    return [name for name in possible if name in names]
+
+
+def cpu_flags(variant: str) -> list[str]:
     # The C++ standard: cpp_extension picks the one torch needs. OpenMP: at::parallel_for is an
     # inline `#pragma omp parallel` in torch's headers, so without it every kernel runs on one
-    # thread.
-    flags = ["-O3", "-fno-math-errno", "-fopenmp"]
-    isa = os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
-    if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
-        # at::vec picks its implementation from these macros; AVX2 + FMA is every x86-64 CPU
-        # since 2013.
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    else:
-        flags += ["-DCPU_CAPABILITY=DEFAULT"]
-    return flags
+    # thread. Hidden visibility: a variant's code (inline functions too) is never bound to from
+    # outside its library; the TORCH_LIBRARY_IMPL registration runs at load.
+    flags = ["-O3", "-fno-math-errno", "-fopenmp", "-fvisibility=hidden"]
+    return flags + CPU_VARIANTS[variant]
+
+
+def cpu_extensions() -> list:
+    """One library per CPU variant: the kernels (every .cpp under csrc/cpu/) and the shared checks
+    (csrc/checks.cpp), without the op schemas (gapkernels._C defines them) or anything of CUDA."""
+    sources = sorted(glob.glob("csrc/cpu/**/*.cpp", recursive=True)) + ["csrc/checks.cpp"]
+    return [
+        CppExtension(
+            f"gapkernels._cpu_{variant}",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cpu_flags(variant)},
+            extra_link_args=["-fopenmp"],
+        )
+        for variant in cpu_variants()
+    ]
 
 
 def extension():
-    # Every .cpp under csrc/ at any depth, except under csrc/cuda/, whose files (.cu, and .cpp that
-    # need the CUDA headers) are built only with CUDA. MANIFEST.in ships all of csrc/ in the sdist.
+    # gapkernels._C: every .cpp under csrc/ at any depth (the schemas in ops.cpp, the checks),
+    # except under csrc/cpu/ (cpu_extensions) and csrc/cuda/, whose files (.cu, and .cpp that need
+    # the CUDA headers) are built only with CUDA. MANIFEST.in ships all of csrc/ in the sdist.
     everything = sorted(glob.glob("csrc/**/*", recursive=True))
     in_cuda = [f for f in everything if f.startswith("csrc/cuda/")]
-    sources = [f for f in everything if f.endswith(".cpp") and f not in in_cuda]
+    sources = [
+        f
+        for f in everything
+        if f.endswith(".cpp") and f not in in_cuda and not f.startswith("csrc/cpu/")
+    ]
     include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-fno-math-errno"]  # baseline x86-64: no kernel runs in this library
     if with_cuda():
         sources += [f for f in in_cuda if f.endswith((".cu", ".cpp"))]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # the user's list, when given, always wins
@@ -102,15 +173,13 @@ def extension():
             sources,
             include_dirs=include_dirs,
             define_macros=[("GAPKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         )
     return CppExtension(
         "gapkernels._C",
         sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cpu_flags()},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cxx_flags},
     )
 
 
@@ -123,16 +192,24 @@ def build_info(cuda: bool) -> dict:
         "cuda_kernels": cuda,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
         "nvcc": ".".join(map(str, nvcc)) if nvcc else None,
-        "cpu_isa": os.environ.get("GAPKERNELS_CPU_ISA", "avx2")
-        if platform.machine() in ("x86_64", "AMD64")
-        else "default",
+        "cpu_variants": cpu_variants(),
         "machine": platform.machine(),
     }
 
 
 class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
     """torch's BuildExtension, which also writes gapkernels/_build_info.json next to the built
-    library (in the source tree for in-place and editable builds)."""
+    libraries (in the source tree for in-place and editable builds), and builds each library in
+    its own temporary folder: the CPU variants compile the same sources with other flags, and
+    sharing one folder would make them overwrite each other's objects (and rebuild every time)."""
+
+    def build_extension(self, ext):
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(shared_temp, ext.name.rpartition(".")[2])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
 
     def run(self):
         target = ROOT if self.inplace else self.build_lib
@@ -144,6 +221,6 @@ class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
 
 if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
     setup(
-        ext_modules=[extension()],
+        ext_modules=[extension(), *cpu_extensions()],
         cmdclass={"build_ext": BuildExtensionWithInfo},
     )

@@ -1,4 +1,11 @@
-"""Loads the compiled extension (gapkernels._C) and says why when it cannot.
+"""Loads the compiled libraries and says why when it cannot.
+
+gapkernels._C holds the op schemas and the CUDA kernels. The CPU kernels are built once per
+instruction set into gapkernels/_cpu_<variant>.*.so (setup.py), each registering the same CPU
+kernels; exactly one is loaded: the best this CPU runs, which is the answer torch gives
+(`torch.backends.cpu.get_cpu_capability()`, so ATEN_CPU_CAPABILITY lowers it too), or the one
+GAPKERNELS_CPU_CAPABILITY names. A request this CPU or this build cannot honour is an error at
+import, not a silent fallback.
 
 A missing extension (never built) is a missing backend: `auto` falls back to another one.
 A broken extension (built, but fails to load) is an error that `auto` does not hide.
@@ -7,6 +14,9 @@ A broken extension (built, but fails to load) is an error that `auto` does not h
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import platform
 
 import torch
 
@@ -15,12 +25,90 @@ BUILD_HINT = (
     "(set CUDA_HOME=/usr/local/cuda for the CUDA kernels)"
 )
 
+# The CPU kernel variants, lowest first, as setup.py builds them; torch's name for each.
+CPU_VARIANTS = ("default", "avx2", "avx512")
+TORCH_CAPABILITIES = {"DEFAULT": "default", "AVX2": "avx2", "AVX512": "avx512"}
+CPU_ENV_VAR = "GAPKERNELS_CPU_CAPABILITY"
+
+
+class CpuVariantError(RuntimeError):
+    """GAPKERNELS_CPU_CAPABILITY asks for a CPU variant that cannot be loaded."""
+
+
+def cpu_supported_variants() -> tuple[str, ...]:
+    """The variants this CPU can execute (whatever ATEN_CPU_CAPABILITY says), lowest first."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ("default",)
+    # torch's capability is bounded by the hardware but lowered by ATEN_CPU_CAPABILITY; torch's
+    # own checks (private, so not relied on to exist) read the hardware alone.
+    capability = TORCH_CAPABILITIES.get(torch.backends.cpu.get_cpu_capability(), "default")
+    supported = ["default"]
+    for name in ("avx2", "avx512"):
+        check = getattr(torch.cpu, f"_is_{name}_supported", None)
+        if check is not None:
+            runs = bool(check())
+        else:
+            runs = CPU_VARIANTS.index(name) <= CPU_VARIANTS.index(capability)
+        if runs:
+            supported.append(name)
+    return tuple(supported)
+
+
+def cpu_built_variants() -> tuple[str, ...]:
+    """The variants whose library this installation holds, lowest first."""
+    return tuple(v for v in CPU_VARIANTS if importlib.util.find_spec(f"gapkernels._cpu_{v}"))
+
+
+def choose_cpu_variant(
+    requested: str | None, torch_capability: str, supported: tuple[str, ...], built: tuple[str, ...]
+) -> tuple[str | None, str]:
+    """(variant, why): the CPU variant to load, or None when none is built.
+
+    `requested` is GAPKERNELS_CPU_CAPABILITY (None or "" when unset); it may name any variant
+    this CPU executes and this build holds, and anything else raises CpuVariantError. Unset, the
+    choice is torch's capability (`torch_capability`, e.g. "AVX512"), or the best built variant
+    below it."""
+    if requested:
+        name = requested.strip().lower()
+        if name not in CPU_VARIANTS:
+            raise CpuVariantError(
+                f"{CPU_ENV_VAR}={requested!r} is not a CPU variant; expected one of "
+                f"{', '.join(CPU_VARIANTS)} (or unset it: the best one this CPU runs is chosen)"
+            )
+        if name not in supported:
+            raise CpuVariantError(
+                f"{CPU_ENV_VAR}={requested!r}: this CPU ({platform.machine()}) cannot execute the "
+                f"{name} kernels; it executes {', '.join(supported)}"
+            )
+        if name not in built:
+            raise CpuVariantError(
+                f"{CPU_ENV_VAR}={requested!r}: this gapkernels build has no {name} CPU kernels "
+                f"(built: {', '.join(built) or 'none'}); rebuild without GAPKERNELS_CPU_VARIANTS"
+            )
+        return name, f"{CPU_ENV_VAR}={requested}"
+    best = TORCH_CAPABILITIES.get(torch_capability, "default")
+    why = f"torch's CPU capability is {torch_capability}"
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        why += f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']})"
+    usable = [
+        v for v in CPU_VARIANTS[: CPU_VARIANTS.index(best) + 1] if v in built and v in supported
+    ]
+    if not usable:
+        return None, why
+    if usable[-1] != best:
+        why += f"; {best} is not built (built: {', '.join(built)})"
+    return usable[-1], why
+
+
 _C = None
 missing_reason: str | None = None  # the extension was never built
 broken_reason: str | None = None  # it was built but does not load
+cpu_variant: str | None = None  # the CPU kernels loaded: "default", "avx2" or "avx512"
+cpu_variant_reason = ""  # why that one
+cpu_library: str | None = None  # its file
 
 try:
-    _C = importlib.import_module("gapkernels._C")  # registers torch.ops.gapkernels.*
+    _C = importlib.import_module("gapkernels._C")  # registers the schemas, and CUDA kernels
 except ModuleNotFoundError as exc:
     if exc.name != "gapkernels._C":
         broken_reason = f"gapkernels._C failed to import: {exc!r}"
@@ -31,6 +119,24 @@ except (ImportError, OSError) as exc:
         f"gapkernels._C is present but failed to load ({exc}); it was probably built against "
         f"another torch than {torch.__version__}"
     )
+
+if _C is not None:
+    cpu_variant, cpu_variant_reason = choose_cpu_variant(
+        os.environ.get(CPU_ENV_VAR),
+        torch.backends.cpu.get_cpu_capability(),
+        cpu_supported_variants(),
+        cpu_built_variants(),
+    )
+    if cpu_variant is not None:
+        spec = importlib.util.find_spec(f"gapkernels._cpu_{cpu_variant}")
+        cpu_library = spec.origin if spec is not None else None
+        try:
+            torch.ops.load_library(cpu_library)  # registers the CPU kernels
+        except (OSError, RuntimeError) as exc:
+            broken_reason = (
+                f"the CPU kernels {cpu_library} failed to load ({exc}); they were probably built "
+                f"against another torch than {torch.__version__}"
+            )
 
 
 def loaded() -> bool:
@@ -58,6 +164,11 @@ def unavailable_reason(dispatch_key: str) -> str | None:
     if missing_reason is not None:
         return f"{missing_reason}; {BUILD_HINT}"
     if not has_kernel(dispatch_key):
+        if dispatch_key == "CPU":
+            return (
+                "the gapkernels CPU kernels (gapkernels/_cpu_*.so) are not built for this CPU "
+                f"({cpu_variant_reason}); {BUILD_HINT}"
+            )
         return (
             f"the gapkernels extension was built without {dispatch_key} kernels; "
             "rebuild it with a CUDA toolkit and a CUDA build of torch: " + BUILD_HINT

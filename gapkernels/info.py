@@ -1,8 +1,9 @@
 """`python -m gapkernels.info`: what to paste into a bug report.
 
 Versions (gapkernels, Python, torch, CUDA, Triton), what the extension was built with (CUDA
-architectures, CPU instruction set, the torch it was built against), which backends load on each
-device and why not, and where `auto`'s GPU table comes from.
+architectures, CPU kernel variants, the torch it was built against), which CPU kernel variant is
+loaded and why, which backends load on each device and why not, and where `auto`'s GPU table
+comes from.
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ def _backend_lines(device: str) -> list[str]:
     return lines
 
 
+def _cpu_variant_lines() -> list[str]:
+    """Which CPU kernel variant is loaded, why, and which others this CPU and build have."""
+    env = os.environ.get(_ext.CPU_ENV_VAR)
+    return [
+        f"  CPU kernels: {_ext.cpu_variant or 'none'} ({_ext.cpu_variant_reason})"
+        + (f" from {_ext.cpu_library}" if _ext.cpu_library else ""),
+        f"  CPU variants: installed {', '.join(_ext.cpu_built_variants()) or 'none'}; this CPU "
+        f"executes {', '.join(_ext.cpu_supported_variants())}; "
+        + (f"{_ext.CPU_ENV_VAR}={env!r}" if env else f"{_ext.CPU_ENV_VAR} not set"),
+    ]
+
+
 def report() -> str:
     info = build_info()
     lines = [
@@ -71,6 +84,7 @@ def report() -> str:
     if _ext.loaded():
         lines.append(f"  loaded from {getattr(_ext._C, '__file__', '?')}")
         lines.append(f"  kernels: CPU {_ext.has_kernel('CPU')}, CUDA {_ext.has_kernel('CUDA')}")
+        lines += _cpu_variant_lines()
     else:
         lines.append(f"  not loaded: {_ext.broken_reason or _ext.missing_reason}")
     if info is None:
@@ -80,7 +94,12 @@ def report() -> str:
             f"  built against torch {info.get('torch')} for {info.get('machine')}",
             f"  CUDA kernels: {info.get('cuda_kernels')}; architectures "
             f"{info.get('cuda_arch_list') or '-'}; nvcc {info.get('nvcc') or '-'}",
-            f"  CPU instruction set: {info.get('cpu_isa')} (chosen at build time)",
+            "  CPU variants built: "
+            + (
+                ", ".join(info["cpu_variants"])
+                if "cpu_variants" in info
+                else f"{info.get('cpu_isa')} only (chosen at build time)"
+            ),
         ]
     lines += ["", "backends for CPU tensors:", *_backend_lines("cpu")]
     if torch.cuda.is_available():

@@ -4,7 +4,8 @@
 #   2. unpacks it in a temporary folder, away from the checkout, and builds a CPU-only wheel
 #      from it (GAPKERNELS_NO_CUDA=1, --no-build-isolation against this environment's torch);
 #   3. installs the wheel into a throwaway folder and, from outside the source tree, imports it
-#      and runs pooling ops on the CPU backend against gapkernels.reference;
+#      and runs pooling ops on the CPU backend against gapkernels.reference, once per CPU kernel
+#      variant (gapkernels/_cpu_<variant>.so) this machine executes;
 #   4. checks the wheel's file list (its own checks, check-wheel-contents) and both files'
 #      metadata (twine check --strict).
 # Exits non-zero at the first failure. Takes a few minutes, nearly all of it the C++ build.
@@ -110,8 +111,11 @@ step "built $(basename "$WHEEL")"
 # checkout (and no editable install of it) can be picked up.
 "$PY" -m pip install -q --no-deps --no-index --target "$TMP/site" "$WHEEL"
 mkdir "$TMP/run"
+VARIANTS=$(cd "$TMP/run" && env -u GAPKERNELS_CPU_CAPABILITY PYTHONPATH="$TMP/site" "$PY" -c \
+    "from gapkernels import _ext as e; print(*[v for v in e.cpu_built_variants() if v in e.cpu_supported_variants()])")
+for VARIANT in $VARIANTS; do
 ( cd "$TMP/run" && env -u GAPKERNELS_BACKEND PYTHONPATH="$TMP/site" SITE="$TMP/site" \
-    "$PY" - ) <<'PYEOF'
+    GAPKERNELS_CPU_CAPABILITY="$VARIANT" "$PY" - ) <<'PYEOF'
 import importlib.metadata, os
 import torch
 import gapkernels
@@ -124,6 +128,9 @@ assert where.startswith(site), f"imported {where}, not the wheel installed in {s
 assert _ext.loaded(), _ext.broken_reason or _ext.missing_reason
 assert os.path.realpath(_ext._C.__file__).startswith(site), _ext._C.__file__
 assert _ext.has_kernel("CPU") and not _ext.has_kernel("CUDA"), sorted(_ext.KERNEL_KEYS)
+variant = os.environ["GAPKERNELS_CPU_CAPABILITY"]
+assert _ext.cpu_variant == variant, (_ext.cpu_variant, _ext.cpu_variant_reason)
+assert os.path.realpath(_ext.cpu_library).startswith(site), _ext.cpu_library
 dist = importlib.metadata.distribution("gapkernels")
 assert os.path.realpath(dist.locate_file("")) + os.sep == site, dist.locate_file("")
 assert dist.version == gapkernels.__version__, (dist.version, gapkernels.__version__)
@@ -163,13 +170,14 @@ for memory_format in (torch.contiguous_format, torch.channels_last):
     torch.testing.assert_close(gapkernels.global_gem_pool(xp, 3.0, backend="cpu"),
                                reference.global_gem_pool(xp, 3.0))
 print(f"check_dist: smoke test ok: gapkernels {gapkernels.__version__} from "
-      f"{os.path.dirname(where)}: CPU kernels against the reference (forward, backward, "
-      "indices; contiguous and channels_last)")
+      f"{os.path.dirname(where)}: {variant} CPU kernels against the reference (forward, "
+      "backward, indices; contiguous and channels_last)")
 PYEOF
+done
 
 # 4. The wheel's file list and the metadata of both files.
 "$PY" - "$WHEEL" "$VERSION" <<'PYEOF'
-import re, sys, zipfile
+import platform, re, sys, zipfile
 wheel, version = sys.argv[1], sys.argv[2]
 names = zipfile.ZipFile(wheel).namelist()
 info = f"gapkernels-{version}.dist-info/"
@@ -178,8 +186,10 @@ for wanted in ("gapkernels/__init__.py", "gapkernels/_version.py", "gapkernels/p
                info + "METADATA", info + "licenses/LICENSE"):
     if wanted not in names:
         problems.append(f"missing: {wanted}")
-if not any(re.fullmatch(r"gapkernels/_C\.[^/]*\.so", n) for n in names):
-    problems.append("missing: the compiled extension gapkernels/_C.*.so")
+variants = ["default", "avx2", "avx512"] if platform.machine() in ("x86_64", "AMD64") else ["default"]
+for lib in ["_C", *(f"_cpu_{v}" for v in variants)]:
+    if not any(re.fullmatch(rf"gapkernels/{lib}\.[^/]*\.so", n) for n in names):
+        problems.append(f"missing: the compiled library gapkernels/{lib}.*.so")
 for name in names:
     top = name.split("/")[0]
     if top not in ("gapkernels", info[:-1]):
@@ -189,7 +199,8 @@ for name in names:
         problems.append(f"should not be there: {name}")
 if problems:
     sys.exit("wheel " + wheel + ":\n  " + "\n  ".join(problems))
-print(f"check_dist: wheel file list ok: {len(names)} files, _C present, py.typed, LICENSE")
+print(f"check_dist: wheel file list ok: {len(names)} files, _C and the CPU variants "
+      f"({', '.join(variants)}) present, py.typed, LICENSE")
 PYEOF
 "$PY" -m check_wheel_contents --toplevel gapkernels "$WHEEL"
 "$PY" -m twine check --strict "$SDIST" "$WHEEL"

@@ -41,6 +41,6 @@ def test_build_record_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(info, "BUILD_INFO", str(path))
     text = info.report()
     assert "built against torch 9.9.9" in text and "architectures 8.0;9.0+PTX" in text
-    assert "CPU instruction set: avx2" in text
+    assert "CPU variants built: avx2 only (chosen at build time)" in text
     monkeypatch.setattr(info, "BUILD_INFO", str(tmp_path / "missing.json"))
     assert "build record: none" in info.report()
