@@ -138,10 +138,10 @@ struct NcsSumMaxRun {
       ix[k] = at::vec::clamp_min(ix[k], (v > mx[k]) & cur);
       mx[k] = at::vec::clamp_min(v, mx[k]);
     };
-    Vec t[8];
     int64_t s0 = 0;
     for (; s0 + 8 <= S; s0 += 8) {
       for (int k = 0; k < 2; ++k) {
+        Vec t[8];
         load_tile(x + k * V * S + s0, S, t);
         for (int j = 0; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(s0 + j)), k);
       }
@@ -150,6 +150,7 @@ struct NcsSumMaxRun {
       // The last tile overlaps the previous one; its first columns were already counted.
       const int64_t base = S - 8;
       for (int k = 0; k < 2; ++k) {
+        Vec t[8];
         load_tile(x + k * V * S + base, S, t);
         for (int64_t j = s0 - base; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(base + j)), k);
       }

@@ -131,10 +131,11 @@ struct NcsGemRun {
       const Vec headroom[2] = {gem_headroom(p[0]), gem_headroom(p[1])};
       Vec sum[2][1] = {{zero}, {zero}}, log_sum[2][1] = {{zero}, {zero}};
       GemRef<acc_t> g[2] = {gem_start(eps), gem_start(eps)};
-      Vec t[8];
-      // Columns [j0, 8) of the tile at column `base`, for both halves of the batch.
+      // Columns [j0, 8) of the tile at column `base`, for both halves of the batch. (t is the
+      // lambda's own: the tile then stays in registers.)
       auto tile = [&](int64_t base, int64_t j0) {
         for (int k = 0; k < 2; ++k) {
+          Vec t[8];
           load_tile(x + k * V * S + base, S, t);
           Vec block_max = t[j0];
           for (int64_t j = j0 + 1; j < 8; ++j) block_max = at::vec::clamp_min(t[j], block_max);
