@@ -235,10 +235,15 @@ GK_HOST_DEVICE GK_INLINE acc_t mixed_aux(acc_t max, acc_t avg) {
 }
 
 // GeM: out = M r^(1/p) with r = mean (y/M)^p in [1/S, 1]; M itself when M = +inf; a NaN M gives
-// NaN.
+// NaN. gem_value_of_root takes root = r^(1/p) (the CPU forms the roots of many rows at once).
+template <typename acc_t>
+GK_HOST_DEVICE GK_INLINE acc_t gem_value_of_root(acc_t m, acc_t root) {
+  return std::isinf(m) ? m : m * root;
+}
+
 template <typename acc_t, typename Reciprocal>
 GK_HOST_DEVICE GK_INLINE acc_t gem_value(acc_t m, acc_t mean_r, acc_t p, Reciprocal reciprocal) {
-  return std::isinf(m) ? m : m * accurate_pow(mean_r, reciprocal(p));
+  return gem_value_of_root(m, accurate_pow(mean_r, reciprocal(p)));
 }
 
 // GeM backward: grad_x = A (y/M)^(p-1) where x >= eps (y = x), else 0 (NaN x: 0), with

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import (
+from gapkernels import _ext
+from helpers import (
     OP_CASES,
     TOLERANCES,
     assert_bitwise_equal,
@@ -17,7 +18,6 @@ from conftest import (
     make_weight,
     run_op,
 )
-from gapkernels import _ext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, OP_CASES, make_weight, run_op
+from helpers import HAS_CUDA, OP_CASES, make_weight, run_op
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none is visible")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     DEVICE_BACKENDS,
     OP_CASES,
     assert_bitwise_equal,

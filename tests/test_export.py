@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import TOLERANCES, make_input, needs_cuda
 from gapkernels import _ext, functional
 from gapkernels.nn import GlobalPool
+from helpers import TOLERANCES, make_input, needs_cuda
 
 ONNX_MISSING = [
     m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None
@@ -56,7 +56,7 @@ POOLS = {
     ),
 }
 
-# (logical shape, layout of conftest.make_input, flatten)
+# (logical shape, layout of helpers.make_input, flatten)
 LAYOUTS = {
     "nchw-flatten": ((2, 6, 5, 7), "contiguous", True),
     "channels_last-keepdim": ((2, 6, 5, 7), "channels_last", False),

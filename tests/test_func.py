@@ -16,7 +16,7 @@ from torch import func
 from torch.utils import _pytree as pytree  # noqa: E402
 
 import gapkernels  # noqa: E402
-from conftest import OP_CASES, make_input, make_weight, run_op  # noqa: E402
+from helpers import OP_CASES, make_input, make_weight, run_op  # noqa: E402
 
 
 def _setup(op, wkind, device, dtype, gen, shape=(2, 3, 3, 4), layout="contiguous"):

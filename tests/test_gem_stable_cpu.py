@@ -1,6 +1,6 @@
 """GeM on the CPU kernels, computed relative to each row's maximum (docs/DESIGN.md, "Modes").
 
-Every path of csrc/cpu/pool_cpu.cpp that reduces GeM is reached by one of SHAPES (the comments
+Every path of the CPU kernels (csrc/cpu/) that reduces GeM is reached by one of SHAPES (the comments
 say which, for float32 and float64), with inputs whose maximum keeps growing along the row (or
 along a channel's rows), so that a running maximum that is moved wrongly, or not at all, in any
 path, over-/underflows or gives a wrong value. Value, grad to x and grad to p are compared with
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import TOLERANCES
 from gapkernels import reference
+from helpers import TOLERANCES
 
 BACKEND = "cpu"
 P_VALUES = [1.0, 2.0, 3.0, 4.5, 6.0, 7.5, 30.0, 90.0, 100.0]

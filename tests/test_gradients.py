@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 import torch.autograd.forward_ad as fwAD  # noqa: E402
 from torch import autograd  # noqa: E402
 
-from conftest import HAS_CUDA, OP_CASES, OPS, make_input, make_weight, run_op  # noqa: E402
 from gapkernels import backends, global_gem_pool, reference  # noqa: E402
+from helpers import HAS_CUDA, OP_CASES, OPS, make_input, make_weight, run_op  # noqa: E402
 
 
 def _backend_params():

@@ -9,10 +9,10 @@ from torch import autograd
 from torch.overrides import TorchFunctionMode
 
 import gapkernels
-from conftest import OP_CASES, assert_close, make_input, make_weight, run_op
 from gapkernels import autograd as gk_autograd
 from gapkernels import backends, reference
 from gapkernels.ops import MODE_AVG
+from helpers import OP_CASES, assert_close, make_input, make_weight, run_op
 
 pytestmark = pytest.mark.skipif(
     not gapkernels._ext.loaded(), reason="the fast paths are the C++ extension's"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import DEVICE_BACKENDS, OP_CASES, make_input, make_weight, run_op
 from gapkernels import ops
 from gapkernels.functional import _as_3d
 from gapkernels.ops import MODE_GEM, MODE_MIXED
+from helpers import DEVICE_BACKENDS, OP_CASES, make_input, make_weight, run_op
 
 FORWARD = torch.ops.gapkernels.pool_forward.default
 BACKWARD = torch.ops.gapkernels.pool_backward.default

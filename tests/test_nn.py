@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import TOLERANCES, assert_close, make_input
 from gapkernels import reference
 from gapkernels.nn import P_MIN, POOL_TYPES, TIMM_POOL_TYPES, GlobalPool
+from helpers import TOLERANCES, assert_close, make_input
 
 
 def _reference(module: GlobalPool, x, input_fmt):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import (
+from helpers import (
     DEVICE_BACKENDS,
     DTYPES,
     LAYOUTS,

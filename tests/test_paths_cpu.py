@@ -1,4 +1,4 @@
-"""Every code path of the CPU kernels (csrc/cpu/pool_cpu.cpp), each with an input that makes the
+"""Every code path of the CPU kernels (csrc/cpu/), each with an input that makes the
 path matter: docs/PATHS.md lists the paths, the function each lives in, and the test here that
 drives it (and which deliberate bug each test catches).
 
@@ -6,7 +6,7 @@ The suite's other tests compare results on small random inputs, which leave most
 either untaken or taken with data for which a wrong answer looks right (a tie of the maximum
 never straddles two pieces of a split reduction; a skipped row of grad_x happens to hold zeros).
 Here the inputs are shaped from the kernels' own splitting rules (mirrored below from the
-constants at the top of pool_cpu.cpp), and ties, NaNs and +-inf are planted on both sides of
+constants of csrc/cpu/layout.h), and ties, NaNs and +-inf are planted on both sides of
 every boundary the kernel cuts at: vector chunks and their overlapping tail, max blocks, row
 blocks, pieces of a split reduction, thread ranges (1 and 2 threads).
 
@@ -22,11 +22,11 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import TOLERANCES, assert_close
 from gapkernels import reference
+from helpers import TOLERANCES, assert_close
 
 # ---------------------------------------------------------------------------------------------
-# The kernels' geometry, mirrored from the constants at the top of csrc/cpu/pool_cpu.cpp. If the
+# The kernels' geometry, mirrored from the constants of csrc/cpu/layout.h. If the
 # kernel changes them, the tests still pass (they only decide where specials are planted), but
 # they may stop straddling the new boundaries: keep these in step.
 K_TARGET_TASKS = 64

@@ -26,8 +26,8 @@ from test_paths_cpu import (  # noqa: E402
     same_strides,
 )
 
-from conftest import assert_close  # noqa: E402
 from gapkernels import reference  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
 from gapkernels.triton import configs  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from conftest import DEVICE_BACKENDS, TOLERANCES, make_weight, run_op
+from helpers import DEVICE_BACKENDS, TOLERANCES, make_weight, run_op
 
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0]
 

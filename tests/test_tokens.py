@@ -21,8 +21,8 @@ from tokens_common import (
 )
 
 import gapkernels
-from conftest import DTYPES, assert_close
 from gapkernels import reference
+from helpers import DTYPES, assert_close
 
 
 @pytest.mark.parametrize("layout", TOKEN_LAYOUTS)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import gapkernels
-from conftest import assert_close
 from gapkernels import tokens
+from helpers import assert_close
 
 SENTENCES = [
     "Hi.",

@@ -23,8 +23,8 @@ from tokens_common import (  # noqa: E402
 )
 
 import gapkernels  # noqa: E402
-from conftest import assert_bitwise_equal, assert_close  # noqa: E402
 from gapkernels import reference  # noqa: E402
+from helpers import assert_bitwise_equal, assert_close  # noqa: E402
 
 gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
 from gapkernels.triton import tokens as ttokens  # noqa: E402

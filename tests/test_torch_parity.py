@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import gapkernels
-from conftest import DEVICE_BACKENDS, assert_close, make_input
+from helpers import DEVICE_BACKENDS, assert_close, make_input
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 

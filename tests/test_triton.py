@@ -23,7 +23,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import gapkernels  # noqa: E402
-from conftest import (  # noqa: E402
+from gapkernels import auto_table, backends  # noqa: E402
+from helpers import (  # noqa: E402
     OP_CASES,
     assert_bitwise_equal,
     assert_close,
@@ -31,7 +32,6 @@ from conftest import (  # noqa: E402
     make_weight,
     run_op,
 )
-from gapkernels import auto_table, backends  # noqa: E402
 
 gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
 import triton  # noqa: E402

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from conftest import OPS
 from gapkernels import reference
+from helpers import OPS
 
 # layout name -> (input_fmt, how the logical (N, C, *spatial) tensor is laid out)
 TOKEN_LAYOUTS = ["nlc", "ncl", "nchw_channels_last", "nhwc"]

@@ -1,0 +1,123 @@
+// The backward's math on the CPU, shared by the NCS and NSC units: each row's coefficients and
+// the value of one grad_x element (scalar) or chunk (vectors). grad_x is written once.
+//
+// grad_x[r, s] = A[r] * f(x) + (s == index[r]) * B[r], f = 1 except for GEM, where
+// f = (x * B[r])**(p-1) for x >= eps, else 0, with A = g * r**(1/p - 1) / S (pool_math.h's
+// gem_grad_scale) and B = 1/M. GeM's exponent here is p - 1 (KernelArgs::grad_power_of), raised
+// with pool_math.h's power() (scalar) and its vector form vec_power.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/layout.h"
+#include "cpu/stats.h"
+#include "cpu/vec.h"
+#include "pool_math.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+template <Mode kMode, typename scalar_t>
+struct GradMath {
+  GK_CPU_KERNEL_TYPES(kMode, scalar_t);
+  using Grad = GradInputs<scalar_t>;
+
+  // A, B and index of rows r0 .. r0+count-1, count <= kBatch.
+  static void row_coefficients(const Args& a, const Grad& g, int64_t r0, int64_t count, acc_t* A,
+                               acc_t* B, int64_t* index) {
+    int64_t n = r0 / a.C;
+    int64_t c = r0 - n * a.C;
+    const acc_t S = static_cast<acc_t>(a.S);
+    if constexpr (kGem) {
+      // gem_grad_scale for kBatch rows at a time, in vectors.
+      __at_align__ acc_t big_m[kBatch];
+      __at_align__ acc_t ratio[kBatch];
+      __at_align__ acc_t exponent[kBatch];
+      __at_align__ acc_t go[kBatch];
+      for (int64_t i = 0; i < kBatch; ++i) {
+        const int64_t r = r0 + i;
+        big_m[i] = i < count ? g.aux[r * g.aux_columns] : acc_t(1);
+        ratio[i] = i < count ? g.aux[r * g.aux_columns + 1] : acc_t(1);
+        exponent[i] = i < count ? acc_t(1) / a.param(c) - acc_t(1) : acc_t(0);
+        go[i] = i < count ? static_cast<acc_t>(g.grad_out[r]) : acc_t(0);
+        if (++c == a.C) c = 0;
+      }
+      for (int64_t i = 0; i < kBatch; i += V) {
+        const Vec pw = (Vec::loadu(exponent + i) * Vec::loadu(ratio + i).log()).exp();
+        (Vec::loadu(go + i) * pw / Vec(S)).store(A + i);
+        (Vec(acc_t(1)) / Vec::loadu(big_m + i)).store(B + i);
+      }
+      return;
+    }
+    for (int64_t i = 0; i < count; ++i, ++c) {
+      if (c == a.C) {
+        c = 0;
+        ++n;
+      }
+      const int64_t r = r0 + i;
+      if constexpr (kMax) index[i] = g.indices[r];
+      if constexpr (kMode == Mode::Cat) {
+        A[i] = static_cast<acc_t>(g.grad_out[n * 2 * a.C + c]) / S;
+        B[i] = static_cast<acc_t>(g.grad_out[n * 2 * a.C + a.C + c]);
+      } else {
+        const acc_t go = static_cast<acc_t>(g.grad_out[r]);
+        if constexpr (kMode == Mode::Avg) {
+          A[i] = go / S;
+        } else if constexpr (kMode == Mode::Max) {
+          A[i] = acc_t(0);
+          B[i] = go;
+        } else {
+          const acc_t alpha = a.param(c);
+          A[i] = (acc_t(1) - alpha) * go / S;
+          B[i] = alpha * go;
+        }
+      }
+    }
+  }
+
+  // One chunk of grad_x: A + (cur == index) * B, or GEM's A * (x * B)**(p-1) masked by
+  // x >= eps, with the exponent p - 1 raised as kPow says (see dispatch_power).
+  template <int kPow>
+  static inline void grad_chunk(const Vec (&A)[2], const Vec (&B)[2], const Vec (&index)[2],
+                                const Vec (&cur)[2], const scalar_t* x, const Power& e,
+                                const Vec& eps, Vec (&out)[2]) {
+    if constexpr (kGem) {
+      Vec v[2];
+      IO::load(x, v[0], v[1]);
+      for (int k = 0; k < 2; ++k) {
+        const Vec z = v[k] * B[k];
+        Vec log_z = z;
+        if constexpr (kPow == kPowExp) {
+          // z may underflow to 0: the clamp keeps 0**0 (p = 1) at 1.
+          log_z = at::vec::clamp_min(z.log(), Vec(std::numeric_limits<acc_t>::lowest()));
+        }
+        out[k] = (A[k] * vec_power<kPow>(z, log_z, e.vec[k], e.integral)) & (v[k] >= eps);
+      }
+    } else if constexpr (kMax) {
+      for (int k = 0; k < 2; ++k) out[k] = A[k] + ((cur[k] == index[k]) & B[k]);
+    } else {
+      out[0] = A[0];
+      out[1] = A[1];
+    }
+  }
+
+  // One element of grad_x (element s of its row); e: GeM's exponent p - 1.
+  static inline acc_t grad_scalar(acc_t A, acc_t B, int64_t index, int64_t s, acc_t x,
+                                  Exponent<acc_t> e, acc_t eps) {
+    if constexpr (kGem) {
+      if (!(x >= eps)) return acc_t(0);
+      return A * power(x * B, e.p, e.integral);
+    } else if constexpr (kMax) {
+      return s == index ? A + B : A;
+    } else {
+      return A;
+    }
+  }
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels

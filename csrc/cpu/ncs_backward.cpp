@@ -1,0 +1,128 @@
+// NCS backward: each (n, c) row of grad_x written once, vectorized along the row (a chunk
+// overlapping the last full one at the end); long rows in pieces. The math is backward.h's.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/backward.h"
+#include "cpu/kernels.h"
+#include "cpu/layout.h"
+#include "cpu/stats.h"
+#include "cpu/vec.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <Mode kMode, typename scalar_t>
+struct NcsBackward {
+  GK_CPU_KERNEL_TYPES(kMode, scalar_t);
+  using Math = GradMath<kMode, scalar_t>;
+  using Grad = GradInputs<scalar_t>;
+
+  // Writes grad_x[start, end) of one row; e: GeM's exponent p - 1.
+  static void grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end, acc_t A,
+                       acc_t B, int64_t index, const Power& e, const Args& a) {
+    const int64_t len = end - start;
+    gx += start;
+    x += start;
+    if (len < W) {
+      for (int64_t i = 0; i < len; ++i) {
+        gx[i] = static_cast<scalar_t>(Math::grad_scalar(
+            A, B, index, start + i, kGem ? static_cast<acc_t>(x[i]) : acc_t(0), e.scalar(), a.eps));
+      }
+      return;
+    }
+    const Vec eps(a.eps);
+    const Vec Av[2] = {Vec(A), Vec(A)};
+    const Vec Bv[2] = {Vec(B), Vec(B)};
+    const acc_t local_index =
+        index >= start && index < end ? static_cast<acc_t>(index - start) : acc_t(-1);
+    const Vec iv[2] = {Vec(local_index), Vec(local_index)};
+    const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
+    const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
+    const Vec step(static_cast<acc_t>(W));
+    auto rows = [&](auto pow_c) {
+      constexpr int kPow = decltype(pow_c)::value;
+      Vec cur[2] = {lane0, lane1};
+      Vec out[2];
+      int64_t i = 0;
+      for (; i + W <= len; i += W) {
+        Math::template grad_chunk<kPow>(Av, Bv, iv, cur, x + i, e, eps, out);
+        IO::store(gx + i, out[0], out[1]);
+        cur[0] += step;
+        cur[1] += step;
+      }
+      if (i < len) {
+        // The last chunk overlaps the previous one; those lanes get the same values again.
+        const Vec base(static_cast<acc_t>(len - W));
+        const Vec tail_cur[2] = {lane0 + base, lane1 + base};
+        Math::template grad_chunk<kPow>(Av, Bv, iv, tail_cur, x + len - W, e, eps, out);
+        IO::store(gx + len - W, out[0], out[1]);
+      }
+    };
+    if constexpr (kGem) {
+      dispatch_power<0>(e.integral, false, rows);
+    } else {
+      rows(std::integral_constant<int, 1>());
+    }
+  }
+
+  static void run(const scalar_t* x, scalar_t* gx, const Args& a, const Grad& g) {
+    const int64_t R = a.N * a.C;
+    const int64_t S = a.S;
+    const Pieces pieces = ncs_backward_pieces(S);
+    if (pieces.count == 1) {
+      const int64_t grain = std::max<int64_t>(1, kMinTaskElements / S);
+      at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+        __at_align__ acc_t A[kBatch], B[kBatch];
+        int64_t index[kBatch];
+        for (int64_t r0 = begin; r0 < end; r0 += kBatch) {
+          const int64_t count = std::min(kBatch, end - r0);
+          Math::row_coefficients(a, g, r0, count, A, B, index);
+          int64_t c = r0 % a.C;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t r = r0 + i;
+            const Power e = kGem ? a.grad_power_of(c) : Power{};
+            grad_run(gx + r * S, x + r * S, 0, S, A[i], kMax || kGem ? B[i] : acc_t(0),
+                     kMax ? index[i] : -1, e, a);
+            if (++c == a.C) c = 0;
+          }
+        }
+      });
+      return;
+    }
+    const int64_t P = pieces.count;
+    at::parallel_for(0, R * P, 1, [&](int64_t begin, int64_t end) {
+      __at_align__ acc_t A[kBatch], B[kBatch];
+      int64_t index[kBatch];
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / P;
+        const int64_t start = (t - r * P) * pieces.length;
+        Math::row_coefficients(a, g, r, 1, A, B, index);
+        const Power e = kGem ? a.grad_power_of(r % a.C) : Power{};
+        grad_run(gx + r * S, x + r * S, start, std::min(S, start + pieces.length), A[0],
+                 kMax || kGem ? B[0] : acc_t(0), kMax ? index[0] : -1, e, a);
+      }
+    });
+  }
+};
+
+}  // namespace
+
+template <Mode kMode, typename scalar_t>
+void ncs_backward(const scalar_t* x, scalar_t* grad_x, const ArgsOf<scalar_t>& a,
+                  const GradInputs<scalar_t>& g) {
+  NcsBackward<kMode, scalar_t>::run(x, grad_x, a, g);
+}
+
+#define GK_INSTANTIATE(mode, T) \
+  template void ncs_backward<mode, T>(const T*, T*, const ArgsOf<T>&, const GradInputs<T>&);
+#define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_MODES(GK_INSTANTIATE, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels

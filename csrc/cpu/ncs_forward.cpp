@@ -1,0 +1,188 @@
+// NCS forward of the sum and max modes (avg, max, mixed, cat): each (n, c) row is a contiguous
+// run, vectorized along it, or (short runs) one row per vector lane. The driver is
+// ncs_forward.h's; the max rule is pool_math.h's scan_max, per lane (vec_scan_max).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/kernels.h"
+#include "cpu/layout.h"
+#include "cpu/ncs_forward.h"
+#include "cpu/stats.h"
+#include "cpu/vec.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <Mode kMode, typename scalar_t>
+struct NcsSumMaxRun {
+  GK_CPU_KERNEL_TYPES(kMode, scalar_t);
+  static_assert(!kGem, "GeM is ncs_forward_gem.cpp's");
+
+  // Moves the running (max, index) of a run past x[b, e) (a multiple of W long), given the
+  // block's lane maxima and NaN flags from track_max: a NaN block hands over its last NaN;
+  // otherwise a block whose max beats the running one hands over its first occurrence of it.
+  // With the run's tail, [e, tail_end) follows, read as the chunk at tail_end - W.
+  static inline void resolve_block(const scalar_t* x, int64_t b, int64_t e, int64_t tail_end,
+                                   const Vec (&block_max)[2], const Vec (&block_nan)[2],
+                                   acc_t& run_max, int64_t& run_index) {
+    if ((block_nan[0] | block_nan[1]).zero_mask() != kNoLane<acc_t>) {
+      for (int64_t k = tail_end - 1; k >= b; --k) {
+        if (is_nan(static_cast<acc_t>(x[k]))) {
+          run_max = static_cast<acc_t>(x[k]);
+          run_index = k;
+          return;
+        }
+      }
+    }
+    if (is_nan(run_max)) return;
+    const acc_t m = max_of_lanes(at::vec::clamp_min(block_max[0], block_max[1]));
+    if (!(m > run_max)) return;
+    run_max = m;
+    const Vec target(m);
+    for (int64_t j = b; j < tail_end; j = j + W < e || j + W == tail_end ? j + W : tail_end - W) {
+      Vec v[2];
+      IO::load(x + j, v[0], v[1]);
+      // zero_mask sets the bits of lanes that do not match.
+      const int matches = (~(v[0] == target).zero_mask() & kNoLane<acc_t>) |
+                          ((~(v[1] == target).zero_mask() & kNoLane<acc_t>) << V);
+      if (matches) {
+        run_index = j + __builtin_ctz(static_cast<unsigned>(matches));
+        return;
+      }
+    }
+  }
+
+  // Statistics of the contiguous run x[0, len); indices relative to x.
+  static Stats reduce_run(const scalar_t* x, int64_t len, const Power&, const Args& a) {
+    Stats st = empty_partial<acc_t>();
+    if (len < W) {
+      for (int64_t i = 0; i < len; ++i) {
+        Statistic<kMode, scalar_t>::scan_scalar(static_cast<acc_t>(x[i]), i, {}, a.eps, false,
+                                                st.sum, st.log_sum, st.max, st.index);
+      }
+      return st;
+    }
+    const int64_t tail = len % W;
+    const int64_t full_end = len - tail;
+    // Accumulators are locals of this loop nest so that they stay in registers.
+    const Vec zero(acc_t(0));
+    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+    Vec sum0 = zero, sum1 = zero;
+    Vec v0, v1;
+    // Max blocks fit in L1, where resolve_block finds the index again.
+    for (int64_t i = 0; i < full_end;) {
+      const int64_t max_block_end = std::min(full_end, i + kMaxBlockChunks * W);
+      const int64_t max_block_begin = i;
+      Vec max0 = neg_inf, max1 = neg_inf, nan0 = zero, nan1 = zero;
+      while (i < max_block_end) {
+        const int64_t sum_block_end = std::min(max_block_end, i + kSumBlockChunks * W);
+        Vec bsum0 = zero, bsum1 = zero;
+        for (; i < sum_block_end; i += W) {
+          IO::load(x + i, v0, v1);
+          if constexpr (kSum) {
+            bsum0 += v0;
+            bsum1 += v1;
+          }
+          if constexpr (kMax) {
+            track_max<false>(v0, zero, max0, nan0);
+            track_max<false>(v1, zero, max1, nan1);
+          }
+        }
+        sum0 += bsum0;
+        sum1 += bsum1;
+      }
+      const bool with_tail = tail && max_block_end == full_end;
+      if (with_tail) {
+        // The last chunk overlaps the previous one; the mask drops the lanes already counted.
+        Vec mask[2];
+        tail_mask(tail, mask);
+        IO::load(x + len - W, v0, v1);
+        if constexpr (kSum) {
+          sum0 += v0 & mask[0];
+          sum1 += v1 & mask[1];
+        }
+        if constexpr (kMax) {
+          track_max<true>(v0, mask[0], max0, nan0);
+          track_max<true>(v1, mask[1], max1, nan1);
+        }
+      }
+      if constexpr (kMax) {
+        const Vec block_max[2] = {max0, max1}, block_nan[2] = {nan0, nan1};
+        resolve_block(x, max_block_begin, max_block_end, with_tail ? len : max_block_end, block_max,
+                      block_nan, st.max, st.index);
+      }
+    }
+    if constexpr (kSum) st.sum = sum_of_lanes(sum0 + sum1);
+    return st;
+  }
+
+  // Statistics of the kBatch rows x[0, kBatch * S), row r0 first, S >= 8, one row per lane. The
+  // max is tracked with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and
+  // -inf) is reduced again by reduce_run, which applies the exact rule.
+  static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
+    const int64_t S = a.S;
+    __at_align__ acc_t sums[kBatch], maxima[kBatch], indices[kBatch];
+    const Vec zero(acc_t(0));
+    Vec sum[2] = {zero, zero}, ix[2] = {zero, zero};
+    Vec mx[2] = {Vec(-std::numeric_limits<acc_t>::infinity()),
+                 Vec(-std::numeric_limits<acc_t>::infinity())};
+    // Both halves of the batch advance together: two independent dependency chains. Max only:
+    // the sum is the NaN probe.
+    auto step = [&](const Vec& v, const Vec& cur, int k) {
+      sum[k] += v;
+      ix[k] = at::vec::clamp_min(ix[k], (v > mx[k]) & cur);
+      mx[k] = at::vec::clamp_min(v, mx[k]);
+    };
+    int64_t s0 = 0;
+    for (; s0 + 8 <= S; s0 += 8) {
+      for (int k = 0; k < 2; ++k) {
+        Vec t[8];
+        load_tile(x + k * V * S + s0, S, t);
+        for (int j = 0; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(s0 + j)), k);
+      }
+    }
+    if (s0 < S) {
+      // The last tile overlaps the previous one; its first columns were already counted.
+      const int64_t base = S - 8;
+      for (int k = 0; k < 2; ++k) {
+        Vec t[8];
+        load_tile(x + k * V * S + base, S, t);
+        for (int64_t j = s0 - base; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(base + j)), k);
+      }
+    }
+    for (int k = 0; k < 2; ++k) {
+      sum[k].store(sums + k * V);
+      mx[k].store(maxima + k * V);
+      ix[k].store(indices + k * V);
+    }
+    for (int64_t i = 0; i < kBatch; ++i) {
+      if (is_nan(sums[i])) {
+        st[i] = reduce_run(x + i * S, S, Power{}, a);
+      } else {
+        st[i] = {kSum ? sums[i] : acc_t(0), acc_t(0), maxima[i], static_cast<int64_t>(indices[i])};
+      }
+    }
+  }
+};
+
+}  // namespace
+
+template <Mode kMode, typename scalar_t>
+void ncs_forward_sum_max(const scalar_t* x, const ArgsOf<scalar_t>& a,
+                         const ForwardOutputs<scalar_t>& o) {
+  NcsForward<kMode, scalar_t, NcsSumMaxRun<kMode, scalar_t>>::run(x, a, o);
+}
+
+#define GK_INSTANTIATE(mode, T) \
+  template void ncs_forward_sum_max<mode, T>(const T*, const ArgsOf<T>&, const ForwardOutputs<T>&);
+#define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels

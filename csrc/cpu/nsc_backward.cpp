@@ -1,0 +1,124 @@
+// NSC backward: grad_x written once, vectorized over C (a chunk overlapping the last full one at
+// the end of a row), in blocks of rows with the per-channel coefficients cached per sample. The
+// math is backward.h's.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/backward.h"
+#include "cpu/kernels.h"
+#include "cpu/layout.h"
+#include "cpu/stats.h"
+#include "cpu/vec.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <Mode kMode, typename scalar_t>
+struct NscBackward {
+  GK_CPU_KERNEL_TYPES(kMode, scalar_t);
+  using Math = GradMath<kMode, scalar_t>;
+  using Grad = GradInputs<scalar_t>;
+
+  static void run(const scalar_t* x, scalar_t* gx, const Args& a, const Grad& g) {
+    const int64_t N = a.N, C = a.C, S = a.S;
+    const Pieces blocks = nsc_backward_blocks(C, S);
+    const int64_t rows = blocks.length;
+    // GeM's exponent p - 1, when the same for every channel.
+    const Power uniform = kGem ? a.grad_power_of(0) : Power{};
+    at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
+      // e: each channel's p - 1.
+      std::vector<acc_t> A(C + kBatch), B(C + kBatch), local_index(C), e(kGem ? C : 0);
+      std::vector<int64_t> index(C + kBatch);
+      int64_t coefficients_of = -1;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks.count;
+        const int64_t s0 = (t - n * blocks.count) * rows;
+        const int64_t s1 = std::min(S, s0 + rows);
+        if (coefficients_of != n) {
+          for (int64_t c0 = 0; c0 < C; c0 += kBatch) {
+            Math::row_coefficients(a, g, n * C + c0, std::min(kBatch, C - c0), A.data() + c0,
+                                   B.data() + c0, index.data() + c0);
+          }
+          coefficients_of = n;
+          if constexpr (kGem) {
+            for (int64_t c = 0; c < C; ++c) e[c] = a.param(c) - acc_t(1);
+          }
+        }
+        if constexpr (kMax) {
+          for (int64_t c = 0; c < C; ++c) {
+            local_index[c] =
+                index[c] >= s0 && index[c] < s1 ? static_cast<acc_t>(index[c] - s0) : acc_t(-1);
+          }
+        }
+        const scalar_t* xn = x + n * S * C;
+        scalar_t* gn = gx + n * S * C;
+        if (C < W) {
+          for (int64_t s = s0; s < s1; ++s) {
+            for (int64_t c = 0; c < C; ++c) {
+              gn[s * C + c] = static_cast<scalar_t>(
+                  Math::grad_scalar(A[c], kMax || kGem ? B[c] : acc_t(0), kMax ? index[c] : -1, s,
+                                    kGem ? static_cast<acc_t>(xn[s * C + c]) : acc_t(0),
+                                    make_exponent(kGem ? e[c] : acc_t(0)), a.eps));
+            }
+          }
+          continue;
+        }
+        const Vec eps(a.eps);
+        const int64_t full_end = C - C % W;
+        auto chunk = [&](int64_t s, int64_t c, const Vec(&cur)[2]) {
+          const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
+          Vec Bv[2], iv[2];
+          if constexpr (kMax || kGem) {
+            Bv[0] = Vec::loadu(B.data() + c);
+            Bv[1] = Vec::loadu(B.data() + c + V);
+          }
+          if constexpr (kMax) {
+            iv[0] = Vec::loadu(local_index.data() + c);
+            iv[1] = Vec::loadu(local_index.data() + c + V);
+          }
+          Vec out[2];
+          const scalar_t* xc = xn + s * C + c;
+          if (kGem && !a.uniform_p) {
+            const Power per_channel{
+                -1, acc_t(0), {Vec::loadu(e.data() + c), Vec::loadu(e.data() + c + V)}};
+            Math::template grad_chunk<kPowExp>(Av, Bv, iv, cur, xc, per_channel, eps, out);
+          } else if (uniform.integral >= 0) {
+            Math::template grad_chunk<kPowRuntimeInt>(Av, Bv, iv, cur, xc, uniform, eps, out);
+          } else {
+            Math::template grad_chunk<kPowExp>(Av, Bv, iv, cur, xc, uniform, eps, out);
+          }
+          IO::store(gn + s * C + c, out[0], out[1]);
+        };
+        for (int64_t s = s0; s < s1; ++s) {
+          const Vec cur_s(static_cast<acc_t>(s - s0));
+          const Vec cur[2] = {cur_s, cur_s};
+          for (int64_t c = 0; c < full_end; c += W) chunk(s, c, cur);
+          // The last chunk overlaps the previous one; those lanes get the same values again.
+          if (full_end < C) chunk(s, C - W, cur);
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+template <Mode kMode, typename scalar_t>
+void nsc_backward(const scalar_t* x, scalar_t* grad_x, const ArgsOf<scalar_t>& a,
+                  const GradInputs<scalar_t>& g) {
+  NscBackward<kMode, scalar_t>::run(x, grad_x, a, g);
+}
+
+#define GK_INSTANTIATE(mode, T) \
+  template void nsc_backward<mode, T>(const T*, T*, const ArgsOf<T>&, const GradInputs<T>&);
+#define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_MODES(GK_INSTANTIATE, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels

@@ -1,0 +1,122 @@
+// NSC forward of the sum and max modes (avg, max, mixed, cat): vectorized over C, with
+// per-channel accumulators in a per-task buffer. The driver is nsc_forward.h's; the max rule is
+// pool_math.h's scan_max, per lane (vec_scan_max).
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+#include "cpu/layout.h"
+#include "cpu/nsc_forward.h"
+#include "cpu/stats.h"
+#include "cpu/vec.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <Mode kMode, typename scalar_t>
+struct NscSumMaxRun {
+  GK_CPU_KERNEL_TYPES(kMode, scalar_t);
+  static_assert(!kGem, "GeM is nsc_forward_gem.cpp's");
+  using Buffers = ChannelBuffers<acc_t>;
+
+  // Folds channels [c, c + W) of rows [s0, s1) into the channel buffers: the sums (avg), or the
+  // max modes' reduce_channels_max.
+  template <bool kMasked, int kPow, bool kLog>
+  static void reduce_channels(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
+                              int64_t c, const Vec (&mask)[2], const Args& a, const Power&,
+                              Buffers& b) {
+    if constexpr (kMax) {
+      reduce_channels_max<kMasked>(xn, piece_start, s0, s1, c, mask, a.C, b);
+    } else {
+      const int64_t C = a.C;
+      Vec sum[2];
+      for (int k = 0; k < 2; ++k) sum[k] = Vec::loadu(b.sum.data() + c + k * V);
+      Vec v[2];
+      for (int64_t r = s0; r < s1; ++r) {
+        IO::load(xn + r * C + c, v[0], v[1]);
+        for (int k = 0; k < 2; ++k) sum[k] += kMasked ? (v[k] & mask[k]) : v[k];
+      }
+      for (int k = 0; k < 2; ++k) sum[k].store(b.sum.data() + c + k * V);
+    }
+  }
+
+  // The max modes' version. Without NaNs the scan step is a strict compare, a max keeping the
+  // old value on ties and an index blend; a NaN probe (a sum, which any NaN turns into NaN; a
+  // false alarm only costs time) or a NaN running max tells when the block (now in L1) must be
+  // scanned again with the exact rule, from the state before it. The rows of the next block are
+  // prefetched: a block's rows are far apart, too many streams for the hardware prefetcher.
+  // Past the end of the rows too: the next piece or sample follows in memory, and a prefetch
+  // never faults.
+  template <bool kMasked>
+  static void reduce_channels_max(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
+                                  int64_t c, const Vec (&mask)[2], int64_t C, Buffers& b) {
+    Vec probe[2], mx[2], ix[2];
+    for (int k = 0; k < 2; ++k) {
+      probe[k] = kSum ? Vec::loadu(b.sum.data() + c + k * V) : Vec(acc_t(0));
+      mx[k] = Vec::loadu(b.max.data() + c + k * V);
+      ix[k] = Vec::loadu(b.index.data() + c + k * V);
+    }
+    const Vec mx0[2] = {mx[0], mx[1]}, ix0[2] = {ix[0], ix[1]};
+    // Integer arithmetic: the address may lie past the end of x.
+    const uintptr_t ahead = static_cast<uintptr_t>(kRowBlock * C) * sizeof(scalar_t);
+    Vec v[2];
+    for (int64_t r = s0; r < s1; ++r) {
+      const scalar_t* row = xn + r * C + c;
+      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row) + ahead));
+      IO::load(row, v[0], v[1]);
+      const Vec cur(static_cast<acc_t>(r - piece_start));
+      for (int k = 0; k < 2; ++k) {
+        probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
+        const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
+        const Vec take = value > mx[k];
+        mx[k] = at::vec::clamp_min(mx[k], value);
+        ix[k] = Vec::blendv(ix[k], cur, take);
+      }
+    }
+    if constexpr (kSum) {
+      for (int k = 0; k < 2; ++k) probe[k].store(b.sum.data() + c + k * V);
+    }
+    const Vec nan = probe[0].isnan() | probe[1].isnan() | mx0[0].isnan() | mx0[1].isnan();
+    if (nan.zero_mask() != kNoLane<acc_t>) {
+      for (int k = 0; k < 2; ++k) {
+        mx[k] = mx0[k];
+        ix[k] = ix0[k];
+      }
+      for (int64_t r = s0; r < s1; ++r) {
+        IO::load(xn + r * C + c, v[0], v[1]);
+        const Vec cur(static_cast<acc_t>(r - piece_start));
+        for (int k = 0; k < 2; ++k) vec_scan_max<kMasked>(v[k], cur, mask[k], mx[k], ix[k]);
+      }
+    }
+    for (int k = 0; k < 2; ++k) {
+      mx[k].store(b.max.data() + c + k * V);
+      ix[k].store(b.index.data() + c + k * V);
+    }
+  }
+
+  // Channel c's statistics of rows [s0, s1).
+  static inline Stats channel_stats(const Buffers& b, int64_t c, const scalar_t*, int64_t s0,
+                                    int64_t, const Args&) {
+    return {b.sum[c], b.log_sum[c], b.max[c], s0 + static_cast<int64_t>(b.index[c])};
+  }
+};
+
+}  // namespace
+
+template <Mode kMode, typename scalar_t>
+void nsc_forward_sum_max(const scalar_t* x, const ArgsOf<scalar_t>& a,
+                         const ForwardOutputs<scalar_t>& o) {
+  NscForward<kMode, scalar_t, NscSumMaxRun<kMode, scalar_t>>::run(x, a, o);
+}
+
+#define GK_INSTANTIATE(mode, T) \
+  template void nsc_forward_sum_max<mode, T>(const T*, const ArgsOf<T>&, const ForwardOutputs<T>&);
+#define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels

@@ -1,0 +1,176 @@
+// The CPU kernels' vector helpers: a chunk (two accumulator vectors) loaded from and stored to
+// any dtype, the mask of a run's overlapping tail chunk, the vector steps of the max rule, and
+// the vector forms of pool_math.h's powers (vec_integral_power is power()'s integer fast path,
+// product for product).
+//
+// Everything here lives in the inline namespace CPU_CAPABILITY, as at::vec does: the kernel units
+// may be compiled once per instruction set, and each build's symbols stay apart.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "pool_math.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// The zero_mask() of a vector with no lane set.
+template <typename acc_t>
+constexpr int kNoLane = (1 << Vectorized<acc_t>::size()) - 1;
+
+// Loads and stores a chunk: two accumulator vectors, 16 elements (8 for double).
+template <typename scalar_t>
+struct ChunkIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kVec = Vec::size();
+  static constexpr int64_t kWidth = 2 * kVec;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!kReduced || Vectorized<scalar_t>::size() == kWidth, "chunk of 16-bit floats");
+
+  static inline void load(const scalar_t* p, Vec& a, Vec& b) {
+    if constexpr (kReduced) {
+      at::vec::load_to_float(p, a, b);
+    } else {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + kVec);
+    }
+  }
+  static inline void store(scalar_t* p, const Vec& a, const Vec& b) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    } else {
+      a.store(p);
+      b.store(p + kVec);
+    }
+  }
+};
+
+// Lanes j of the chunk starting at `tail` elements before the end of a run that are not yet
+// covered by the full chunks before it.
+template <typename acc_t>
+inline void tail_mask(int64_t tail, Vectorized<acc_t> (&mask)[2]) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec first(static_cast<acc_t>(2 * V - tail));
+  mask[0] = Vec::arange(acc_t(0), acc_t(1)) >= first;
+  mask[1] = Vec::arange(acc_t(V), acc_t(1)) >= first;
+}
+
+// The largest lane (NaN-blind, as clamp_min).
+template <typename acc_t>
+inline acc_t max_of_lanes(const Vectorized<acc_t>& v) {
+  using Vec = Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vec& l, const Vec& r) { return at::vec::clamp_min(l, r); }, v);
+}
+
+template <typename acc_t>
+inline acc_t sum_of_lanes(const Vectorized<acc_t>& v) {
+  using Vec = Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](const Vec& l, const Vec& r) { return l + r; }, v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The max rule (pool_math.h's scan_max), per lane.
+
+// Masked-out lanes read -inf, which never wins.
+template <typename acc_t>
+inline Vectorized<acc_t> masked_for_max(const Vectorized<acc_t>& v, const Vectorized<acc_t>& mask) {
+  using Vec = Vectorized<acc_t>;
+  return Vec::blendv(Vec(-std::numeric_limits<acc_t>::infinity()), v, mask);
+}
+
+// scan_max per lane: v replaces the running maximum when larger or NaN. cur (each lane's element
+// index) must exceed every index already in ix, so max(ix, take & cur) selects it.
+template <bool kMasked, typename acc_t>
+C10_ALWAYS_INLINE void vec_scan_max(const Vectorized<acc_t>& v, const Vectorized<acc_t>& cur,
+                                    const Vectorized<acc_t>& mask, Vectorized<acc_t>& mx,
+                                    Vectorized<acc_t>& ix) {
+  using Vec = Vectorized<acc_t>;
+  const Vec value = kMasked ? masked_for_max(v, mask) : v;
+  const Vec take = (value > mx) | value.isnan();
+  mx = Vec::blendv(mx, value, take);
+  ix = at::vec::clamp_min(ix, take & cur);
+}
+
+// Cheap pass over a block: the block's lane maxima and whether it holds a NaN (the index is found
+// again afterwards, by the rule).
+template <bool kMasked, typename acc_t>
+C10_ALWAYS_INLINE void track_max(const Vectorized<acc_t>& v, const Vectorized<acc_t>& mask,
+                                 Vectorized<acc_t>& block_max, Vectorized<acc_t>& block_nan) {
+  const Vectorized<acc_t> value = kMasked ? masked_for_max(v, mask) : v;
+  block_max = at::vec::clamp_min(value, block_max);
+  block_nan = block_nan | value.isnan();
+}
+
+// ---------------------------------------------------------------------------------------------
+// GeM's powers. pool_math.h's power(base, e, integral): an integral exponent n in
+// [0, kMaxIntPower] by multiplications, any other by pow; here the vector forms.
+
+// base ** n for n in [0, kMaxIntPower]: pool_math.h's binary powering with the same products in
+// the same order (a factor of 1 left out, which changes no bit), so a lane's result is power()'s.
+// With n a compile-time constant, only its products remain.
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> vec_integral_power(const Vectorized<acc_t>& base, int n) {
+  using Vec = Vectorized<acc_t>;
+  static_assert(kMaxIntPower < 16, "the bits 1, 2, 4 and 8 of the exponent");
+  const Vec b2 = base * base;
+  const Vec b4 = b2 * b2;
+  Vec result = (n & 1) ? base : Vec(acc_t(1));
+  if (n & 2) result = (n & 1) ? result * b2 : b2;
+  if (n & 4) result = (n & 3) ? result * b4 : b4;
+  if (n & 8) result = (n & 7) ? result * (b4 * b4) : b4 * b4;
+  return result;
+}
+
+// How a loop raises to GeM's exponent, fixed before the loop as a template argument kPow:
+// kPowExp: exp(e * log z) per lane (a non-integral exponent, or exponents that differ per lane);
+// kPowRuntimeInt: vec_integral_power with n known at run time; kPow >= 0: that n, unrolled.
+constexpr int kPowExp = -1;
+constexpr int kPowRuntimeInt = -2;
+
+// z ** e; log_z is log(z) for kPowExp (unused otherwise), n the integral exponent.
+template <int kPow, typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> vec_power(const Vectorized<acc_t>& z,
+                                              const Vectorized<acc_t>& log_z,
+                                              const Vectorized<acc_t>& e, int n) {
+  if constexpr (kPow == kPowExp) {
+    return (e * log_z).exp();
+  } else if constexpr (kPow == kPowRuntimeInt) {
+    return vec_integral_power(z, n);
+  } else {
+    return vec_integral_power(z, kPow);
+  }
+}
+
+// Calls f(kPow) with the way of raising to an exponent whose integral code (pool_math.h's
+// integral_exponent) is `integral`: kFirst .. kFirst + 2 unrolled (the common p = 1, 2, 3: forward
+// exponents p, backward p - 1), the rest of the integral range at run time, else kPowExp.
+template <int kFirst, typename F>
+inline void dispatch_power(int integral, bool per_lane, F&& f) {
+  if (per_lane || integral < 0) return f(std::integral_constant<int, kPowExp>());
+  switch (integral - kFirst) {
+    case 0:
+      return f(std::integral_constant<int, kFirst>());
+    case 1:
+      return f(std::integral_constant<int, kFirst + 1>());
+    case 2:
+      return f(std::integral_constant<int, kFirst + 2>());
+    default:
+      return f(std::integral_constant<int, kPowRuntimeInt>());
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels
