@@ -59,6 +59,7 @@ from gapkernels.functional import (  # noqa: E402
     global_max_pool,
     global_mixed_pool,
 )
+from gapkernels.tokens import varlen_pool  # noqa: E402
 
 __all__ = [
     "available_backends",
@@ -70,4 +71,5 @@ __all__ = [
     "global_mixed_pool",
     "nn",
     "reference",
+    "varlen_pool",
 ]

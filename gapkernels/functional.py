@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from gapkernels import backends, export, reference
+from gapkernels import backends, export, reference, tokens
 from gapkernels.autograd import pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
@@ -152,10 +152,22 @@ def _run(
 
 
 def global_avg_pool(
-    x: torch.Tensor, *, keepdim: bool = False, input_fmt: str = "NCHW", backend: str = "auto"
+    x: torch.Tensor,
+    *,
+    keepdim: bool = False,
+    input_fmt: str = "NCHW",
+    backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Mean over every spatial dim: (N, C) (or (N, C, 1, ...) with keepdim)."""
+    """Mean over every spatial dim: (N, C) (or (N, C, 1, ...) with keepdim). Token forms
+    (mask / lengths / start / input_fmt="NLC"): gapkernels.tokens."""
     fn = "global_avg_pool"
+    if mask is not None or lengths is not None or start or input_fmt == "NLC":
+        return tokens.pool(
+            fn, x, "avg", None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+        )
     _check_input(x, input_fmt, fn)
     result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
@@ -170,10 +182,28 @@ def global_max_pool(
     keepdim: bool = False,
     input_fmt: str = "NCHW",
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    start: int = 0,
 ):
     """Max over every spatial dim, with `adaptive_max_pool2d`'s semantics (first max wins a tie,
     NaN wins); with return_indices, also the int64 flat spatial offset of the max."""
     fn = "global_max_pool"
+    if mask is not None or lengths is not None or start or input_fmt == "NLC":
+        return tokens.pool(
+            fn,
+            x,
+            "max",
+            None,
+            0.0,
+            return_indices,
+            keepdim,
+            input_fmt,
+            backend,
+            mask,
+            lengths,
+            start,
+        )
     _check_input(x, input_fmt, fn)
     result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
@@ -188,9 +218,16 @@ def global_mixed_pool(
     keepdim: bool = False,
     input_fmt: str = "NCHW",
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """alpha * max + (1 - alpha) * avg; alpha a float or a () / (C,) tensor (learnable)."""
     fn = "global_mixed_pool"
+    if mask is not None or lengths is not None or start or input_fmt == "NLC":
+        return tokens.pool(
+            fn, x, "mixed", alpha, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+        )
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(alpha, "alpha", c, x, fn)
     result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn)
@@ -206,9 +243,17 @@ def global_avgmax_pool(
     keepdim: bool = False,
     input_fmt: str = "NCHW",
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """0.5 * (avg + max) (timm's avgmax); with concat=True, cat([avg, max], dim=1) (catavgmax)."""
     fn = "global_avgmax_pool"
+    if mask is not None or lengths is not None or start or input_fmt == "NLC":
+        pool_type = "catavgmax" if concat else "avgmax"
+        return tokens.pool(
+            fn, x, pool_type, None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+        )
     _check_input(x, input_fmt, fn)
     mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
     result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn)
@@ -225,17 +270,38 @@ def global_gem_pool(
     keepdim: bool = False,
     input_fmt: str = "NCHW",
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Generalized mean, mean(clamp(x, min=eps) ** p) ** (1 / p); p a float or a () / (C,)
     tensor (learnable), > 0. Computed relative to each row's maximum (finite for any p in
     [1, 100] and any finite input)."""
-    return gem_pool(x, p, eps, keepdim, input_fmt, backend, check_p_values=True)
+    return gem_pool(x, p, eps, keepdim, input_fmt, backend, True, mask, lengths, start)
 
 
-def gem_pool(x, p, eps, keepdim, input_fmt, backend, check_p_values: bool) -> torch.Tensor:
+def gem_pool(
+    x, p, eps, keepdim, input_fmt, backend, check_p_values: bool, mask=None, lengths=None, start=0
+) -> torch.Tensor:
     """global_gem_pool, for callers that keep p > 0 themselves (nn.GlobalPool's
     parametrization) and skip checking its values."""
     fn = "global_gem_pool"
+    if mask is not None or lengths is not None or start or input_fmt == "NLC":
+        return tokens.pool(
+            fn,
+            x,
+            "gem",
+            p,
+            eps,
+            False,
+            keepdim,
+            input_fmt,
+            backend,
+            mask,
+            lengths,
+            start,
+            check_p_values,
+        )
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(p, "p", c, x, fn)
     _check_gem_args(p, eps, fn, check_p_values)

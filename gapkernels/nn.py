@@ -75,6 +75,9 @@ class GlobalPool(torch.nn.Module):
         spatial_dims: the number of spatial dims the input must have (None: any, all dims but N
             and C are pooled). With it, an input with one dim less is taken as unbatched, as
             torch's adaptive pools do; convert_model sets it to keep their behavior exactly.
+        start: the first `start` positions of the flattened spatial index never take part
+            (class / register tokens of a vision transformer); forward also takes mask /
+            lengths / start (gapkernels.tokens). input_fmt "NLC" names (N, L, C) input.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class GlobalPool(torch.nn.Module):
         eps: float = 1e-6,
         learnable: bool = True,
         spatial_dims: int | None = None,
+        start: int = 0,
     ):
         super().__init__()
         if isinstance(pool_type, str) and pool_type in TIMM_POOL_TYPES:
@@ -100,8 +104,12 @@ class GlobalPool(torch.nn.Module):
                 f"{', '.join(map(repr, POOL_TYPES + tuple(TIMM_POOL_TYPES)))}, "
                 f"got {pool_type!r}"
             )
-        if input_fmt not in functional.INPUT_FORMATS:
-            raise ValueError(f"GlobalPool: input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
+        if input_fmt not in (*functional.INPUT_FORMATS, "NLC"):
+            raise ValueError(
+                f"GlobalPool: input_fmt must be 'NCHW', 'NHWC' or 'NLC', got {input_fmt!r}"
+            )
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"GlobalPool: start must be an int >= 0, got {start!r}")
         if backend not in backends.BACKENDS:
             raise ValueError(
                 f"GlobalPool: backend must be one of "
@@ -131,6 +139,7 @@ class GlobalPool(torch.nn.Module):
         self.learnable = bool(learnable)
         self.spatial_dims = spatial_dims
         self.eps = eps
+        self.start = start
         if pool_type == "mixed":
             in_range = _is_number(alpha) and (
                 0.0 < alpha < 1.0 if learnable else 0.0 <= alpha <= 1.0
@@ -204,25 +213,47 @@ class GlobalPool(torch.nn.Module):
             return export.global_mixed_pool(x, self.alpha, **kw)
         return export.global_gem_pool(x, self.p, self.eps, **kw)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        if export.onnx_exporting():
+    def _pool(self, x: torch.Tensor, tok=None) -> torch.Tensor:
+        if export.onnx_exporting() and tok is None:
             return self._export_pool(x)
         keepdim, fmt, backend = not self.flatten, self.input_fmt, self.backend
+        tok = tok or {}
         if self.pool_type == "avg":
-            return functional.global_avg_pool(x, keepdim=keepdim, input_fmt=fmt, backend=backend)
+            return functional.global_avg_pool(
+                x, keepdim=keepdim, input_fmt=fmt, backend=backend, **tok
+            )
         if self.pool_type == "max":
-            return functional.global_max_pool(x, keepdim=keepdim, input_fmt=fmt, backend=backend)
+            return functional.global_max_pool(
+                x, keepdim=keepdim, input_fmt=fmt, backend=backend, **tok
+            )
         if self.pool_type in ("avgmax", "catavgmax"):
             return functional.global_avgmax_pool(
-                x, self.pool_type == "catavgmax", keepdim=keepdim, input_fmt=fmt, backend=backend
+                x,
+                self.pool_type == "catavgmax",
+                keepdim=keepdim,
+                input_fmt=fmt,
+                backend=backend,
+                **tok,
             )
         if self.pool_type == "mixed":
             return functional.global_mixed_pool(
-                x, self.alpha, keepdim=keepdim, input_fmt=fmt, backend=backend
+                x, self.alpha, keepdim=keepdim, input_fmt=fmt, backend=backend, **tok
             )
-        return functional.gem_pool(x, self.p, self.eps, keepdim, fmt, backend, check_p_values=False)
+        return functional.gem_pool(x, self.p, self.eps, keepdim, fmt, backend, False, **tok)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        start: int | None = None,
+    ) -> torch.Tensor:
+        """Pools x; `mask`, `lengths` and `start` (default: the module's) as the functions
+        take them. (Not keyword-only: torch.onnx's TorchScript exporter passes every default
+        positionally.)"""
+        start = self.start if start is None else start
+        if mask is not None or lengths is not None or start or self.input_fmt == "NLC":
+            return self._pool(x, dict(mask=mask, lengths=lengths, start=start))
         if self.spatial_dims is None:
             return self._pool(x)
         if x.dim() == self.spatial_dims + 2:
@@ -255,6 +286,8 @@ class GlobalPool(torch.nn.Module):
                 parts.append(f"eps={self.eps:g}")
         if self.spatial_dims is not None:
             parts.append(f"spatial_dims={self.spatial_dims}")
+        if self.start:
+            parts.append(f"start={self.start}")
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)

@@ -10,9 +10,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gapkernels import reference_tokens
+from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tokens(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, tok: dict):
+    """The token forms (mask / lengths / start / input_fmt="NLC"): gapkernels.reference_tokens;
+    returns (out shaped for the user, indices (N, C) or None)."""
+    fmt = "NHWC" if input_fmt == "NLC" else input_fmt
+    out, indices = reference_tokens.pool_padded(x, mode, weight, eps, fmt, **tok)
+    return _finish(out, x, keepdim, fmt), indices
+
+
+def _token_args(input_fmt: str, mask, lengths, start) -> dict | None:
+    if mask is None and lengths is None and not start and input_fmt != "NLC":
+        return None
+    return dict(mask=mask, lengths=lengths, start=start)
 
 
 def _flat(x: torch.Tensor, input_fmt: str) -> torch.Tensor:
@@ -49,13 +66,22 @@ def _max(xf: torch.Tensor):
     return values.squeeze(2), indices.squeeze(2)
 
 
-def global_avg_pool(x, *, keepdim=False, input_fmt="NCHW"):
+def global_avg_pool(x, *, keepdim=False, input_fmt="NCHW", mask=None, lengths=None, start=0):
+    tok = _token_args(input_fmt, mask, lengths, start)
+    if tok is not None:
+        return _tokens(x, MODE_AVG, None, 0.0, keepdim, input_fmt, tok)[0]
     return _finish(_avg(_flat(x, input_fmt)), x, keepdim, input_fmt)
 
 
-def global_max_pool(x, return_indices=False, *, keepdim=False, input_fmt="NCHW"):
-    values, indices = _max(_flat(x, input_fmt))
-    values = _finish(values, x, keepdim, input_fmt)
+def global_max_pool(
+    x, return_indices=False, *, keepdim=False, input_fmt="NCHW", mask=None, lengths=None, start=0
+):
+    tok = _token_args(input_fmt, mask, lengths, start)
+    if tok is not None:
+        values, indices = _tokens(x, MODE_MAX, None, 0.0, keepdim, input_fmt, tok)
+    else:
+        values, indices = _max(_flat(x, input_fmt))
+        values = _finish(values, x, keepdim, input_fmt)
     if return_indices:
         if keepdim:
             indices = indices.reshape(values.shape)
@@ -63,14 +89,25 @@ def global_max_pool(x, return_indices=False, *, keepdim=False, input_fmt="NCHW")
     return values
 
 
-def global_mixed_pool(x, alpha=0.5, *, keepdim=False, input_fmt="NCHW"):
+def global_mixed_pool(
+    x, alpha=0.5, *, keepdim=False, input_fmt="NCHW", mask=None, lengths=None, start=0
+):
+    tok = _token_args(input_fmt, mask, lengths, start)
+    if tok is not None:
+        return _tokens(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, tok)[0]
     xf = _flat(x, input_fmt)
     a = _per_channel(alpha, xf)
     out = a * _max(xf)[0] + (1 - a) * _avg(xf)
     return _finish(out, x, keepdim, input_fmt)
 
 
-def global_avgmax_pool(x, concat=False, *, keepdim=False, input_fmt="NCHW"):
+def global_avgmax_pool(
+    x, concat=False, *, keepdim=False, input_fmt="NCHW", mask=None, lengths=None, start=0
+):
+    tok = _token_args(input_fmt, mask, lengths, start)
+    if tok is not None:
+        mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
+        return _tokens(x, mode, weight, 0.0, keepdim, input_fmt, tok)[0]
     xf = _flat(x, input_fmt)
     avg, mx = _avg(xf), _max(xf)[0]
     out = torch.cat([avg, mx], dim=1) if concat else 0.5 * (avg + mx)
@@ -89,7 +126,12 @@ def gem_stats(xf: torch.Tensor, p, eps: float):
     return big_m.squeeze(2), r
 
 
-def global_gem_pool(x, p=3.0, eps=1e-6, *, keepdim=False, input_fmt="NCHW"):
+def global_gem_pool(
+    x, p=3.0, eps=1e-6, *, keepdim=False, input_fmt="NCHW", mask=None, lengths=None, start=0
+):
+    tok = _token_args(input_fmt, mask, lengths, start)
+    if tok is not None:
+        return _tokens(x, MODE_GEM, p, eps, keepdim, input_fmt, tok)[0]
     xf = _flat(x, input_fmt)
     pc = _per_channel(p, xf)
     big_m, r = gem_stats(xf, pc, eps)
@@ -106,3 +148,19 @@ def global_gem_pool_plain(x, p=3.0, eps=1e-6, *, keepdim=False, input_fmt="NCHW"
     pe = pc.unsqueeze(-1) if isinstance(pc, torch.Tensor) else pc
     out = xf.clamp(min=eps).pow(pe).mean(dim=2).pow(1.0 / pc)
     return _finish(out, x, keepdim, input_fmt)
+
+
+def varlen_pool(
+    x, cu_seqlens, pool_type="avg", *, alpha=0.5, p=3.0, eps=1e-6, start=0, return_indices=False
+):
+    """gapkernels.varlen_pool in plain torch (no checks)."""
+    mode, weight = {
+        "avg": (MODE_AVG, None),
+        "max": (MODE_MAX, None),
+        "avgmax": (MODE_MIXED, 0.5),
+        "catavgmax": (MODE_CAT, None),
+        "mixed": (MODE_MIXED, alpha),
+        "gem": (MODE_GEM, p),
+    }[pool_type]
+    out, indices = reference_tokens.pool_varlen(x, cu_seqlens, mode, weight, eps, start)
+    return (out, indices) if return_indices else out

@@ -16,7 +16,7 @@ import torch.autograd.forward_ad as fwAD  # noqa: E402
 from torch import autograd  # noqa: E402
 
 from conftest import HAS_CUDA, OP_CASES, OPS, make_input, make_weight, run_op  # noqa: E402
-from gapkernels import backends, reference  # noqa: E402
+from gapkernels import backends, global_gem_pool, reference  # noqa: E402
 
 
 def _backend_params():
@@ -199,3 +199,25 @@ def test_direct_op_double_backward(device, backend, dtype, op, wkind, gen):
     torch.testing.assert_close(got[0].double(), want[0].flatten(2), **TOL[dtype])
     if w is not None:
         torch.testing.assert_close(got[1].double().reshape(want[1].shape), want[1], **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend,dtype", BACKENDS)
+@pytest.mark.parametrize("wkind", ["scalar", "channel"])
+def test_gem_differentiable_grad_below_eps(device, backend, dtype, wkind, gen):
+    """The differentiable (create_graph) GeM gradient is zero where x < eps, as clamp's is, and
+    equals the fused first-order one. eps = 0.5 so that the clamped positions would carry a
+    gradient of the same size as the others if the clamp's zero were lost."""
+    x, fmt, w = _inputs("gem", wkind, "contiguous", device, dtype, gen)
+    with torch.no_grad():
+        x.copy_(torch.rand(x.shape, generator=gen, dtype=torch.float64).to(x))
+    eps = 0.5
+    assert bool((x < eps).any()) and bool((x >= eps).any())
+    out = global_gem_pool(x, w, eps=eps, backend=backend, input_fmt=fmt)
+    (fused,) = autograd.grad(out.sum(), x, retain_graph=True)
+    (differentiable,) = autograd.grad(out.sum(), x, create_graph=True)
+    xr = x.detach().double().requires_grad_(True)
+    wr = None if w is None else w.detach().double()
+    (want,) = autograd.grad(reference.global_gem_pool(xr, wr, eps=eps, input_fmt=fmt).sum(), xr)
+    assert bool((want[xr < eps] == 0).all()) and bool((want[xr >= eps] != 0).all())
+    torch.testing.assert_close(differentiable.double(), want, **TOL[dtype])
+    torch.testing.assert_close(fused.double(), want, **TOL[dtype])

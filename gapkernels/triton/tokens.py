@@ -1,0 +1,157 @@
+"""The Triton token op pair gapkernels_triton::token_pool_forward / token_pool_backward (schema:
+gapkernels/token_ops.py, docs/DESIGN.md "Token pooling"), as `torch.library.triton_op`s; their
+fake kernels and autograd come from `token_ops.register_token_ops`.
+
+No split of S over several programs yet: one program reduces a block of rows over their whole
+span (NOT MEASURED on a GPU; a split and a combine as in pool.py would help few-row inputs).
+"""
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from gapkernels import ops as gk_ops
+from gapkernels import token_ops
+from gapkernels.ops import MAX_MODES, MODE_CAT, MODE_GEM, aux_columns
+from gapkernels.triton import checks, configs
+from gapkernels.triton.pool import _device_of, _weight_args
+from gapkernels.triton.token_kernels import token_backward_kernel, token_forward_kernel
+
+FORWARD_OP = "gapkernels_triton::token_pool_forward"
+BACKWARD_OP = "gapkernels_triton::token_pool_backward"
+
+
+def _check(x, spans, mask, varlen, mode, weight, op) -> bool:
+    """The op's argument checks (RuntimeError, before any kernel); returns whether x is NSC."""
+    channels_last = checks.check_forward_inputs(x, mode, weight, op)
+    token_ops.check_token_inputs(x, spans, mask, varlen, op)
+    return channels_last or varlen
+
+
+def _mask_arg(mask, x):
+    return x if mask is None else mask.view(torch.uint8)
+
+
+def _tile(x: torch.Tensor, rows_out: int, channels_last: bool):
+    """(rows, block_s, row programs) for `rows_out` output rows; varlen sizes its tile by the
+    mean sequence length (known without reading cu_seqlens)."""
+    n, c, s = x.shape
+    typical = max(1, s // max(rows_out, 1)) if n != rows_out else s
+    rows, block_s, _ = configs._tile(rows_out, c, typical, channels_last)
+    programs = rows_out * -(-c // rows) if channels_last else -(-rows_out * c // rows)
+    return rows, block_s, programs
+
+
+@triton_op(FORWARD_OP, mutates_args=(), schema=token_ops.TOKEN_FORWARD_SCHEMA)
+def token_pool_forward(
+    x: torch.Tensor,
+    spans: torch.Tensor,
+    mask: torch.Tensor | None,
+    varlen: bool,
+    mode: int,
+    weight: torch.Tensor | None,
+    scalar: float,
+    eps: float,
+    with_log: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    channels_last = _check(x, spans, mask, varlen, mode, weight, FORWARD_OP)
+    _, c, s = x.shape
+    rows_out = spans.shape[0]
+    with_log = with_log and mode == MODE_GEM
+    out = torch.empty((rows_out, 2 * c if mode == MODE_CAT else c), dtype=x.dtype, device=x.device)
+    aux = torch.empty(
+        (rows_out, c, aux_columns(mode, with_log)), dtype=torch.float32, device=x.device
+    )
+    indices = torch.empty(
+        (rows_out, c) if mode in MAX_MODES else (0,), dtype=torch.int64, device=x.device
+    )
+    if rows_out == 0 or c == 0:
+        return out, aux, indices
+    weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
+    rows, block_s, programs = _tile(x, rows_out, channels_last)
+    with _device_of(x):
+        wrap_triton(token_forward_kernel)[(programs,)](
+            x,
+            spans,
+            _mask_arg(mask, x),
+            weight_arg,
+            out,
+            aux if aux.numel() else x,
+            indices if indices.numel() else x,
+            rows_out,
+            c,
+            s,
+            weight_stride,
+            scalar,
+            eps,
+            MODE=mode,
+            CHANNELS_LAST=channels_last,
+            VARLEN=varlen,
+            HAS_MASK=mask is not None,
+            WEIGHT_KIND=weight_kind,
+            WITH_LOG=with_log,
+            ROWS=rows,
+            BLOCK_S=block_s,
+            num_warps=configs._num_warps(rows * block_s),
+        )
+    return out, aux, indices
+
+
+@triton_op(BACKWARD_OP, mutates_args=(), schema=token_ops.TOKEN_BACKWARD_SCHEMA)
+def token_pool_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    spans: torch.Tensor,
+    mask: torch.Tensor | None,
+    varlen: bool,
+    aux: torch.Tensor,
+    indices: torch.Tensor,
+    mode: int,
+    weight: torch.Tensor | None,
+    scalar: float,
+    eps: float,
+) -> torch.Tensor:
+    channels_last = _check(x, spans, mask, varlen, mode, weight, BACKWARD_OP)
+    token_ops.check_token_backward_inputs(grad_out, x, spans, aux, indices, mode, BACKWARD_OP)
+    _, c, s = x.shape
+    rows_out = spans.shape[0]
+    grad_x = gk_ops.grad_input_like(x)
+    if rows_out == 0 or c == 0:
+        return grad_x.zero_()
+    rows, block_s, programs = _tile(x, rows_out, channels_last)
+    if varlen:  # one piece per row: its sequence, however long
+        s_per_program, pieces = s, 1
+    else:
+        s_per_program = configs.BACKWARD_TILES_PER_PROGRAM * block_s
+        pieces = -(-s // s_per_program)
+    weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
+    with _device_of(x):
+        wrap_triton(token_backward_kernel)[(programs, pieces)](
+            grad_out,
+            x,
+            spans,
+            _mask_arg(mask, x),
+            aux if aux.numel() else x,
+            indices if indices.numel() else x,
+            weight_arg,
+            grad_x,
+            rows_out,
+            c,
+            s,
+            s_per_program,
+            weight_stride,
+            scalar,
+            eps,
+            MODE=mode,
+            CHANNELS_LAST=channels_last,
+            VARLEN=varlen,
+            HAS_MASK=mask is not None,
+            WEIGHT_KIND=weight_kind,
+            AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1,
+            ROWS=rows,
+            BLOCK_S=block_s,
+            num_warps=configs._num_warps(rows * block_s),
+        )
+    return grad_x
+
+
+token_ops.register_token_ops(token_pool_forward, token_pool_backward)

@@ -1,0 +1,204 @@
+"""Mutation testing: does the test suite catch a wrong kernel?
+
+Applies, one at a time, each mutation of `scripts/mutations.py` (a deliberate bug in the CPU
+kernels, the Triton kernels, the autograd or the reference) to a copy of the source tree, rebuilds
+the CPU-only extension when a C++ file changed, runs the tests with `-x` and records whether the
+suite failed (the mutant is *killed*) or passed (it *survived*). Target: no survivor.
+
+    python scripts/mutate.py                 # every mutation; the report goes to stdout
+    python scripts/mutate.py --out docs/mutations.txt
+    python scripts/mutate.py --only cpu-merge-max-tie triton-lane-tie
+    python scripts/mutate.py --list
+
+It is too slow for CI (a rebuild of one CPU unit and a test run per mutation: about an hour on
+two cores). The copy lives in a temporary folder: the checkout and its build are not touched. The
+Python is .venv/bin/python, or $PYTHON. The tests run as in CI without a GPU: TRITON_INTERPRET=1,
+CPU-only build (GAPKERNELS_NO_CUDA=1).
+
+A mutation whose text is not found exactly once in its file is an error (the list has gone stale
+against the code), not a pass: the script exits 2 without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutations import DEFAULT_TESTS, MUTATIONS, Mutation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python() -> str:
+    env = os.environ.get("PYTHON")
+    if env:
+        return env
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def copy_tree(dest: Path) -> None:
+    """Tracked files and untracked files git does not ignore (as scripts/coverage.sh does)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = ROOT / name.decode()
+        if src.is_file():
+            target = dest / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+def check_applicable(work: Path, mutations: list[Mutation]) -> list[str]:
+    problems = []
+    for m in mutations:
+        path = work / m.file
+        if not path.exists():
+            problems.append(f"{m.name}: {m.file} does not exist")
+            continue
+        count = path.read_text().count(m.old)
+        if count != 1:
+            problems.append(f"{m.name}: its text occurs {count} times in {m.file} (want 1)")
+    return problems
+
+
+def build(work: Path, log: Path) -> bool:
+    env = dict(os.environ, GAPKERNELS_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env["PATH"] = f"{Path(python()).parent}:{env['PATH']}"
+    with log.open("a") as f:
+        result = subprocess.run(
+            [python(), "setup.py", "build_ext", "--inplace"], cwd=work, env=env, stdout=f, stderr=f
+        )
+    return result.returncode == 0
+
+
+def run_tests(work: Path, tests: tuple[str, ...], log: Path, timeout: float) -> tuple[int, str]:
+    env = dict(os.environ, TRITON_INTERPRET="1", GAPKERNELS_NO_CUDA="1", PYTHONPATH=str(work))
+    cmd = [python(), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(
+            cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return 124, "timed out"
+    with log.open("a") as f:
+        f.write(result.stdout[-20000:] + result.stderr[-5000:])
+    lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    return result.returncode, (failed[0] if failed else (lines[-1] if lines else ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run only these mutations (by name)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument(
+        "--check", action="store_true", help="only check that every mutation applies, and exit"
+    )
+    ap.add_argument("--out", type=Path, help="also write the report to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (for debugging)")
+    ap.add_argument("--timeout", type=float, default=1800, help="per test run, seconds")
+    args = ap.parse_args()
+
+    mutations = list(MUTATIONS)
+    if args.only:
+        unknown = set(args.only) - {m.name for m in mutations}
+        if unknown:
+            ap.error(f"unknown mutations: {sorted(unknown)}")
+        mutations = [m for m in mutations if m.name in args.only]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name:34} {m.file}: {m.why}")
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="gapkernels-mutate."))
+    log = work / "mutate.log"
+    report: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        report.append(line)
+
+    try:
+        copy_tree(work)
+        problems = check_applicable(work, mutations)
+        if problems:
+            for p in problems:
+                print(f"mutate.py: stale mutation: {p}", file=sys.stderr)
+            return 2
+        if args.check:
+            print(f"mutate.py: all {len(mutations)} mutations apply")
+            return 0
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet"], cwd=ROOT).returncode != 0
+        say(
+            f"gapkernels mutation run, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"commit {commit}{' + local changes' if dirty else ''}, {len(mutations)} mutations"
+        )
+        start = time.time()
+        if not build(work, log):
+            print(f"mutate.py: the unmutated build failed; see {log}", file=sys.stderr)
+            args.keep = True
+            return 3
+        status, summary = run_tests(work, DEFAULT_TESTS, log, args.timeout)
+        if status != 0:
+            print(f"mutate.py: the unmutated tests fail ({summary}); see {log}", file=sys.stderr)
+            args.keep = True
+            return 3
+        say(f"unmutated: {summary} ({time.time() - start:.0f} s incl. the build)")
+        say("")
+        say(f"| {'mutation':34} | result   | time  | first failing test |")
+        say(f"| {'-' * 34} | -------- | ----- | ------------------ |")
+        survivors = []
+        for m in mutations:
+            t0 = time.time()
+            path = work / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new, 1))
+            try:
+                cpp = m.file.startswith("csrc/")
+                if cpp and not build(work, log):
+                    result, summary = "NO-BUILD", "the mutant did not compile (fix the mutation)"
+                else:
+                    status, summary = run_tests(work, m.tests or DEFAULT_TESTS, log, args.timeout)
+                    result = {0: "SURVIVED", 1: "killed"}.get(status, f"error {status}")
+            finally:
+                path.write_text(original)
+                if m.file.startswith("csrc/"):
+                    # Rebuild from the restored source before the next mutation; ninja's
+                    # timestamps see the rewrite.
+                    os.utime(path)
+            if result != "killed":
+                survivors.append(m.name)
+            say(f"| {m.name:34} | {result:8} | {time.time() - t0:4.0f}s | {summary[:110]} |")
+        build(work, log)
+        say("")
+        say(
+            f"{len(mutations) - len(survivors)} of {len(mutations)} killed; "
+            f"survivors: {', '.join(survivors) or 'none'}; {time.time() - start:.0f} s in all"
+        )
+        if args.out:
+            args.out.write_text("\n".join(report) + "\n")
+        return 1 if survivors else 0
+    finally:
+        if args.keep:
+            print(f"mutate.py: work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

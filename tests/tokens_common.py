@@ -1,0 +1,120 @@
+"""Inputs and an independent oracle for the token pooling tests (tests/test_tokens*.py).
+
+The oracle pools each row's positions that take part one row at a time, with the unmasked
+reference (whose max follows adaptive_max_pool exactly), so it shares no code with
+gapkernels.reference_tokens or the kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import OPS
+from gapkernels import reference
+
+# layout name -> (input_fmt, how the logical (N, C, *spatial) tensor is laid out)
+TOKEN_LAYOUTS = ["nlc", "ncl", "nchw_channels_last", "nhwc"]
+TOKEN_CASES = ["mask", "lengths", "start", "mask_start", "lengths_start"]
+TOKEN_OPS = ["avg", "max", "mixed", "avgmax", "catavgmax", "gem"]
+
+
+def make_tokens(layout, n, c, s, dtype, gen, device="cpu", positive=False):
+    """(x, input_fmt, x3, spatial): x in `layout` and its logical (N, C, S) values `x3`."""
+    spatial = (2, s // 2) if layout in ("nchw_channels_last", "nhwc") else (s,)
+    x = torch.randn((n, c, *spatial), dtype=torch.float64, generator=gen)
+    if positive:
+        x = x.abs() + 0.1
+    x = x.to(device=device, dtype=dtype)
+    x3 = x.flatten(2)
+    if layout == "nlc":
+        return x.movedim(1, -1).contiguous(), "NLC", x3, spatial
+    if layout == "ncl":
+        return x, "NCHW", x3, spatial
+    if layout == "nchw_channels_last":
+        return x.contiguous(memory_format=torch.channels_last), "NCHW", x3, spatial
+    return x.movedim(1, -1).contiguous(), "NHWC", x3, spatial
+
+
+def token_args(case, n, spatial, gen, device="cpu"):
+    """The keyword arguments of a case: a random mask (row 0 all False, row 1 all True),
+    lengths (0, S and random), start; with the (N, S) bool of positions that take part."""
+    s = 1
+    for d in spatial:
+        s *= d
+    kw: dict = {}
+    valid = torch.ones((n, s), dtype=torch.bool)
+    if case.startswith("mask"):
+        mask = torch.rand((n, *spatial), generator=gen) > 0.5
+        mask[0] = False
+        if n > 1:
+            mask[1] = True
+        kw["mask"] = mask.to(device)
+        valid &= mask.reshape(n, s)
+    if case.startswith("lengths"):
+        lengths = torch.randint(0, s + 1, (n,), generator=gen)
+        lengths[0] = 0
+        if n > 1:
+            lengths[1] = s
+        kw["lengths"] = lengths.to(device)
+        valid &= torch.arange(s) < lengths.view(-1, 1)
+    if case.endswith("start"):
+        kw["start"] = 2
+        valid[:, :2] = False
+    return kw, valid.to(device)
+
+
+def call(op, module, x, weight, **kw):
+    """OPS[op] on gapkernels or gapkernels.reference (with its token keyword arguments)."""
+    return OPS[op](module, x, weight, **kw)
+
+
+def loop_oracle(op, x3, valid, weight, return_indices=False):
+    """(N, C') row by row: the unmasked reference over each row's positions that take part;
+    an empty row is 0 (index -1)."""
+    rows, indices = [], []
+    c = x3.shape[1]
+    for n in range(x3.shape[0]):
+        idx = valid[n].nonzero().flatten()
+        if idx.numel() == 0:
+            rows.append(x3.new_zeros(2 * c if op == "catavgmax" else c))
+            indices.append(torch.full((c,), -1, dtype=torch.int64))
+            continue
+        sub = x3[n : n + 1, :, idx]
+        rows.append(call(op, reference, sub, weight)[0])
+        _, at = reference.global_max_pool(sub, True)
+        indices.append(idx.to(at.device)[at[0]])
+    out = torch.stack(rows)
+    return (out, torch.stack(indices)) if return_indices else out
+
+
+def varlen_oracle(op, x, cu, weight, start=0, return_indices=False):
+    """(B, C') sequence by sequence with the unmasked reference."""
+    rows, indices = [], []
+    c = x.shape[1]
+    for b in range(cu.shape[0] - 1):
+        seq = x[int(cu[b]) + start : int(cu[b + 1])]
+        if seq.shape[0] == 0:
+            rows.append(x.new_zeros(2 * c if op == "catavgmax" else c))
+            indices.append(torch.full((c,), -1, dtype=torch.int64))
+            continue
+        sub = seq.t().unsqueeze(0)
+        rows.append(call(op, reference, sub, weight)[0])
+        indices.append(reference.global_max_pool(sub, True)[1][0] + start)
+    out = torch.stack(rows)
+    return (out, torch.stack(indices)) if return_indices else out
+
+
+def weight_for(op, c, device="cpu", requires_grad=False, dtype=torch.float32):
+    """mixed: a per-channel alpha; gem: a scalar p tensor; else None."""
+    if op == "mixed":
+        w = torch.linspace(0.2, 0.8, c, dtype=dtype)
+    elif op == "gem":
+        w = torch.tensor(2.5, dtype=dtype)
+    else:
+        return None
+    return w.to(device).requires_grad_(requires_grad)
+
+
+def cu_seqlens_of(lengths, device="cpu", dtype=torch.int32):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device=device, dtype=dtype)
