@@ -168,6 +168,10 @@ def _cpu_token_kernels() -> bool:
     return True
 
 
+# At import, so that a first token call inside torch.compile finds the fake kernels registered.
+_cpu_token_kernels()
+
+
 def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
     """'cpu', 'triton' or 'reference' (the composite) for a token call on x."""
     if not isinstance(backend, str) or backend not in backends.BACKENDS:

@@ -11,7 +11,10 @@
 
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/nsc_forward.h"
@@ -40,6 +43,34 @@ struct TokenArgs {
 constexpr int64_t kTokenRunPiece = kMaxRunPiece;
 // NSC pieces: rows of a span per task.
 constexpr int64_t kTokenRowsPiece = kMaxRowsPiece;
+
+// Calls f(s0, s1) for each maximal run of positions of [p0, p1) that take part, in order.
+template <typename F>
+inline void for_each_run(const bool* mask, int64_t p0, int64_t p1, F&& f) {
+  if (mask == nullptr) {
+    if (p1 > p0) f(p0, p1);
+    return;
+  }
+  int64_t s = p0;
+  while (s < p1) {
+    while (s < p1 && !mask[s]) ++s;
+    if (s == p1) break;
+    const int64_t s0 = s;
+    while (s < p1 && mask[s]) ++s;
+    f(s0, s);
+  }
+}
+
+// The runs of positions of [lo, hi) that take part, cut at lo + k * piece: found once per row
+// and used for each of its channels (NCS).
+using Runs = std::vector<std::pair<int64_t, int64_t>>;
+inline void collect_runs(const bool* mask, int64_t lo, int64_t hi, int64_t piece, Runs& runs) {
+  runs.clear();
+  for (int64_t p0 = lo; p0 < hi; p0 += piece) {
+    for_each_run(mask, p0, std::min(hi, p0 + piece),
+                 [&](int64_t s0, int64_t s1) { runs.emplace_back(s0, s1); });
+  }
+}
 
 // Statistics of the contiguous run x[0, len) of channel c (indices relative to x): the NCS
 // forward's run loop (ncs_forward.cpp, ncs_forward_gem.cpp).

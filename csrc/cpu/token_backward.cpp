@@ -50,41 +50,30 @@ struct TokenBackward {
     at::parallel_for(0, t.B * C, kBatch, [&](int64_t begin, int64_t end) {
       __at_align__ acc_t A[kBatch], B[kBatch];
       int64_t index[kBatch];
+      Runs runs;
+      int64_t runs_of = -1;
       for (int64_t r0 = begin; r0 < end;) {
         const int64_t b = r0 / C;
         const int64_t c0 = r0 - b * C;
         const int64_t count = std::min({kBatch, end - r0, C - c0});
-        const int64_t lo = std::max<int64_t>(t.begin(b), 0), hi = std::min(t.end(b), S);
-        const bool* mask = t.mask ? t.mask + b * S : nullptr;
-        const bool empty = t.count(b) <= 0 || hi <= lo;
+        if (runs_of != b) {
+          collect_runs(t.mask ? t.mask + b * S : nullptr, t.begin(b), t.end(b), kTokenRunPiece,
+                       runs);
+          runs_of = b;
+        }
+        const bool empty = t.count(b) <= 0 || runs.empty();
         if (!empty) coefficients(a, g, b, t.count(b), c0, count, A, B, index);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t r = b * C + c0 + i;
           scalar_t* gr = gx + r * S;
-          if (empty) {
-            zero(gr, S);
-            continue;
-          }
-          const int64_t at_index = kMax ? t.origin(b) + index[i] : -1;
+          const int64_t at_index = kMax && !empty ? t.origin(b) + index[i] : -1;
           int64_t done = 0;  // grad_x[0, done) is written
-          for (int64_t p0 = lo; p0 < hi; p0 += kTokenRunPiece) {
-            const int64_t p1 = std::min(hi, p0 + kTokenRunPiece);
-            int64_t s = p0;
-            while (s < p1) {
-              if (mask) {
-                while (s < p1 && !mask[s]) ++s;
-              }
-              const int64_t s0 = s;
-              if (mask) {
-                while (s < p1 && mask[s]) ++s;
-              } else {
-                s = p1;
-              }
-              if (s0 == s) break;
+          if (!empty) {
+            for (const auto& [s0, s1] : runs) {
               zero(gr + done, s0 - done);
-              ncs_grad_run<kMode>(gr, x + r * S, s0, s, A[i], kMax || kGem ? B[i] : acc_t(0),
+              ncs_grad_run<kMode>(gr, x + r * S, s0, s1, A[i], kMax || kGem ? B[i] : acc_t(0),
                                   at_index, c0 + i, a);
-              done = s;
+              done = s1;
             }
           }
           zero(gr + done, S - done);

@@ -23,23 +23,6 @@ namespace cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// Calls f(s0, s1) for each maximal run of positions of [p0, p1) that take part, in order.
-template <typename F>
-inline void for_each_run(const bool* mask, int64_t p0, int64_t p1, F&& f) {
-  if (mask == nullptr) {
-    if (p1 > p0) f(p0, p1);
-    return;
-  }
-  int64_t s = p0;
-  while (s < p1) {
-    while (s < p1 && !mask[s]) ++s;
-    if (s == p1) break;
-    const int64_t s0 = s;
-    while (s < p1 && mask[s]) ++s;
-    f(s0, s);
-  }
-}
-
 template <Mode kMode, typename scalar_t>
 struct TokenForward {
   GK_CPU_KERNEL_TYPES(kMode, scalar_t);
@@ -101,22 +84,25 @@ struct TokenForward {
     at::parallel_for(0, t.B * C, kBatch, [&](int64_t begin, int64_t end) {
       Stats st[kBatch];
       bool seen[kBatch];
+      Runs runs;
+      int64_t runs_of = -1;
       for (int64_t r0 = begin; r0 < end;) {
         const int64_t b = r0 / C;
         const int64_t c0 = r0 - b * C;
         const int64_t count = std::min({kBatch, end - r0, C - c0});
-        const int64_t lo = t.begin(b), hi = t.end(b), origin = t.origin(b);
-        const bool* mask = t.mask ? t.mask + b * S : nullptr;
+        if (runs_of != b) {
+          collect_runs(t.mask ? t.mask + b * S : nullptr, t.begin(b), t.end(b), kTokenRunPiece,
+                       runs);
+          runs_of = b;
+        }
         for (int64_t i = 0; i < count; ++i) {
           const int64_t c = c0 + i;
           const scalar_t* row = x + (b * C + c) * S;
           seen[i] = false;
-          for (int64_t p0 = lo; p0 < hi; p0 += kTokenRunPiece) {
-            for_each_run(mask, p0, std::min(hi, p0 + kTokenRunPiece), [&](int64_t s0, int64_t s1) {
-              Stats part = ncs_run<kMode>(row + s0, s1 - s0, c, a);
-              part.index += s0 - origin;
-              merge(st[i], seen[i], part, c, a);
-            });
+          for (const auto& [s0, s1] : runs) {
+            Stats part = ncs_run<kMode>(row + s0, s1 - s0, c, a);
+            part.index += s0 - t.origin(b);
+            merge(st[i], seen[i], part, c, a);
           }
         }
         finish(a, o, b, t.count(b), c0, count, st, seen);
