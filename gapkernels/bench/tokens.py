@@ -132,7 +132,8 @@ def run(args) -> str:
     largest = max(4 * n * s * c for n, s, c in (case.shape for case in cases))
     probe_config = dataclasses.replace(config, cpu_probe_bytes=largest)
     probes_before = harness.probe_bandwidth(["float32"], probe_config)
-    cells = []
+    Cell = tuple[TokenCase, str, str, dict[str, Callable[[], object]], dict[str, list[float]]]
+    cells: list[Cell] = []
     for case in cases:
         for dname in args.dtypes:
             x = torch.randn(case.shape, generator=gen).to(DTYPES[dname])
@@ -142,9 +143,9 @@ def run(args) -> str:
                 calls = {name: step(fn, x, pass_) for name, fn in impls.items()}
                 cells.append((case, dname, pass_, calls, {name: [] for name in calls}))
     for _ in range(args.reps):  # interleaved: every cell and implementation once per repeat
-        for _case, _dname, _pass, calls, times in cells:
-            for name, call in calls.items():
-                times[name].append(harness.median_seconds(call, config))
+        for _case, _dname, _pass, cell_calls, times in cells:
+            for name, timed in cell_calls.items():
+                times[name].append(harness.median_seconds(timed, config))
     probes = harness.best_probes(probes_before, harness.probe_bandwidth(["float32"], probe_config))
     probe = probes["float32"]["sum"]
     lines = [
