@@ -305,4 +305,12 @@ TORCH_LIBRARY(gapkernels, m) {
   m.def(
       "pool_backward(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
       "Tensor? weight, float scalar, float eps) -> Tensor");
+  // Token pooling (docs/DESIGN.md, "Token pooling"; fake kernels and autograd:
+  // gapkernels/token_ops.py, the same schema as the Triton pair's).
+  m.def(
+      "token_pool_forward(Tensor x, Tensor spans, Tensor? mask, bool varlen, int mode, "
+      "Tensor? weight, float scalar, float eps, bool with_log) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "token_pool_backward(Tensor grad_out, Tensor x, Tensor spans, Tensor? mask, bool varlen, "
+      "Tensor aux, Tensor indices, int mode, Tensor? weight, float scalar, float eps) -> Tensor");
 }

@@ -5,11 +5,13 @@ The public functions branch here only when one of those arguments is given, so t
 is untouched. Here: every check (before any kernel), the backend choice, the normalized form
 the kernels see (`spans`, `mask`; see gapkernels/token_ops.py) and the call.
 
-Backends: Triton has token kernels. The C++ CPU and CUDA kernels do not have them yet: `auto`
-runs the plain-torch composite (gapkernels.reference_tokens) on the CPU, and on CUDA tensors
-when Triton cannot run; an explicit `backend="cpu"` / `"cuda"` raises NotImplementedError.
-Under torch.func transforms and forward-mode AD the composite runs too (same math, every
-transform). While torch.onnx exports, the composite runs (plain torch ops).
+Backends: the C++ CPU kernels (gapkernels::token_pool_forward/backward, csrc/cpu/token_*.cpp)
+and Triton have token kernels; the C++ CUDA kernels do not have them yet. `auto` runs the CPU
+kernels on CPU tensors (the plain-torch composite, gapkernels.reference_tokens, where the
+extension is not built), Triton on CUDA tensors (the composite when Triton cannot run); an
+explicit `backend="cuda"` raises NotImplementedError. Under torch.func transforms and
+forward-mode AD the composite runs too (same math, every transform). While torch.onnx exports,
+the composite runs (plain torch ops).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from gapkernels import backends, export, reference, reference_tokens
+from gapkernels import _ext, backends, export, reference, reference_tokens, token_ops
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
 # pool_type -> (mode, how the weight is given: a fixed number, or the name of the argument)
@@ -147,18 +149,41 @@ def check_cu_seqlens(x, cu_seqlens, start, fn: str) -> None:
     )
 
 
+FORWARD_OP = "gapkernels::token_pool_forward"
+
+
+def _cpu_token_kernels() -> bool:
+    """Whether the extension has the C++ CPU token kernels (registers their fake kernels and
+    autograd on the first call that finds them)."""
+    if "cpu" in token_ops._PAIRS:
+        return True
+    if not _ext.loaded() or not hasattr(torch.ops.gapkernels, "token_pool_forward"):
+        return False
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CPU"):
+        return False
+    ops = torch.ops.gapkernels
+    token_ops.register_token_ops(
+        ops.token_pool_forward.default, ops.token_pool_backward.default, "cpu"
+    )
+    return True
+
+
+# At import, so that a first token call inside torch.compile finds the fake kernels registered.
+_cpu_token_kernels()
+
+
 def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
-    """'triton' or 'reference' (the composite) for a token call on x."""
+    """'cpu', 'triton' or 'reference' (the composite) for a token call on x."""
     if not isinstance(backend, str) or backend not in backends.BACKENDS:
         raise ValueError(
             f"{fn}: backend must be one of {', '.join(map(repr, backends.BACKENDS))}, "
             f"got {backend!r}"
         )
-    if backend in ("cpu", "cuda"):
+    if backend == "cuda":
         raise NotImplementedError(
-            f"{fn}: backend={backend!r} has no token-pooling kernels yet (mask, lengths, start, "
-            "varlen_pool); use backend='auto' (the plain-torch composite, or Triton on CUDA "
-            "tensors), 'triton' or 'reference'"
+            f"{fn}: backend='cuda' has no token-pooling kernels yet (mask, lengths, start, "
+            "varlen_pool); use backend='auto' (Triton on CUDA tensors, or the plain-torch "
+            "composite), 'triton' or 'reference'"
         )
     if backend == "auto":
         env = os.environ.get(backends.ENV_VAR)
@@ -168,7 +193,7 @@ def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
                 f"{', '.join(map(repr, backends.BACKENDS))}"
             )
         # A fused backend without token kernels in the environment means: as auto.
-        backend = env if env in ("triton", "reference") else "auto"
+        backend = env if env in ("cpu", "triton", "reference") else "auto"
     if (
         export.onnx_exporting()
         or torch._C._are_functorch_transforms_active()
@@ -176,10 +201,14 @@ def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
     ):
         return "reference"
     if backend == "auto":
+        if x.device.type == "cpu":
+            return "cpu" if _cpu_token_kernels() else "reference"
         if x.device.type == "cuda" and backends.unavailable_reason("triton", x) is None:
             return "triton"
         return "reference"
     reason = backends.unavailable_reason(backend, x)
+    if reason is None and backend == "cpu" and not _cpu_token_kernels():
+        reason = "the extension was built without the token kernels; rebuild it"
     if reason is not None:
         raise RuntimeError(f"{fn}: backend={backend!r} is not available: {reason}")
     return backend
@@ -194,14 +223,14 @@ def _weight_arg(weight, mode: int, x: torch.Tensor):
     return None, 0.5 if weight is None else float(weight), False
 
 
-def _apply(x3, spans, mask, varlen, mode, weight, eps):
-    from gapkernels import token_ops
-    from gapkernels import triton as _gk_triton  # noqa: F401  (registers the token ops)
-    from gapkernels.triton import tokens as _triton_tokens  # noqa: F401
+def _apply(x3, spans, mask, varlen, mode, weight, eps, backend: str):
+    if backend == "triton":
+        from gapkernels import triton as _gk_triton  # noqa: F401  (registers the token ops)
+        from gapkernels.triton import tokens as _triton_tokens  # noqa: F401
 
     w, scalar, with_log = _weight_arg(weight, mode, x3)
     return token_ops.TokenPoolFunction.apply(
-        x3, spans, mask, varlen, mode, w, scalar, float(eps), with_log, "triton"
+        x3, spans, mask, varlen, mode, w, scalar, float(eps), with_log, backend
     )
 
 
@@ -283,7 +312,7 @@ def pool(
     else:
         x3 = functional._as_3d(x, fmt)
         spans, flat_mask = padded_spans(n, x3.shape[2], x.device, mask, lengths, start)
-        out, _, indices = _apply(x3, spans, flat_mask, False, mode, weight, eps)
+        out, _, indices = _apply(x3, spans, flat_mask, False, mode, weight, eps, name)
     out = reference._finish(out, x, keepdim, fmt)
     if not return_indices:
         return out
@@ -336,5 +365,5 @@ def varlen_pool(
     else:
         x3 = x.contiguous().t().unsqueeze(0)  # (1, C, total), NSC strides
         spans = varlen_spans(cu_seqlens, x.shape[0], start)
-        out, _, indices = _apply(x3, spans, None, True, mode, weight, eps)
+        out, _, indices = _apply(x3, spans, None, True, mode, weight, eps, name)
     return (out, indices) if return_indices else out

@@ -45,13 +45,15 @@ def test_reference_matches_row_oracle(op, case, layout, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", TOKEN_OPS)
 def test_composite_every_dtype(op, dtype, gen):
-    """backend='auto' on the CPU (the composite) against the float64 oracle, within the
-    dtype's tolerance of one rounding."""
+    """backend='reference' (the composite) and 'auto' (the CPU kernels where built) against the
+    float64 oracle, within the dtype's tolerance of one rounding."""
     x, fmt, x3, spatial = make_tokens("nlc", 4, 6, 12, dtype, gen, positive=op == "gem")
     kw, valid = token_args("mask_start", 4, spatial, gen)
     weight = weight_for(op, 6)
-    out = call(op, gapkernels, x, weight, input_fmt=fmt, **kw)
     expected = loop_oracle(op, x3.double(), valid, weight)
+    auto = call(op, gapkernels, x, weight, input_fmt=fmt, **kw)
+    assert_close(auto.double(), expected.to(dtype).double(), dtype, scale=4)
+    out = call(op, gapkernels, x, weight, input_fmt=fmt, backend="reference", **kw)
     assert out.dtype == dtype
     assert_close(out.double(), expected.to(dtype).double(), dtype, scale=4)
 
@@ -264,12 +266,11 @@ def test_nlc_without_token_args_is_nhwc(gen):
 def test_backends_for_tokens(monkeypatch):
     x = torch.randn(2, 3, 5)
     lengths = torch.tensor([5, 2])
-    for name in ("cpu", "cuda"):
-        with pytest.raises(NotImplementedError, match=f"backend='{name}' has no token-pooling"):
-            gapkernels.global_avg_pool(x, lengths=lengths, backend=name)
-        with pytest.raises(NotImplementedError, match="no token-pooling"):
-            gapkernels.varlen_pool(x[0].t(), torch.tensor([0, 5]), backend=name)
-    monkeypatch.setenv("GAPKERNELS_BACKEND", "cpu")  # no token kernels there: the composite
+    with pytest.raises(NotImplementedError, match="backend='cuda' has no token-pooling"):
+        gapkernels.global_avg_pool(x, lengths=lengths, backend="cuda")
+    with pytest.raises(NotImplementedError, match="no token-pooling"):
+        gapkernels.varlen_pool(x[0].t(), torch.tensor([0, 5]), backend="cuda")
+    monkeypatch.setenv("GAPKERNELS_BACKEND", "cuda")  # no token kernels there: as auto
     torch.testing.assert_close(
         gapkernels.global_avg_pool(x, lengths=lengths),
         reference.global_avg_pool(x, lengths=lengths),

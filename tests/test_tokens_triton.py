@@ -17,8 +17,10 @@ from tokens_common import (  # noqa: E402
     TOKEN_OPS,
     call,
     cu_seqlens_of,
+    gem_double_backward,
     make_tokens,
     token_args,
+    token_op_samples,
     weight_for,
 )
 
@@ -138,19 +140,11 @@ def test_triton_varlen(pool_type, gen):
             assert torch.equal(got[1], want[1])
 
 
-def test_triton_double_backward_matches_reference(gen):
+def test_triton_double_backward_matches_reference():
     """create_graph=True: the gradients are the composite's, differentiable again."""
-    x = torch.randn(3, 7, 4, generator=gen).abs().add(0.1).to(DEVICE)
-    lengths = torch.tensor([7, 3, 0], device=DEVICE)
-    p = torch.tensor(2.5, device=DEVICE)
-    results = []
-    for backend in ("triton", "reference"):
-        xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
-        out = gapkernels.global_gem_pool(xr, pr, input_fmt="NLC", lengths=lengths, backend=backend)
-        gx, gp = torch.autograd.grad(out.square().sum(), (xr, pr), create_graph=True)
-        results.append(torch.autograd.grad(gx.sum() + gp, (xr, pr)))
-    for got, want in zip(*results, strict=True):
-        assert_close(got, want, torch.float32, scale=10)
+    got = gem_double_backward(gapkernels, "triton", DEVICE)
+    for g, want in zip(got, gem_double_backward(gapkernels, "reference", DEVICE), strict=True):
+        assert_close(g, want, torch.float32, scale=10)
 
 
 def test_triton_deterministic(gen):
@@ -173,21 +167,8 @@ def test_triton_float64_refused():
 
 
 def test_token_op_schema_fake_and_autograd_registration(gen):
-    x = torch.randn(3, 10, 4, generator=gen).to(DEVICE).transpose(1, 2)  # NSC (3, 4, 10)
-    spans = torch.tensor([[1, 10, 9, 0], [1, 4, 3, 0], [1, 1, 0, 0]], device=DEVICE)
-    mask = (torch.rand(3, 10, generator=gen) > 0.4).to(DEVICE)
-    counted = spans.clone()
-    counted[:, 2] = (mask & (torch.arange(10, device=DEVICE) >= 1)).sum(1)
-    counted[:, 1] = 10
-    packed = torch.randn(1, 4, 12, device=DEVICE)  # stands for a (12, 4) packed batch
-    packed = packed.transpose(1, 2).contiguous().transpose(1, 2)
-    varlen_spans = torch.tensor([[0, 5, 5, 0], [6, 12, 6, 5]], device=DEVICE)
-    samples = [
-        (x, spans, None, False, 2, torch.full((4,), 0.3, device=DEVICE), 0.5, 0.0, False),
-        (x.abs(), spans, None, False, 4, torch.tensor([3.0], device=DEVICE), 3.0, 1e-6, True),
-        (x.contiguous(), counted, mask, False, 3, None, 0.5, 0.0, False),
-        (packed, varlen_spans, None, True, 1, None, 0.5, 0.0, False),
-    ]
+    samples = token_op_samples(gen, DEVICE)
+    x, spans = samples[0][:2]
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     for args in samples:
         torch.library.opcheck(ttokens.token_pool_forward, args, test_utils=checks)

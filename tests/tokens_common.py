@@ -118,3 +118,35 @@ def cu_seqlens_of(lengths, device="cpu", dtype=torch.int32):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     return cu.to(device=device, dtype=dtype)
+
+
+def gem_double_backward(module, backend, device="cpu"):
+    """create_graph=True through a token GeM pool on `backend`: the second-order gradients to
+    (x, p), to compare with backend="reference" (the composite)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 4, generator=gen).abs().add(0.1).to(device).requires_grad_()
+    p = torch.tensor(2.5, device=device, requires_grad=True)
+    lengths = torch.tensor([7, 3, 0], device=device)
+    out = module.global_gem_pool(x, p, input_fmt="NLC", lengths=lengths, backend=backend)
+    gx, gp = torch.autograd.grad(out.square().sum(), (x, p), create_graph=True)
+    return torch.autograd.grad(gx.sum() + gp, (x, p))
+
+
+def token_op_samples(gen, device="cpu"):
+    """Arguments of token_pool_forward for opcheck: MIXED with a (C,) alpha, GEM with the log
+    statistic, CAT with a mask (NCS), MAX on a packed varlen batch."""
+    x = torch.randn(3, 10, 4, generator=gen).to(device).transpose(1, 2)  # NSC (3, 4, 10)
+    spans = torch.tensor([[1, 10, 9, 0], [1, 4, 3, 0], [1, 1, 0, 0]], device=device)
+    mask = (torch.rand(3, 10, generator=gen) > 0.4).to(device)
+    counted = spans.clone()
+    counted[:, 2] = (mask & (torch.arange(10, device=device) >= 1)).sum(1)
+    counted[:, 1] = 10
+    packed = torch.randn(1, 4, 12, device=device)  # stands for a (12, 4) packed batch
+    packed = packed.transpose(1, 2).contiguous().transpose(1, 2)
+    varlen_spans = torch.tensor([[0, 5, 5, 0], [6, 12, 6, 5]], device=device)
+    return [
+        (x, spans, None, False, 2, torch.full((4,), 0.3, device=device), 0.5, 0.0, False),
+        (x.abs(), spans, None, False, 4, torch.tensor([3.0], device=device), 3.0, 1e-6, True),
+        (x.contiguous(), counted, mask, False, 3, None, 0.5, 0.0, False),
+        (packed, varlen_spans, None, True, 1, None, 0.5, 0.0, False),
+    ]

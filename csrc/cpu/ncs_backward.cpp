@@ -9,6 +9,7 @@
 #include "cpu/kernels.h"
 #include "cpu/layout.h"
 #include "cpu/stats.h"
+#include "cpu/token.h"
 #include "cpu/vec.h"
 
 namespace gapkernels {
@@ -122,6 +123,23 @@ void ncs_backward(const scalar_t* x, scalar_t* grad_x, const ArgsOf<scalar_t>& a
   template void ncs_backward<mode, T>(const T*, T*, const ArgsOf<T>&, const GradInputs<T>&);
 #define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_MODES(GK_INSTANTIATE, T)
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+// Token pooling's run loop (cpu/token.h).
+template <Mode kMode, typename scalar_t>
+void ncs_grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end,
+                  at::opmath_type<scalar_t> A, at::opmath_type<scalar_t> B, int64_t index,
+                  int64_t c, const ArgsOf<scalar_t>& a) {
+  using Run = NcsBackward<kMode, scalar_t>;
+  Run::grad_run(gx, x, start, end, A, B, index,
+                kMode == Mode::Gem ? a.grad_power_of(c) : ChunkPower<at::opmath_type<scalar_t>>{},
+                a);
+}
+
+#define GK_INSTANTIATE_RUN(mode, T)                                                       \
+  template void ncs_grad_run<mode, T>(T*, const T*, int64_t, int64_t, at::opmath_type<T>, \
+                                      at::opmath_type<T>, int64_t, int64_t, const ArgsOf<T>&);
+#define GK_INSTANTIATE_RUN_MODES(T) GK_CPU_FOR_MODES(GK_INSTANTIATE_RUN, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_RUN_MODES)
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

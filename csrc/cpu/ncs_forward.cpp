@@ -11,6 +11,7 @@
 #include "cpu/layout.h"
 #include "cpu/ncs_forward.h"
 #include "cpu/stats.h"
+#include "cpu/token.h"
 #include "cpu/vec.h"
 
 namespace gapkernels {
@@ -182,6 +183,19 @@ void ncs_forward_sum_max(const scalar_t* x, const ArgsOf<scalar_t>& a,
   template void ncs_forward_sum_max<mode, T>(const T*, const ArgsOf<T>&, const ForwardOutputs<T>&);
 #define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE, T)
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+// Token pooling's run loop (cpu/token.h).
+template <Mode kMode, typename scalar_t>
+Partial<at::opmath_type<scalar_t>> ncs_run_sum_max(const scalar_t* x, int64_t len, int64_t,
+                                                   const ArgsOf<scalar_t>& a) {
+  return NcsSumMaxRun<kMode, scalar_t>::reduce_run(x, len, {}, a);
+}
+
+#define GK_INSTANTIATE_RUN(mode, T)                                                         \
+  template Partial<at::opmath_type<T>> ncs_run_sum_max<mode, T>(const T*, int64_t, int64_t, \
+                                                                const ArgsOf<T>&);
+#define GK_INSTANTIATE_RUN_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE_RUN, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_RUN_MODES)
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

@@ -12,6 +12,7 @@
 #include "cpu/layout.h"
 #include "cpu/ncs_forward.h"
 #include "cpu/stats.h"
+#include "cpu/token.h"
 #include "cpu/vec.h"
 
 namespace gapkernels {
@@ -179,6 +180,17 @@ void ncs_forward_gem(const scalar_t* x, const ArgsOf<scalar_t>& a,
 #define GK_INSTANTIATE(T) \
   template void ncs_forward_gem<T>(const T*, const ArgsOf<T>&, const ForwardOutputs<T>&);
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE)
+
+// Token pooling's run loop (cpu/token.h).
+template <typename scalar_t>
+Partial<at::opmath_type<scalar_t>> ncs_run_gem(const scalar_t* x, int64_t len, int64_t c,
+                                               const ArgsOf<scalar_t>& a) {
+  return NcsGemRun<scalar_t>::reduce_run(x, len, a.power_of(c), a);
+}
+
+#define GK_INSTANTIATE_RUN(T) \
+  template Partial<at::opmath_type<T>> ncs_run_gem<T>(const T*, int64_t, int64_t, const ArgsOf<T>&);
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_RUN)
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

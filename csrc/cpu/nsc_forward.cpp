@@ -9,6 +9,7 @@
 #include "cpu/layout.h"
 #include "cpu/nsc_forward.h"
 #include "cpu/stats.h"
+#include "cpu/token.h"
 #include "cpu/vec.h"
 
 namespace gapkernels {
@@ -116,6 +117,23 @@ void nsc_forward_sum_max(const scalar_t* x, const ArgsOf<scalar_t>& a,
   template void nsc_forward_sum_max<mode, T>(const T*, const ArgsOf<T>&, const ForwardOutputs<T>&);
 #define GK_INSTANTIATE_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE, T)
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
+
+// Token pooling's row loop (cpu/token.h).
+template <Mode kMode, typename scalar_t>
+void nsc_rows_sum_max(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
+                      ChannelBuffers<at::opmath_type<scalar_t>>& b,
+                      Partial<at::opmath_type<scalar_t>>* st) {
+  using Run = NscSumMaxRun<kMode, scalar_t>;
+  NscForward<kMode, scalar_t, Run>::reduce_rows(xn, s0, s1, a, {}, b);
+  for (int64_t c = 0; c < a.C; ++c) st[c] = Run::channel_stats(b, c, xn, s0, s1, a);
+}
+
+#define GK_INSTANTIATE_ROWS(mode, T)                                                    \
+  template void nsc_rows_sum_max<mode, T>(const T*, int64_t, int64_t, const ArgsOf<T>&, \
+                                          ChannelBuffers<at::opmath_type<T>>&,          \
+                                          Partial<at::opmath_type<T>>*);
+#define GK_INSTANTIATE_ROWS_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE_ROWS, T)
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_ROWS_MODES)
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

@@ -10,6 +10,7 @@
 #include "cpu/layout.h"
 #include "cpu/nsc_forward.h"
 #include "cpu/stats.h"
+#include "cpu/token.h"
 #include "cpu/vec.h"
 
 namespace gapkernels {
@@ -103,6 +104,22 @@ void nsc_forward_gem(const scalar_t* x, const ArgsOf<scalar_t>& a,
 #define GK_INSTANTIATE(T) \
   template void nsc_forward_gem<T>(const T*, const ArgsOf<T>&, const ForwardOutputs<T>&);
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE)
+
+// Token pooling's row loop (cpu/token.h).
+template <typename scalar_t>
+void nsc_rows_gem(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
+                  ChannelBuffers<at::opmath_type<scalar_t>>& b,
+                  Partial<at::opmath_type<scalar_t>>* st) {
+  using Run = NscGemRun<scalar_t>;
+  NscForward<Mode::Gem, scalar_t, Run>::reduce_rows(xn, s0, s1, a, a.power_of(0), b);
+  for (int64_t c = 0; c < a.C; ++c) st[c] = Run::channel_stats(b, c, xn, s0, s1, a);
+}
+
+#define GK_INSTANTIATE_ROWS(T)                                                \
+  template void nsc_rows_gem<T>(const T*, int64_t, int64_t, const ArgsOf<T>&, \
+                                ChannelBuffers<at::opmath_type<T>>&,          \
+                                Partial<at::opmath_type<T>>*);
+GK_CPU_FOR_DTYPES(GK_INSTANTIATE_ROWS)
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

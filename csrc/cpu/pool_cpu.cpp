@@ -17,10 +17,7 @@
 #include <tuple>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu/host.h"
 #include "cpu/kernels.h"
 #include "pool_common.h"
 
@@ -28,43 +25,6 @@ namespace gapkernels {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
-
-// grad_x is a fresh allocation that the kernel touches first; with 4 KiB pages the page faults
-// cost more than writing it. Transparent huge pages (the same thing torch's THP_MEM_ALLOC_ENABLE
-// asks for) cut them 512-fold. Only the 2 MiB-aligned interior of large buffers is advised.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  if (bytes < 4 * kHugePage) return;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (start + bytes) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
-template <Mode kMode, typename scalar_t>
-ArgsOf<scalar_t> make_args(const PoolShape& shape, const std::optional<at::Tensor>& weight,
-                           double scalar, double eps, bool with_log) {
-  using acc_t = at::opmath_type<scalar_t>;
-  ArgsOf<scalar_t> a{};
-  a.N = shape.N;
-  a.C = shape.C;
-  a.S = shape.S;
-  const bool uses_weight = kMode == Mode::Mixed || kMode == Mode::Gem;
-  a.weight = uses_weight && weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
-  a.weight_numel = a.weight ? weight->numel() : 0;
-  a.scalar = static_cast<acc_t>(scalar);
-  a.eps = static_cast<acc_t>(eps);
-  a.with_log = kMode == Mode::Gem && with_log;
-  a.uniform_p = true;
-  if (a.weight && a.weight_numel > 1) {
-    a.uniform_p =
-        std::all_of(a.weight, a.weight + a.weight_numel, [&](acc_t p) { return p == a.weight[0]; });
-  }
-  return a;
-}
 
 template <Mode kMode, typename scalar_t>
 void forward(const at::Tensor& x, const PoolShape& shape, const std::optional<at::Tensor>& weight,
@@ -99,23 +59,6 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
     nsc_backward<kMode>(x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), a, g);
   } else {
     ncs_backward<kMode>(x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), a, g);
-  }
-}
-
-// Turns the runtime mode into a template parameter.
-template <typename F>
-void dispatch_mode(Mode mode, F&& f) {
-  switch (mode) {
-    case Mode::Avg:
-      return f(std::integral_constant<Mode, Mode::Avg>());
-    case Mode::Max:
-      return f(std::integral_constant<Mode, Mode::Max>());
-    case Mode::Mixed:
-      return f(std::integral_constant<Mode, Mode::Mixed>());
-    case Mode::Cat:
-      return f(std::integral_constant<Mode, Mode::Cat>());
-    case Mode::Gem:
-      return f(std::integral_constant<Mode, Mode::Gem>());
   }
 }
 

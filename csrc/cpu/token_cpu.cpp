@@ -1,0 +1,169 @@
+// CPU kernels of gapkernels::token_pool_forward and gapkernels::token_pool_backward (schema in
+// ops.cpp; docs/DESIGN.md, "Token pooling"): the checks, the mode/dtype dispatch and the
+// registration. The kernels are token_forward.cpp and token_backward.cpp (cpu/token.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/host.h"
+#include "cpu/kernels.h"
+#include "cpu/token.h"
+#include "pool_common.h"
+
+namespace gapkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+constexpr const char* kForwardOp = "gapkernels::token_pool_forward";
+constexpr const char* kBackwardOp = "gapkernels::token_pool_backward";
+
+// The spans and mask checked against the (N, C, S) view; the spans copied with begin and end
+// clamped into [0, S] (a value never read on the host, as inside torch.compile, cannot make a
+// kernel read out of bounds). varlen views are read as NSC (with N = 1 the same memory when C or
+// S is 1, the only cases the layout check may call NCS).
+struct TokenForm {
+  PoolShape shape;
+  std::vector<int64_t> spans;
+  TokenArgs args;
+};
+
+TokenForm check_token_form(const at::Tensor& x, PoolShape shape, const at::Tensor& spans,
+                           const std::optional<at::Tensor>& mask, bool varlen, const char* op) {
+  TORCH_CHECK(spans.dim() == 2 && spans.size(1) == 4 && spans.scalar_type() == at::kLong, op,
+              ": spans must be int64 (B, 4), got ", spans.scalar_type(), " ", spans.sizes());
+  TORCH_CHECK(spans.is_contiguous() && spans.device() == x.device(), op,
+              ": spans must be contiguous on ", x.device());
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (varlen) {
+    TORCH_CHECK(shape.N == 1 && !has_mask, op, ": varlen takes x as (1, C, total) and no mask");
+    TORCH_CHECK(shape.channels_last || shape.C == 1 || shape.S == 1, op,
+                ": varlen takes the packed (total, C) batch as (1, C, total) with NSC strides");
+    shape.channels_last = true;
+  } else {
+    TORCH_CHECK(spans.size(0) == shape.N, op, ": spans must have N=", shape.N, " rows, got ",
+                spans.size(0));
+  }
+  if (has_mask) {
+    TORCH_CHECK(
+        mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == shape.N &&
+            mask->size(1) == shape.S && mask->is_contiguous() && mask->device() == x.device(),
+        op, ": mask must be a contiguous bool (", shape.N, ", ", shape.S, ") tensor on ",
+        x.device(), ", got ", mask->scalar_type(), " ", mask->sizes(), " on ", mask->device());
+  }
+  TokenForm f{shape, {}, {}};
+  const int64_t B = spans.size(0);
+  const int64_t* sp = spans.data_ptr<int64_t>();
+  f.spans.resize(4 * B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t begin = std::clamp<int64_t>(sp[4 * b], 0, shape.S);
+    f.spans[4 * b] = begin;
+    f.spans[4 * b + 1] = std::clamp<int64_t>(sp[4 * b + 1], begin, shape.S);
+    f.spans[4 * b + 2] = sp[4 * b + 2];
+    f.spans[4 * b + 3] = std::clamp<int64_t>(sp[4 * b + 3], 0, shape.S);
+  }
+  f.args = {B, f.spans.data(), has_mask ? mask->data_ptr<bool>() : nullptr, varlen};
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_pool_forward_cpu(
+    const at::Tensor& x, const at::Tensor& spans, const std::optional<at::Tensor>& mask,
+    bool varlen, int64_t mode, const std::optional<at::Tensor>& weight, double scalar, double eps,
+    bool with_log) {
+  const TokenForm f = check_token_form(x, check_forward_inputs(x, mode, weight, kForwardOp), spans,
+                                       mask, varlen, kForwardOp);
+  const Mode m = static_cast<Mode>(mode);
+  PoolShape rows = f.shape;
+  rows.N = f.args.B;
+  auto [out, aux, indices] = allocate_forward_outputs(x, rows, m, with_log);
+  if (f.args.B == 0 || f.shape.C == 0) return {out, aux, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "token_pool_forward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        dispatch_mode(m, [&](auto mode_constant) {
+          constexpr Mode kMode = decltype(mode_constant)::value;
+          const auto a = make_args<kMode, scalar_t>(f.shape, weight, scalar, eps, with_log);
+          const ForwardOutputs<scalar_t> o{
+              out.data_ptr<scalar_t>(), aux.numel() ? aux.data_ptr<acc_t>() : nullptr, aux.size(2),
+              mode_has_max(kMode) ? indices.data_ptr<int64_t>() : nullptr};
+          token_forward<kMode>(x.data_ptr<scalar_t>(), f.shape.channels_last, f.args, a, o);
+        });
+      });
+  return {out, aux, indices};
+}
+
+// Whether the rows of a varlen batch own every token of it ([origin, end) back to back from 0
+// to total), so that the kernel writes every element of grad_x.
+bool covers(const TokenArgs& t, int64_t total) {
+  int64_t next = 0;
+  for (int64_t b = 0; b < t.B; ++b) {
+    if (t.origin(b) != next) return false;
+    next = t.end(b);
+  }
+  return next == total;
+}
+
+at::Tensor token_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                   const at::Tensor& spans, const std::optional<at::Tensor>& mask,
+                                   bool varlen, const at::Tensor& aux, const at::Tensor& indices,
+                                   int64_t mode, const std::optional<at::Tensor>& weight,
+                                   double scalar, double eps) {
+  const TokenForm f = check_token_form(x, check_forward_inputs(x, mode, weight, kBackwardOp), spans,
+                                       mask, varlen, kBackwardOp);
+  const Mode m = static_cast<Mode>(mode);
+  const int64_t B = f.args.B, C = f.shape.C;
+  const int64_t out_c = m == Mode::Cat ? 2 * C : C;
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == out_c &&
+                  grad_out.scalar_type() == x.scalar_type() && grad_out.is_contiguous() &&
+                  grad_out.device() == x.device(),
+              kBackwardOp, ": grad_out must be contiguous ", x.scalar_type(), " (", B, ", ", out_c,
+              "), got ", grad_out.sizes());
+  if (mode_has_max(m)) {
+    TORCH_CHECK(indices.dim() == 2 && indices.size(0) == B && indices.size(1) == C &&
+                    indices.scalar_type() == at::kLong && indices.is_contiguous(),
+                kBackwardOp,
+                ": indices must be the int64 (B, C) tensor token_pool_forward returned");
+  }
+  if (m == Mode::Gem) {
+    TORCH_CHECK(aux.dim() == 3 && aux.size(0) == B && aux.size(1) == C && aux.size(2) >= 2 &&
+                    aux.scalar_type() == at::toOpMathType(x.scalar_type()) && aux.is_contiguous(),
+                kBackwardOp, ": aux must be the (B, C, K>=2) tensor token_pool_forward returned");
+  }
+  at::Tensor grad_x = allocate_grad_input(x, f.shape);
+  if (grad_x.numel() == 0) return grad_x;
+  if (B == 0 || (varlen && !covers(f.args, f.shape.S))) grad_x.zero_();
+  if (B == 0) return grad_x;
+  advise_huge_pages(grad_x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "token_pool_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        dispatch_mode(m, [&](auto mode_constant) {
+          constexpr Mode kMode = decltype(mode_constant)::value;
+          constexpr bool kGem = kMode == Mode::Gem;
+          const auto a = make_args<kMode, scalar_t>(f.shape, weight, scalar, eps, false);
+          const GradInputs<scalar_t> g{
+              grad_out.data_ptr<scalar_t>(), kGem ? aux.data_ptr<acc_t>() : nullptr,
+              kGem ? aux.size(2) : 0, mode_has_max(kMode) ? indices.data_ptr<int64_t>() : nullptr};
+          token_backward<kMode>(x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                                f.shape.channels_last, f.args, a, g);
+        });
+      });
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gapkernels
+
+TORCH_LIBRARY_IMPL(gapkernels, CPU, m) {
+  m.impl("token_pool_forward", &gapkernels::cpu::token_pool_forward_cpu);
+  m.impl("token_pool_backward", &gapkernels::cpu::token_pool_backward_cpu);
+}

@@ -1,0 +1,226 @@
+"""Token pooling benchmark (issue 18, item 6), with peers: the sentence-transformers mean formula
+in eager torch and under torch.compile, and timm's `global_pool_nlc`.
+
+    python -m gapkernels.bench.tokens [--reps 3] [--dtypes float32,bfloat16] [--passes fwd,fwdbwd]
+                                      [--cases st_lengths,vit_prefix,quarter] [--out bench/results]
+
+Cases (NLC input, mean pooling):
+  st_lengths  (128, 512, 768), lengths uniform in [32, 512] (sentence-transformers' batch);
+  vit_prefix  (32, 197, 768), one prefix token skipped (ViT-B/16's class token; timm's peer);
+  quarter     (16, 4096, 1024), a quarter of the tokens valid (lengths 1024).
+gapkernels runs with `lengths=` / `start=` (and, for the padded cases, with the equivalent
+`mask=` as sentence-transformers passes it); the peers get the attention mask (sentence-
+transformers) or the prefix count (timm). GB/s is over the bytes that must be moved: forward, the
+valid tokens read and the output written; forward+backward adds grad_out read and the whole grad_x
+written (zeros included). `% probe` is against the float32 `x.sum()` of a tensor as large as the
+case's input (harness.probe_bandwidth), the higher of the probes before and after the cases.
+Implementations and cases are interleaved and the whole sweep repeated `--reps` times; the
+table gives the median over repeats and the spread (min-max) in percent of the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+from collections.abc import Callable
+
+import torch
+
+import gapkernels
+from gapkernels.bench import harness
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class TokenCase:
+    name: str
+    shape: tuple[int, int, int]
+    lengths: torch.Tensor | None  # (N,) int64, or None (prefix case)
+    start: int
+
+
+def make_case(name: str, gen: torch.Generator) -> TokenCase:
+    if name == "st_lengths":
+        n, s, c = 128, 512, 768
+        return TokenCase(name, (n, s, c), torch.randint(32, s + 1, (n,), generator=gen), 0)
+    if name == "vit_prefix":
+        return TokenCase(name, (32, 197, 768), None, 1)
+    if name == "quarter":
+        n, s, c = 16, 4096, 1024
+        return TokenCase(name, (n, s, c), torch.full((n,), s // 4, dtype=torch.int64), 0)
+    raise ValueError(f"unknown case {name!r}")
+
+
+def st_mean(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' Pooling (mean) over token embeddings."""
+    m = attention_mask.unsqueeze(-1).expand(x.size()).to(x.dtype)
+    return (x * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
+
+
+def timm_avg(x: torch.Tensor) -> torch.Tensor:
+    from timm.layers import global_pool_nlc
+
+    return global_pool_nlc(x, "avg", num_prefix_tokens=1)
+
+
+def implementations(case: TokenCase, compile_: bool) -> dict[str, Callable]:
+    impls: dict[str, Callable] = {}
+    if case.lengths is not None:
+        lengths = case.lengths
+        n, s, _ = case.shape
+        mask = torch.arange(s).view(1, -1) < lengths.view(-1, 1)
+        impls["gapkernels lengths"] = lambda x: gapkernels.global_avg_pool(
+            x, input_fmt="NLC", lengths=lengths
+        )
+        impls["gapkernels mask"] = lambda x: gapkernels.global_avg_pool(
+            x, input_fmt="NLC", mask=mask
+        )
+        impls["st eager"] = lambda x: st_mean(x, mask)
+        if compile_:
+            compiled = torch.compile(st_mean, dynamic=False)
+            impls["st compile"] = lambda x: compiled(x, mask)
+    else:
+        start = case.start
+        impls["gapkernels start"] = lambda x: gapkernels.global_avg_pool(
+            x, input_fmt="NLC", start=start
+        )
+        try:
+            import timm.layers  # noqa: F401
+
+            impls["timm eager"] = timm_avg
+            if compile_:
+                impls["timm compile"] = torch.compile(timm_avg, dynamic=False)
+        except ImportError:
+            pass
+    return impls
+
+
+def moved_bytes(case: TokenCase, dtype: torch.dtype, pass_: str) -> int:
+    n, s, c = case.shape
+    es = torch.empty((), dtype=dtype).element_size()
+    valid = int(case.lengths.sum()) if case.lengths is not None else n * (s - case.start)
+    fwd = valid * c * es + n * c * es
+    return fwd if pass_ == "fwd" else fwd + n * c * es + n * s * c * es
+
+
+def step(fn: Callable, x: torch.Tensor, pass_: str) -> Callable[[], object]:
+    if pass_ == "fwd":
+        return lambda: fn(x)
+    xg = x.detach().requires_grad_()
+    grad_out = torch.ones(x.shape[0], x.shape[2], dtype=x.dtype)
+    return lambda: torch.autograd.grad(fn(xg), xg, grad_out)
+
+
+def check(impls: dict[str, Callable], x: torch.Tensor) -> None:
+    outs = {name: fn(x).float() for name, fn in impls.items()}
+    first = next(iter(outs.values()))
+    tol = 1e-2 if x.dtype == torch.bfloat16 else 1e-4
+    for name, out in outs.items():
+        torch.testing.assert_close(out, first, rtol=tol, atol=tol, msg=f"{name} disagrees")
+
+
+def run(args) -> str:
+    threads = harness.use_all_cores()
+    gen = torch.Generator().manual_seed(0)
+    cases = [make_case(name, gen) for name in args.cases]
+    config = harness.TimingConfig("cpu", cpu_min_run_time=args.min_run_time)
+    largest = max(4 * n * s * c for n, s, c in (case.shape for case in cases))
+    probe_config = dataclasses.replace(config, cpu_probe_bytes=largest)
+    probes_before = harness.probe_bandwidth(["float32"], probe_config)
+    Cell = tuple[TokenCase, str, str, dict[str, Callable[[], object]], dict[str, list[float]]]
+    cells: list[Cell] = []
+    for case in cases:
+        for dname in args.dtypes:
+            x = torch.randn(case.shape, generator=gen).to(DTYPES[dname])
+            impls = implementations(case, not args.no_compile)
+            check(impls, x)
+            for pass_ in args.passes:
+                calls = {name: step(fn, x, pass_) for name, fn in impls.items()}
+                cells.append((case, dname, pass_, calls, {name: [] for name in calls}))
+    for _ in range(args.reps):  # interleaved: every cell and implementation once per repeat
+        for _case, _dname, _pass, cell_calls, times in cells:
+            for name, timed in cell_calls.items():
+                times[name].append(harness.median_seconds(timed, config))
+    probes = harness.best_probes(probes_before, harness.probe_bandwidth(["float32"], probe_config))
+    probe = probes["float32"]["sum"]
+    lines = [
+        f"# Token pooling on the CPU: {cpu_model()}, {threads} threads",
+        "",
+        f"`python -m gapkernels.bench.tokens --reps {args.reps}` on "
+        f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"git {git_commit()}. Probe (float32 `x.sum()`, {largest >> 20} MB): {probe:.1f} GB/s. "
+        "Time: median of the repeats (each a blocked_autorange median), spread = (max - min) / "
+        "median over the repeats; GB/s over the bytes that must be moved (see "
+        "gapkernels/bench/tokens.py); speedup = peer time / gapkernels time (lengths/start).",
+        "",
+        "| case | dtype | pass | implementation | ms | spread | GB/s | % probe | speedup |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case, dname, pass_, _calls, times in cells:
+        nbytes = moved_bytes(case, DTYPES[dname], pass_)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        ours = next(v for k, v in medians.items() if k.startswith("gapkernels"))
+        for name, t in times.items():
+            med = medians[name]
+            spread = (max(t) - min(t)) / med * 100
+            gbps = nbytes / med / 1e9
+            lines.append(
+                f"| {case.name} {case.shape} | {dname} | {pass_} | {name} | {med * 1e3:.2f} | "
+                f"{spread:.0f}% | {gbps:.1f} | {gbps / probe * 100:.0f}% | {med / ours:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    try:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="st_lengths,vit_prefix,quarter")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--passes", default="fwd,fwdbwd")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default=None, help="write the table to this file")
+    args = parser.parse_args(argv)
+    args.cases = args.cases.split(",")
+    args.dtypes = args.dtypes.split(",")
+    args.passes = args.passes.split(",")
+    table = run(args)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The C++ CPU token kernels (gapkernels::token_pool_forward / token_pool_backward,
+csrc/cpu/token_*.cpp) against gapkernels.reference: every mode, dtype and layout, mask / lengths
+/ start, varlen, empty rows, the max rules at vector-width and block boundaries, NSC rows split
+into pieces, 1 and 2 threads, gradcheck in float64, double backward, opcheck and
+torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokens_common import (
+    TOKEN_CASES,
+    TOKEN_LAYOUTS,
+    TOKEN_OPS,
+    call,
+    cu_seqlens_of,
+    gem_double_backward,
+    make_tokens,
+    token_args,
+    token_op_samples,
+    weight_for,
+)
+
+import gapkernels
+from conftest import assert_bitwise_equal, assert_close
+from gapkernels import reference, tokens
+
+pytestmark = pytest.mark.skipif(
+    not tokens._cpu_token_kernels(), reason="the extension's CPU token kernels are not built"
+)
+
+OPS = torch.ops.gapkernels
+# Shapes around the kernels' widths: 16 lanes a chunk (8 for float64), NSC's tail chunk (C = 19)
+# and NCS runs longer than a chunk.
+N, C, S = 4, 19, 38
+
+
+def _forward_backward(op, module, x, weight, **kw):
+    x = x.detach().requires_grad_()
+    w = None if weight is None else weight.detach().requires_grad_()
+    out = call(op, module, x, w, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+    inputs = [x] + ([w] if w is not None else [])
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def _check_against_reference(op, x, fmt, kw, dtype=torch.float32):
+    weight = weight_for(op, x.shape[1] if fmt == "NCHW" else x.shape[-1])
+    out, grads = _forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend="cpu", **kw)
+    ref, ref_grads = _forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
+    assert out.dtype == dtype and grads[0].dtype == dtype
+    assert grads[0].stride() == x.stride()
+    assert_close(out, ref, dtype)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r, dtype, scale=4)
+    if op in ("max", "avgmax", "catavgmax"):
+        got = gapkernels.global_max_pool(x, True, input_fmt=fmt, backend="cpu", **kw)
+        want = reference.global_max_pool(x, True, input_fmt=fmt, **kw)
+        assert torch.equal(got[1], want[1])
+        assert_bitwise_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("layout", TOKEN_LAYOUTS)
+@pytest.mark.parametrize("case", TOKEN_CASES)
+@pytest.mark.parametrize("op", TOKEN_OPS)
+def test_cpu_matches_reference(op, case, layout, gen):
+    x, fmt, _, spatial = make_tokens(layout, N, C, S, torch.float32, gen, positive=op == "gem")
+    kw, _ = token_args(case, N, spatial, gen)
+    _check_against_reference(op, x, fmt, kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nlc", "ncl"])
+@pytest.mark.parametrize("op", TOKEN_OPS)
+def test_cpu_dtypes(op, layout, dtype, gen):
+    x, fmt, _, spatial = make_tokens(layout, N, C, S, dtype, gen, positive=op == "gem")
+    kw, _ = token_args("mask_start", N, spatial, gen)
+    _check_against_reference(op, x, fmt, kw, dtype)
+
+
+def test_cpu_gem_learnable_p_per_channel(gen):
+    """GeM with a learnable (C,) p: the log statistic (with_log) and per-lane exponents."""
+    for layout in ("nlc", "ncl"):
+        x, fmt, _, spatial = make_tokens(layout, N, C, S, torch.float32, gen, positive=True)
+        kw, _ = token_args("lengths_start", N, spatial, gen)
+        p = torch.linspace(1.5, 4.0, C)
+        results = []
+        for module, extra in ((gapkernels, dict(backend="cpu")), (reference, {})):
+            xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+            out = module.global_gem_pool(xr, pr, input_fmt=fmt, **kw, **extra)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (xr, pr))))
+        for got, want in zip(*results, strict=True):
+            assert_close(got, want, torch.float32, scale=4)
+
+
+def _special_rows(n, s, gen):
+    """Rows with ties, NaNs and infinities planted at chunk (16) and max-block (4096) edges."""
+    x = torch.randn(n, s, generator=gen)
+    nan, inf = float("nan"), float("inf")
+    x[0, [15, 16, 4095, 4096]] = 7.0  # a tie across chunks and blocks: the first wins
+    x[1, [15, 4096]] = nan  # NaNs: the last one's index
+    x[2, :] = -inf
+    x[3, [17, 4097]] = inf
+    x[3, 4100] = nan
+    return x
+
+
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+def test_cpu_max_rules_at_boundaries(layout, gen):
+    s = 4096 + 40
+    x3 = _special_rows(5, s, gen).unsqueeze(1).repeat(1, 3, 1)  # (5, 3, s)
+    x = x3 if layout == "ncl" else x3.transpose(1, 2).contiguous()
+    fmt = "NCHW" if layout == "ncl" else "NLC"
+    mask = torch.rand(5, s, generator=gen) > 0.2
+    mask[:, [15, 16, 4095, 4096]] = True
+    for kw in (dict(start=1), dict(lengths=torch.tensor([s, 4097, s, 4101, 0])), dict(mask=mask)):
+        got = gapkernels.global_max_pool(x, True, input_fmt=fmt, backend="cpu", **kw)
+        want = reference.global_max_pool(x, True, input_fmt=fmt, **kw)
+        assert torch.equal(got[1], want[1]), kw
+        assert_bitwise_equal(got[0], want[0])
+        for op in ("avg", "mixed", "gem"):
+            w = weight_for(op, 3)
+            y = x.abs() if op == "gem" else x
+            assert_close(
+                call(op, gapkernels, y, w, input_fmt=fmt, backend="cpu", **kw),
+                call(op, reference, y, w, input_fmt=fmt, **kw),
+                torch.float32,
+            )
+
+
+@pytest.mark.parametrize("pool_type", TOKEN_OPS)
+def test_cpu_varlen(pool_type, gen):
+    # A sequence of 2100 tokens is cut into NSC pieces of 1024 rows.
+    cu = cu_seqlens_of([3, 0, 2100, 1, 17])
+    x = torch.randn(int(cu[-1]), 21, generator=gen)
+    if pool_type == "gem":
+        x = x.abs() + 0.1
+    weight = weight_for(pool_type, 21)
+    kw = {"alpha": weight} if pool_type == "mixed" else {"p": weight} if pool_type == "gem" else {}
+    for start in (0, 2):
+        results = []
+        for module, extra in ((gapkernels, dict(backend="cpu")), (reference, {})):
+            packed = x.clone().requires_grad_()
+            out = module.varlen_pool(packed, cu, pool_type, start=start, **kw, **extra)
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+            results.append((out, torch.autograd.grad(out, packed, grad_out)[0]))
+        (out, grad), (ref, ref_grad) = results
+        assert_close(out, ref, torch.float32)
+        assert_close(grad, ref_grad, torch.float32, scale=4)
+        if pool_type in ("max", "catavgmax"):
+            got = gapkernels.varlen_pool(
+                x, cu, pool_type, start=start, return_indices=True, backend="cpu"
+            )
+            want = reference.varlen_pool(x, cu, pool_type, start=start, return_indices=True)
+            assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("layout", ["nlc", "ncl"])
+def test_cpu_long_rows_and_threads(layout, gen):
+    """NSC rows longer than a piece (merged in order) and NCS rows of several max blocks; the
+    same bits with 1 and 2 threads."""
+    x, fmt, _, spatial = make_tokens(layout, 3, 24, 2600, torch.float32, gen)
+    mask = torch.rand(3, 2600, generator=gen) > 0.1
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for op in ("mixed", "gem"):
+                y = (x.abs() if op == "gem" else x).detach().requires_grad_()
+                w = weight_for(op, 24)
+                out = call(op, gapkernels, y, w, input_fmt=fmt, mask=mask, backend="cpu")
+                runs.append((out, torch.autograd.grad(out.sum(), y)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(runs[:2], runs[2:], strict=True):
+        assert_bitwise_equal(a[0], b[0])
+        assert_bitwise_equal(a[1], b[1])
+    ref = call("mixed", reference, x, weight_for("mixed", 24), input_fmt=fmt, mask=mask)
+    assert_close(runs[0][0], ref, torch.float32)
+
+
+def test_cpu_empty_rows_outputs_and_aux(gen):
+    """An empty row: out 0, index -1, MIXED aux 0, GEM aux (0, 1, 0), zero gradient."""
+    x = torch.randn(3, 20, 5, generator=gen).abs()  # NCS (3, 5, 20)
+    x3 = x.transpose(1, 2).contiguous()
+    spans = torch.tensor([[2, 2, 0, 0], [0, 20, 20, 0], [5, 9, 4, 0]])
+    for x_ in (x3, x.transpose(1, 2)):  # NCS, NSC
+        for mode, w, with_log in (
+            (2, torch.full((5,), 0.3), False),
+            (4, torch.tensor([3.0]), True),
+        ):
+            out, aux, idx = OPS.token_pool_forward(
+                x_, spans, None, False, mode, w, 0.5, 1e-6, with_log
+            )
+            assert (out[0] == 0).all()
+            if mode == 2:
+                assert (idx[0] == -1).all() and (aux[0] == 0).all()
+            else:
+                assert aux[0].tolist() == [[0.0, 1.0, 0.0]] * 5
+            g = OPS.token_pool_backward(
+                torch.ones_like(out), x_, spans, None, False, aux, idx, mode, w, 0.5, 1e-6
+            )
+            assert g.stride() == x_.stride()
+            assert (g[0] == 0).all() and (g[2][:, :5] == 0).all() and (g[2][:, 9:] == 0).all()
+
+
+def test_cpu_spans_out_of_range_are_clamped(gen):
+    """Span values are not trusted (inside torch.compile they are not checked): clamped."""
+    x = torch.randn(2, 3, 10, generator=gen)
+    spans = torch.tensor([[-5, 100, 10, 0], [12, 3, 0, 0]])
+    out, _, idx = OPS.token_pool_forward(x, spans, None, False, 1, None, 0.5, 0.0, False)
+    torch.testing.assert_close(out[0], x[0].amax(1))
+    assert (out[1] == 0).all() and (idx[1] == -1).all()
+
+
+@pytest.mark.parametrize("layout, case", [("nlc", "mask"), ("ncl", "lengths_start")])
+@pytest.mark.parametrize("op", ["avg", "max", "mixed", "catavgmax", "gem"])
+def test_cpu_gradcheck_float64(op, layout, case, gen):
+    x, fmt, _, spatial = make_tokens(layout, 3, 5, 6, torch.float64, gen, positive=op == "gem")
+    kw, _ = token_args(case, 3, spatial, gen)
+    weight = weight_for(op, 5, dtype=torch.float64, requires_grad=True)
+    inputs = (x.detach().requires_grad_(),) + ((weight,) if weight is not None else ())
+
+    def f(*args):
+        return call(
+            op,
+            gapkernels,
+            args[0],
+            args[1] if len(args) > 1 else None,
+            input_fmt=fmt,
+            backend="cpu",
+            **kw,
+        )
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_cpu_double_backward_matches_reference():
+    got = gem_double_backward(gapkernels, "cpu")
+    for g, want in zip(got, gem_double_backward(gapkernels, "reference"), strict=True):
+        assert_close(g, want, torch.float32, scale=10)
+
+
+def test_cpu_token_op_opcheck(gen):
+    samples = token_op_samples(gen)
+    x, spans, mask = samples[0][0], samples[0][1], samples[2][2]
+    fwd, bwd = OPS.token_pool_forward.default, OPS.token_pool_backward.default
+    for args in samples:
+        torch.library.opcheck(fwd, args)
+        out, aux, indices = fwd(*args)
+        backward_args = (torch.randn_like(out), *args[:4], aux, indices, *args[4:8])
+        torch.library.opcheck(bwd, backward_args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="spans must have N=3 rows"):
+        fwd(x, spans[:2], None, False, 0, None, 0.5, 0.0, False)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous bool"):
+        fwd(x, spans, mask[:, :5], False, 0, None, 0.5, 0.0, False)
+
+
+def test_cpu_torch_compile_fullgraph(gen):
+    x = torch.randn(3, 9, 4, generator=gen).requires_grad_()
+    lengths = torch.tensor([9, 2, 0])
+    packed = torch.randn(11, 4, generator=gen).requires_grad_()
+    cu = cu_seqlens_of([4, 7])
+    alpha = torch.tensor(0.3, requires_grad=True)
+
+    def head(x, packed):
+        return gapkernels.global_mixed_pool(
+            x, alpha, input_fmt="NLC", lengths=lengths, start=1, backend="cpu"
+        ) + gapkernels.varlen_pool(packed, cu, "max", backend="cpu").sum(0)
+
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    out = compiled(x, packed)
+    torch.testing.assert_close(out, head(x, packed))
+    out.sum().backward()
+    assert x.grad is not None and packed.grad is not None and alpha.grad is not None
