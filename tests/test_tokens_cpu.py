@@ -22,8 +22,8 @@ from tokens_common import (
 )
 
 import gapkernels
-from conftest import assert_bitwise_equal, assert_close
 from gapkernels import reference, tokens
+from helpers import assert_bitwise_equal, assert_close
 
 pytestmark = pytest.mark.skipif(
     not tokens._cpu_token_kernels(), reason="the extension's CPU token kernels are not built"
