@@ -125,8 +125,10 @@ def cpu_flags(variant: str) -> list[str]:
     # The C++ standard: cpp_extension picks the one torch needs. OpenMP: at::parallel_for is an
     # inline `#pragma omp parallel` in torch's headers, so without it every kernel runs on one
     # thread. Hidden visibility: a variant's code (inline functions too) is never bound to from
-    # outside its library; the TORCH_LIBRARY_IMPL registration runs at load.
-    flags = ["-O3", "-fno-math-errno", "-fopenmp", "-fvisibility=hidden"]
+    # outside its library; the TORCH_LIBRARY_IMPL registration runs at load. -g0: Python's own
+    # CFLAGS carry -g, which about doubles the compile time of each unit (and the size of each
+    # library) for debug information a kernel library does not ship.
+    flags = ["-O3", "-fno-math-errno", "-fopenmp", "-fvisibility=hidden", "-g0"]
     return flags + CPU_VARIANTS[variant]
 
 
