@@ -73,8 +73,29 @@ def check_applicable(work: Path, mutations: list[Mutation]) -> list[str]:
     return problems
 
 
+def cpu_variant() -> str:
+    """The CPU kernel variant this machine loads (gapkernels/_ext.py's choice: torch's CPU
+    capability, or GAPKERNELS_CPU_CAPABILITY): the only one mutate.py builds and tests."""
+    forced = os.environ.get("GAPKERNELS_CPU_CAPABILITY", "").strip().lower()
+    if forced:
+        return forced
+    capability = subprocess.run(
+        [python(), "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {"AVX2": "avx2", "AVX512": "avx512"}.get(capability, "default")
+
+
+# Set once in main(): the build makes this variant only, and the tests load it (forced, so that a
+# mismatch is an error at import rather than a silently different library).
+VARIANT = "default"
+
+
 def build(work: Path, log: Path) -> bool:
     env = dict(os.environ, GAPKERNELS_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env["GAPKERNELS_CPU_VARIANTS"] = VARIANT
     env["PATH"] = f"{Path(python()).parent}:{env['PATH']}"
     with log.open("a") as f:
         result = subprocess.run(
@@ -85,6 +106,7 @@ def build(work: Path, log: Path) -> bool:
 
 def run_tests(work: Path, tests: tuple[str, ...], log: Path, timeout: float) -> tuple[int, str]:
     env = dict(os.environ, TRITON_INTERPRET="1", GAPKERNELS_NO_CUDA="1", PYTHONPATH=str(work))
+    env["GAPKERNELS_CPU_CAPABILITY"] = VARIANT
     cmd = [python(), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     try:
         result = subprocess.run(
@@ -111,6 +133,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="per test run, seconds")
     args = ap.parse_args()
 
+    global VARIANT
     mutations = list(MUTATIONS)
     if args.only:
         unknown = set(args.only) - {m.name for m in mutations}
@@ -149,6 +172,8 @@ def main() -> int:
             f"commit {commit}{' + local changes' if dirty else ''}, {len(mutations)} mutations"
         )
         start = time.time()
+        VARIANT = cpu_variant()
+        say(f"CPU variant built and tested: {VARIANT} (GAPKERNELS_CPU_VARIANTS={VARIANT})")
         if not build(work, log):
             print(f"mutate.py: the unmutated build failed; see {log}", file=sys.stderr)
             args.keep = True
