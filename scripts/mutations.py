@@ -226,7 +226,9 @@ NSC_BACKWARD = "csrc/cpu/nsc_backward.cpp"
 
 # The C++ CPU kernels (csrc/cpu/ and the shared csrc/pool_math.h). A mutation of a header rebuilds
 # every unit that includes it (pool_math.h, vec.h: all of them), one of a .cpp only that unit.
-# Only the variant this machine loads is built and tested (mutate.py), so a path that exists in
+# Cheap ones first (a .cpp file or a header few units include), the headers every unit
+# includes (vec.h, pool_math.h: a rebuild of the whole variant each) last; issue 19's merge_max
+# tie first. Only the variant this machine loads is built and tested (mutate.py), so a path that exists in
 # another variant only (the NCS 8x8 tile path: 8-float vectors, AVX2) has no mutation here.
 CPU_MUTATIONS = [
     Mutation(
@@ -236,34 +238,6 @@ CPU_MUTATIONS = [
         "(candidate == current && candidate_index > current_index)",
         "merging pieces/threads, the last maximum wins a tie (issue 19: bfloat16 channels_last "
         "(2, 4, 64, 65) grad_x wrong, the suite passed)",
-    ),
-    Mutation(
-        "cpu-merge-max-nan-first",
-        MATH,
-        "return !is_nan(current) || candidate_index > current_index;",
-        "return !is_nan(current) || candidate_index < current_index;",
-        "merging pieces/threads, the first NaN wins instead of the last (torch's scan)",
-    ),
-    Mutation(
-        "cpu-scan-max-tie",
-        MATH,
-        "  if (v > m || is_nan(v)) {\n    m = v;",
-        "  if (v >= m || is_nan(v)) {\n    m = v;",
-        "the sequential scan takes a later equal value (last maximum wins)",
-    ),
-    Mutation(
-        "cpu-vec-scan-max-tie",
-        VEC,
-        "const Vec take = (value > mx) | value.isnan();",
-        "const Vec take = (value >= mx) | value.isnan();",
-        "the vector scan (NaN rescans) takes a later equal value",
-    ),
-    Mutation(
-        "cpu-vec-scan-nan-loses",
-        VEC,
-        "const Vec take = (value > mx) | value.isnan();",
-        "const Vec take = value > mx;",
-        "the vector scan lets a NaN lose (torch: NaN is the maximum)",
     ),
     Mutation(
         "cpu-nsc-fast-max-tie",
@@ -285,13 +259,6 @@ CPU_MUTATIONS = [
         "const bool with_tail = tail && max_block_end == full_end;",
         "const bool with_tail = false && tail && max_block_end == full_end;",
         "the contiguous run ignores its tail (len % W elements)",
-    ),
-    Mutation(
-        "cpu-tail-mask-short",
-        VEC,
-        "const Vec first(static_cast<acc_t>(2 * V - tail));",
-        "const Vec first(static_cast<acc_t>(2 * V - tail + 1));",
-        "the tail mask leaves out the first element of a run's tail",
     ),
     Mutation(
         "cpu-ncs-piece-boundary",
@@ -328,14 +295,6 @@ CPU_MUTATIONS = [
         "const Vec kp = vec_power<kPow>(k, log_k, p, n);",
         "const Vec kp = k;",
         "the vector GeM rescales its sums by k instead of k**p when the maximum grows",
-    ),
-    Mutation(
-        "cpu-int-power-n-minus-1",
-        VEC,
-        "case 2:\n      return f(std::integral_constant<int, kFirst + 2>());",
-        "case 2:\n      return f(std::integral_constant<int, kFirst + 1>());",
-        "the unrolled integer power for the third exponent (p = 3 forward, p - 1 = 2 backward) "
-        "uses one power less",
     ),
     Mutation(
         "cpu-avg-divides-s-minus-1",
@@ -393,6 +352,49 @@ CPU_MUTATIONS = [
         "if (full_end < C) chunk(s, C - W, cur);",
         "if (full_end + 1 < C) chunk(s, C - W, cur);",
         "the channels-last backward forgets the channel tail when C % W == 1",
+    ),
+    Mutation(
+        "cpu-vec-scan-max-tie",
+        VEC,
+        "const Vec take = (value > mx) | value.isnan();",
+        "const Vec take = (value >= mx) | value.isnan();",
+        "the vector scan (NaN rescans) takes a later equal value",
+    ),
+    Mutation(
+        "cpu-vec-scan-nan-loses",
+        VEC,
+        "const Vec take = (value > mx) | value.isnan();",
+        "const Vec take = value > mx;",
+        "the vector scan lets a NaN lose (torch: NaN is the maximum)",
+    ),
+    Mutation(
+        "cpu-tail-mask-short",
+        VEC,
+        "const Vec first(static_cast<acc_t>(2 * V - tail));",
+        "const Vec first(static_cast<acc_t>(2 * V - tail + 1));",
+        "the tail mask leaves out the first element of a run's tail",
+    ),
+    Mutation(
+        "cpu-int-power-n-minus-1",
+        VEC,
+        "case 2:\n      return f(std::integral_constant<int, kFirst + 2>());",
+        "case 2:\n      return f(std::integral_constant<int, kFirst + 1>());",
+        "the unrolled integer power for the third exponent (p = 3 forward, p - 1 = 2 backward) "
+        "uses one power less",
+    ),
+    Mutation(
+        "cpu-merge-max-nan-first",
+        MATH,
+        "return !is_nan(current) || candidate_index > current_index;",
+        "return !is_nan(current) || candidate_index < current_index;",
+        "merging pieces/threads, the first NaN wins instead of the last (torch's scan)",
+    ),
+    Mutation(
+        "cpu-scan-max-tie",
+        MATH,
+        "  if (v > m || is_nan(v)) {\n    m = v;",
+        "  if (v >= m || is_nan(v)) {\n    m = v;",
+        "the sequential scan takes a later equal value (last maximum wins)",
     ),
 ]
 
