@@ -228,8 +228,8 @@ NSC_BACKWARD = "csrc/cpu/nsc_backward.cpp"
 # every unit that includes it (pool_math.h, vec.h: all of them), one of a .cpp only that unit.
 # Cheap ones first (a .cpp file or a header few units include), the headers every unit
 # includes (vec.h, pool_math.h: a rebuild of the whole variant each) last; issue 19's merge_max
-# tie first. Only the variant this machine loads is built and tested (mutate.py), so a path that exists in
-# another variant only (the NCS 8x8 tile path: 8-float vectors, AVX2) has no mutation here.
+# tie first. Only the variant this machine loads is built and tested (mutate.py), so a path that
+# exists in another variant only (the NCS 8x8 tile path: 8-float vectors, AVX2) has no mutation.
 CPU_MUTATIONS = [
     Mutation(
         "cpu-merge-max-tie-last",
