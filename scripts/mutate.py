@@ -45,7 +45,9 @@ def python() -> str:
 
 
 def copy_tree(dest: Path) -> None:
-    """Tracked files and untracked files git does not ignore (as scripts/coverage.sh does)."""
+    """Tracked files and untracked files git does not ignore (as scripts/coverage.sh does). Into
+    a reused work folder (--work), only the files whose content differs are copied, stamped now,
+    so that ninja rebuilds exactly what changed (a mutant left by a killed run included)."""
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -56,7 +58,49 @@ def copy_tree(dest: Path) -> None:
         src = ROOT / name.decode()
         if src.is_file():
             target = dest / name.decode()
+            if target.is_file():
+                if target.read_bytes() != src.read_bytes():
+                    shutil.copyfile(src, target)
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+SNAPSHOT = ".mutate-snapshot"
+
+
+def built_files(work: Path) -> list[Path]:
+    """What a build writes: build/ (objects, ninja's logs) and the in-place libraries."""
+    return [work / "build", *sorted((work / "gapkernels").glob("*.so"))]
+
+
+def save_build(work: Path) -> None:
+    """Keeps the unmutated build (with its timestamps), to be put back after each C++ mutation:
+    the next mutation then rebuilds only the units its own file touches, not also the units the
+    previous one did (restoring the source would make ninja rebuild them)."""
+    snap = work / SNAPSHOT
+    shutil.rmtree(snap, ignore_errors=True)
+    for src in built_files(work):
+        target = snap / src.relative_to(work)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, symlinks=True)
+        else:
+            shutil.copy2(src, target)
+
+
+def restore_build(work: Path) -> None:
+    snap = work / SNAPSHOT
+    for dest in built_files(work):
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        else:
+            dest.unlink()
+    for src in [snap / "build", *sorted((snap / "gapkernels").glob("*.so"))]:
+        target = work / src.relative_to(snap)
+        if src.is_dir():
+            shutil.copytree(src, target, symlinks=True)
+        else:
             shutil.copy2(src, target)
 
 
@@ -73,8 +117,29 @@ def check_applicable(work: Path, mutations: list[Mutation]) -> list[str]:
     return problems
 
 
+def cpu_variant() -> str:
+    """The CPU kernel variant this machine loads (gapkernels/_ext.py's choice: torch's CPU
+    capability, or GAPKERNELS_CPU_CAPABILITY): the only one mutate.py builds and tests."""
+    forced = os.environ.get("GAPKERNELS_CPU_CAPABILITY", "").strip().lower()
+    if forced:
+        return forced
+    capability = subprocess.run(
+        [python(), "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {"AVX2": "avx2", "AVX512": "avx512"}.get(capability, "default")
+
+
+# Set once in main(): the build makes this variant only, and the tests load it (forced, so that a
+# mismatch is an error at import rather than a silently different library).
+VARIANT = "default"
+
+
 def build(work: Path, log: Path) -> bool:
     env = dict(os.environ, GAPKERNELS_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env["GAPKERNELS_CPU_VARIANTS"] = VARIANT
     env["PATH"] = f"{Path(python()).parent}:{env['PATH']}"
     with log.open("a") as f:
         result = subprocess.run(
@@ -85,6 +150,7 @@ def build(work: Path, log: Path) -> bool:
 
 def run_tests(work: Path, tests: tuple[str, ...], log: Path, timeout: float) -> tuple[int, str]:
     env = dict(os.environ, TRITON_INTERPRET="1", GAPKERNELS_NO_CUDA="1", PYTHONPATH=str(work))
+    env["GAPKERNELS_CPU_CAPABILITY"] = VARIANT
     cmd = [python(), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     try:
         result = subprocess.run(
@@ -109,8 +175,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="also write the report to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (for debugging)")
     ap.add_argument("--timeout", type=float, default=1800, help="per test run, seconds")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        help="use (and keep) this work folder: a later run reuses its build (only what changed "
+        "is rebuilt)",
+    )
+    ap.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the test run of the unmutated tree (reruns; the build is still checked)",
+    )
     args = ap.parse_args()
 
+    global VARIANT
     mutations = list(MUTATIONS)
     if args.only:
         unknown = set(args.only) - {m.name for m in mutations}
@@ -122,13 +200,20 @@ def main() -> int:
             print(f"{m.name:34} {m.file}: {m.why}")
         return 0
 
-    work = Path(tempfile.mkdtemp(prefix="gapkernels-mutate."))
+    if args.work:
+        work = args.work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        args.keep = True
+    else:
+        work = Path(tempfile.mkdtemp(prefix="gapkernels-mutate."))
     log = work / "mutate.log"
     report: list[str] = []
 
     def say(line: str) -> None:
         print(line, flush=True)
         report.append(line)
+        if args.out:  # as it goes: an interrupted run leaves its partial report
+            args.out.write_text("\n".join(report) + "\n")
 
     try:
         copy_tree(work)
@@ -149,49 +234,62 @@ def main() -> int:
             f"commit {commit}{' + local changes' if dirty else ''}, {len(mutations)} mutations"
         )
         start = time.time()
+        VARIANT = cpu_variant()
+        say(f"CPU variant built and tested: {VARIANT} (GAPKERNELS_CPU_VARIANTS={VARIANT})")
         if not build(work, log):
             print(f"mutate.py: the unmutated build failed; see {log}", file=sys.stderr)
             args.keep = True
             return 3
-        status, summary = run_tests(work, DEFAULT_TESTS, log, args.timeout)
-        if status != 0:
-            print(f"mutate.py: the unmutated tests fail ({summary}); see {log}", file=sys.stderr)
-            args.keep = True
-            return 3
-        say(f"unmutated: {summary} ({time.time() - start:.0f} s incl. the build)")
+        save_build(work)
+        if args.no_baseline:
+            say(f"unmutated: built ({time.time() - start:.0f} s); tests not run (--no-baseline)")
+        else:
+            status, summary = run_tests(work, DEFAULT_TESTS, log, args.timeout)
+            if status != 0:
+                print(f"mutate.py: unmutated tests fail ({summary}); see {log}", file=sys.stderr)
+                args.keep = True
+                return 3
+            say(f"unmutated: {summary} ({time.time() - start:.0f} s incl. the build)")
         say("")
-        say(f"| {'mutation':34} | result   | time  | first failing test |")
-        say(f"| {'-' * 34} | -------- | ----- | ------------------ |")
+        say(f"| {'mutation':34} | result   | build | time  | first failing test |")
+        say(f"| {'-' * 34} | -------- | ----- | ----- | ------------------ |")
         survivors = []
         for m in mutations:
             t0 = time.time()
             path = work / m.file
             original = path.read_text()
+            stamp = path.stat()
             path.write_text(original.replace(m.old, m.new, 1))
+            cpp = m.file.startswith("csrc/")
+            built = 0.0
             try:
-                cpp = m.file.startswith("csrc/")
-                if cpp and not build(work, log):
+                ok = True
+                if cpp:
+                    ok = build(work, log)
+                    built = time.time() - t0
+                if not ok:
                     result, summary = "NO-BUILD", "the mutant did not compile (fix the mutation)"
                 else:
                     status, summary = run_tests(work, m.tests or DEFAULT_TESTS, log, args.timeout)
                     result = {0: "SURVIVED", 1: "killed"}.get(status, f"error {status}")
             finally:
+                # The source with its old timestamp, and the unmutated build's files with theirs:
+                # ninja sees nothing to rebuild until the next mutation touches a file.
                 path.write_text(original)
-                if m.file.startswith("csrc/"):
-                    # Rebuild from the restored source before the next mutation; ninja's
-                    # timestamps see the rewrite.
-                    os.utime(path)
+                os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+                if cpp:
+                    restore_build(work)
             if result != "killed":
                 survivors.append(m.name)
-            say(f"| {m.name:34} | {result:8} | {time.time() - t0:4.0f}s | {summary[:110]} |")
-        build(work, log)
+            say(
+                f"| {m.name:34} | {result:8} | {built:4.0f}s | {time.time() - t0:4.0f}s "
+                f"| {summary[:110]} |"
+            )
         say("")
         say(
             f"{len(mutations) - len(survivors)} of {len(mutations)} killed; "
             f"survivors: {', '.join(survivors) or 'none'}; {time.time() - start:.0f} s in all"
         )
-        if args.out:
-            args.out.write_text("\n".join(report) + "\n")
         return 1 if survivors else 0
     finally:
         if args.keep:
