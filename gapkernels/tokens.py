@@ -49,20 +49,18 @@ def input_format(x, input_fmt: str, fn: str) -> str:
     return "NHWC"
 
 
-def _host_checks() -> bool:
-    """Whether values may be read here (not inside a compiled graph or a torch.func transform,
-    where tensors may be symbolic or batched)."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
-
-
-def _check_values(ok: torch.Tensor, message: str) -> None:
-    """Raises ValueError(message) unless `ok` (a bool tensor) is all True: a host read for a CPU
-    tensor; for a GPU tensor a device-side assert (no sync), raising at the next sync."""
-    if not _host_checks():
+def _check_values(ok: torch.Tensor, message: str, detail=None) -> None:
+    """Raises unless `ok` (a bool tensor) is all True, without ever reading the device on the
+    host: for a CPU tensor in eager a host read (ValueError, `message` plus `detail()` when
+    given); on a GPU, and inside torch.compile on any device, a device-side assert
+    (`torch._assert_async`: RuntimeError(message), at once on the CPU, at the next synchronizing
+    point on a GPU). Not checked only where `ok` is batched by torch.func.vmap (values that vary
+    per sample: vmap cannot raise for one of them)."""
+    if torch._C._are_functorch_transforms_active() and torch._C._functorch.is_batchedtensor(ok):
         return
-    if ok.device.type == "cpu":
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok.all()):
-            raise ValueError(message)
+            raise ValueError(message + (detail() if detail is not None else ""))
     else:
         torch._assert_async(ok.all(), message)
 
@@ -140,7 +138,9 @@ def check_cu_seqlens(x, cu_seqlens, start, fn: str) -> None:
         raise ValueError(f"{fn}: start must be an int >= 0, got {start!r}")
     total = x.shape[0]
     _check_values(
-        cu_seqlens[:1] == 0, f"{fn}: cu_seqlens must start at 0, got {cu_seqlens[:1].tolist()}"
+        cu_seqlens[:1] == 0,
+        f"{fn}: cu_seqlens must start at 0",
+        lambda: f", got {cu_seqlens[:1].tolist()}",
     )
     _check_values(cu_seqlens[1:] >= cu_seqlens[:-1], f"{fn}: cu_seqlens must be non-decreasing")
     _check_values(
