@@ -39,6 +39,8 @@ DEFAULT_TESTS = (
 TRITON_TESTS = (
     "tests/test_paths_triton.py",
     "tests/test_triton.py",
+    "tests/test_triton_gem.py",
+    "tests/test_triton_launch.py",
     "tests/test_gem_stable.py",
 )
 PY_TESTS = (
