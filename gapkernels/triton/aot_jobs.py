@@ -42,32 +42,28 @@ def _heaviest(mode):
 TILE_MODES = {"pool_forward_kernel": (2, 4), "pool_backward_kernel": (3, 4)}
 
 
-def _forward(arch, tile, mode, dtype="fp32", **flags):
+def _tile_job(kernel, arch, tile, mode, dtype, const, flags):
+    """A forward or backward compile on `tile`: its constexprs, then `const`, then `flags`."""
     const = dict(
         MODE=mode,
         CHANNELS_LAST=tile.channels_last,
         ROWS=tile.rows,
         BLOCK_S=tile.block_s,
-        SPLIT=False,
         INDEX_64=False,
-        **_heaviest(mode),
+        **const,
     )
     const.update(flags)
-    return _job("pool_forward_kernel", arch, dtype, tile.num_warps, **const)
+    return _job(kernel, arch, dtype, tile.num_warps, **const)
+
+
+def _forward(arch, tile, mode, dtype="fp32", **flags):
+    const = dict(SPLIT=False, **_heaviest(mode))
+    return _tile_job("pool_forward_kernel", arch, tile, mode, dtype, const, flags)
 
 
 def _backward(arch, tile, mode, dtype="fp32", **flags):
-    const = dict(
-        MODE=mode,
-        CHANNELS_LAST=tile.channels_last,
-        ROWS=tile.rows,
-        BLOCK_S=tile.block_s,
-        WEIGHT_KIND=_heaviest(mode)["WEIGHT_KIND"],
-        AUX_COLUMNS=3 if mode == 4 else 1,
-        INDEX_64=False,
-    )
-    const.update(flags)
-    return _job("pool_backward_kernel", arch, dtype, tile.num_warps, **const)
+    const = dict(WEIGHT_KIND=_heaviest(mode)["WEIGHT_KIND"], AUX_COLUMNS=3 if mode == 4 else 1)
+    return _tile_job("pool_backward_kernel", arch, tile, mode, dtype, const, flags)
 
 
 def _combine(arch, mode, dtype="fp32", **flags):
