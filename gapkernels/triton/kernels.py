@@ -239,5 +239,5 @@ def pool_backward_kernel(
         s = s_start + tl.arange(0, BLOCK_S)
         mask = row_mask[:, None] & (s < s_end)[None, :]
         offsets = _offsets(base, s, C, CHANNELS_LAST)
-        grad = _element_grad(x_ptr, offsets, mask, s, index, terms, eps, MODE)
+        grad = _element_grad(x_ptr, offsets, mask, s, index, terms, eps, MODE, False)
         tl.store(grad_x_ptr + offsets, grad.to(grad_dtype), mask=mask)

@@ -119,10 +119,10 @@ def _grad_terms(
     WEIGHT_KIND: tl.constexpr,
     AUX_COLUMNS: tl.constexpr,
 ):
-    """A row's gradient terms, float32 (ROWS,): (per_element, at_index, coef, big_m,
-    p_minus_one). Each element gets per_element, plus at_index at the max's index; GEM:
-    coef * (x / M) ** (p - 1) where x >= eps. A mode fills only the terms it has (0.0 else).
-    count: the number of elements each row pooled."""
+    """A row's gradient terms, float32: (per_element, at_index, coef, big_m, p_minus_one).
+    Each element gets per_element, plus at_index at the max's index (both (ROWS,)); GEM:
+    coef * (x / M) ** (p - 1) where x >= eps (coef, big_m, p_minus_one (ROWS, 1)). A mode fills
+    only the terms it has (0.0 else). count: the number of elements each row pooled."""
     row, channel, row_mask = rows
     per_element = 0.0
     at_index = 0.0
@@ -149,24 +149,40 @@ def _grad_terms(
             p = _load_weight(weight, channel, row_mask, WEIGHT_KIND)
             big_m = tl.load(aux_ptr + AUX_COLUMNS * row, mask=row_mask, other=1.0)
             r = tl.load(aux_ptr + AUX_COLUMNS * row + 1, mask=row_mask, other=1.0)
-            coef = _gem_grad_scale(g, r, p, count)
-            p_minus_one = p - 1.0
+            coef = _gem_grad_scale(g, r, p, count)[:, None]
+            big_m = big_m[:, None]
+            p_minus_one = (p - 1.0)[:, None]
     return per_element, at_index, coef, big_m, p_minus_one
 
 
 @triton.jit
-def _element_grad(x_ptr, offsets, load_mask, s, index, terms, eps, MODE: tl.constexpr):
+def _element_grad(
+    x_ptr, offsets, load_mask, s, index, terms, eps, MODE: tl.constexpr, MASKED: tl.constexpr
+):
     """The gradient of the elements at `offsets` (positions `s` of rows whose max is at
     `index`, (ROWS, 1)), float32 (ROWS, BLOCK_S), from the rows' `terms` (_grad_terms); GEM
-    reads x where `load_mask`."""
+    reads x where `load_mask`. MASKED (token kernels): 0 where not `load_mask` (the positions
+    that do not take part)."""
     per_element, at_index, coef, big_m, p_minus_one = terms
     if MODE == MODE_GEM:
         v = tl.load(x_ptr + offsets, mask=load_mask, other=0.0).to(tl.float32)
-        grad = _gem_grad(v, eps, coef[:, None], big_m[:, None], p_minus_one[:, None])
+        grad = _gem_grad(v, eps, coef, big_m, p_minus_one)
+        if MASKED:
+            grad = tl.where(load_mask, grad, 0.0)
     elif MODE == MODE_AVG:
-        grad = tl.zeros(offsets.shape, tl.float32) + per_element[:, None]
-    elif MODE == MODE_MAX:
-        grad = tl.where(s[None, :] == index, at_index[:, None], 0.0)
+        if MASKED:
+            grad = tl.where(load_mask, per_element[:, None], 0.0)
+        else:
+            grad = tl.zeros(offsets.shape, tl.float32) + per_element[:, None]
     else:
-        grad = per_element[:, None] + tl.where(s[None, :] == index, at_index[:, None], 0.0)
+        if MODE != MODE_MAX:  # MIXED, CAT: per_element, plus at_index at the max
+            spread = per_element[:, None]
+            if MASKED:
+                spread = tl.where(load_mask, spread, 0.0)
+        at_max = s[None, :] == index
+        if MASKED:
+            at_max = load_mask & at_max
+        grad = tl.where(at_max, at_index[:, None], 0.0)
+        if MODE != MODE_MAX:
+            grad = spread + grad
     return grad

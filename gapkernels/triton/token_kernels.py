@@ -226,6 +226,5 @@ def token_backward_kernel(
         )
         part = _takes_part(s, begin, end, b, mask_ptr, S, row_mask, HAS_MASK) & own
         offsets = _offsets(base, s, C, CHANNELS_LAST)
-        grad = _element_grad(x_ptr, offsets, part, s, index, terms, eps, MODE)
-        grad = tl.where(part, grad, 0.0)
+        grad = _element_grad(x_ptr, offsets, part, s, index, terms, eps, MODE, True)
         tl.store(grad_x_ptr + offsets, grad.to(grad_dtype), mask=own)
