@@ -8,7 +8,7 @@
 # run the stages as separate calls, each with timeout_s=600:
 #   1. bash scripts/gpu_validate.sh test       whole pytest suite                (~build + tests)
 #   2. bash scripts/gpu_validate.sh sanitize   compute-sanitizer memcheck + racecheck on a
-#                                              small tests/test_cuda.py selection
+#                                              small tests/test_cuda*.py selection
 #   3. bash scripts/gpu_validate.sh bench      python -m gapkernels.bench --device cuda
 # Logs go to $OUT (at most 8 files per call): summary.txt, build.log, and one log per stage;
 # benchmark results to $OUT/bench/. Each stage is cut off so that the call ends before
@@ -107,7 +107,8 @@ RACECHECK_SELECTION="bitwise and channels_last and (subwarp_rows or nsc_odd_c_sp
 sanitize() {
     local tool=$1 selection=$2
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-        --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$selection"
+        --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        tests/test_cuda_alignment.py -k "$selection"
 }
 
 bench() {

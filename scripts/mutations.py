@@ -39,6 +39,8 @@ DEFAULT_TESTS = (
 TRITON_TESTS = (
     "tests/test_paths_triton.py",
     "tests/test_triton.py",
+    "tests/test_triton_gem.py",
+    "tests/test_triton_launch.py",
     "tests/test_gem_stable.py",
 )
 PY_TESTS = (
@@ -51,14 +53,19 @@ PY_TESTS = (
     "tests/test_nn.py",
 )
 
+# The Triton kernels: the kernels' loops, the tile's geometry, the stages the pool and token
+# kernels share, and the math.
 TRITON = "gapkernels/triton/kernels.py"
+TRITON_LAYOUT = "gapkernels/triton/layout.py"
+TRITON_ROWS = "gapkernels/triton/rows.py"
+TRITON_MATH = "gapkernels/triton/pool_math.py"
 AUTOGRAD = "gapkernels/autograd.py"
 REFERENCE = "gapkernels/reference.py"
 
 TRITON_MUTATIONS = [
     Mutation(
         "triton-lane-tie-last",
-        TRITON,
+        TRITON_MATH,
         "first_index = tl.min(tl.where(lane_max == number_max[:, None], lane_index, S), axis=1)",
         "first_index = tl.max(tl.where(lane_max == number_max[:, None], lane_index, -1), axis=1)",
         "the lane combine gives the last maximum instead of the first on a tie",
@@ -66,7 +73,7 @@ TRITON_MUTATIONS = [
     ),
     Mutation(
         "triton-lane-nan-first",
-        TRITON,
+        TRITON_MATH,
         "nan_index = tl.max(tl.where(lane_nan, lane_index, -1), axis=1)",
         "nan_index = tl.min(tl.where(lane_nan, lane_index, S), axis=1)",
         "the lane combine gives the first NaN's index instead of the last (torch's scan)",
@@ -114,7 +121,7 @@ TRITON_MUTATIONS = [
     ),
     Mutation(
         "triton-nsc-stride",
-        TRITON,
+        TRITON_LAYOUT,
         "return base[:, None] + tl.cast(s, tl.int64)[None, :] * C",
         "return base[:, None] + tl.cast(s, tl.int64)[None, :]",
         "channels-last offsets use the contiguous layout's stride",
@@ -122,23 +129,23 @@ TRITON_MUTATIONS = [
     ),
     Mutation(
         "triton-avg-grad-scale",
-        TRITON,
-        "per_element = g / S",
-        "per_element = g / (S + 1)",
+        TRITON_ROWS,
+        "per_element = g / count",
+        "per_element = g / (count + 1)",
         "the avg backward divides by S + 1",
         TRITON_TESTS,
     ),
     Mutation(
         "triton-mixed-alpha-swap",
-        TRITON,
-        "mixed = alpha * row_max + (1.0 - alpha) * mean",
-        "mixed = (1.0 - alpha) * row_max + alpha * mean",
+        TRITON_MATH,
+        "return alpha * row_max + (1.0 - alpha) * mean",
+        "return (1.0 - alpha) * row_max + alpha * mean",
         "mixed pooling weighs avg by alpha instead of max",
         TRITON_TESTS,
     ),
     Mutation(
         "triton-gem-no-eps-clamp",
-        TRITON,
+        TRITON_MATH,
         "y = tl.where(v < eps, eps, v)",
         "y = v",
         "GeM's forward skips the eps clamp",
@@ -146,15 +153,15 @@ TRITON_MUTATIONS = [
     ),
     Mutation(
         "triton-gem-backward-no-eps-mask",
-        TRITON,
-        "grad = tl.where(v >= eps, coef * powered, 0.0)",
-        "grad = coef * powered",
+        TRITON_MATH,
+        "return tl.where(v >= eps, coef * powered, 0.0)",
+        "return coef * powered",
         "GeM's backward gives a gradient where x < eps (clamp's gradient is 0 there)",
         TRITON_TESTS,
     ),
     Mutation(
         "triton-gem-merge-no-rescale",
-        TRITON,
+        TRITON_MATH,
         "r_new = tl.where(grow, r * kp + r2, r + r2 * kp)",
         "r_new = tl.where(grow, r + r2, r + r2 * kp)",
         "GeM's state merge forgets to rescale the old sum when the maximum grows",

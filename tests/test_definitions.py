@@ -39,12 +39,12 @@ def test_cpp_modes_match_python():
 def test_triton_kernel_modes_match_python():
     # Loaded from its file, as the ahead-of-time compile does (it must not import gapkernels).
     pytest.importorskip("triton")
-    path = os.path.join(ROOT, "gapkernels", "triton", "kernels.py")
-    spec = importlib.util.spec_from_file_location("_gk_kernels_definitions", path)
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
+    path = os.path.join(ROOT, "gapkernels", "triton", "pool_math.py")
+    spec = importlib.util.spec_from_file_location("_gk_pool_math_definitions", path)
+    pool_math = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool_math)
     for name, value in ops.MODES.items():
-        assert getattr(kernels, f"MODE_{name.upper()}").value == value, name
+        assert getattr(pool_math, f"MODE_{name.upper()}").value == value, name
 
 
 @pytest.mark.skipif(not _ext.loaded(), reason="the C++ extension is not built")

@@ -13,8 +13,12 @@ from tokens_common import (
     TOKEN_LAYOUTS,
     TOKEN_OPS,
     call,
+    check_compile_fullgraph,
+    check_gem_double_backward,
+    check_token_opcheck,
+    check_varlen,
     cu_seqlens_of,
-    gem_double_backward,
+    forward_backward,
     make_tokens,
     token_args,
     token_op_samples,
@@ -35,19 +39,10 @@ OPS = torch.ops.gapkernels
 N, C, S = 4, 19, 38
 
 
-def _forward_backward(op, module, x, weight, **kw):
-    x = x.detach().requires_grad_()
-    w = None if weight is None else weight.detach().requires_grad_()
-    out = call(op, module, x, w, **kw)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
-    inputs = [x] + ([w] if w is not None else [])
-    return out, torch.autograd.grad(out, inputs, grad_out)
-
-
 def _check_against_reference(op, x, fmt, kw, dtype=torch.float32):
     weight = weight_for(op, x.shape[1] if fmt == "NCHW" else x.shape[-1])
-    out, grads = _forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend="cpu", **kw)
-    ref, ref_grads = _forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
+    out, grads = forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend="cpu", **kw)
+    ref, ref_grads = forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
     assert out.dtype == dtype and grads[0].dtype == dtype
     assert grads[0].stride() == x.stride()
     assert_close(out, ref, dtype)
@@ -132,27 +127,7 @@ def test_cpu_max_rules_at_boundaries(layout, gen):
 def test_cpu_varlen(pool_type, gen):
     # A sequence of 2100 tokens is cut into NSC pieces of 1024 rows.
     cu = cu_seqlens_of([3, 0, 2100, 1, 17])
-    x = torch.randn(int(cu[-1]), 21, generator=gen)
-    if pool_type == "gem":
-        x = x.abs() + 0.1
-    weight = weight_for(pool_type, 21)
-    kw = {"alpha": weight} if pool_type == "mixed" else {"p": weight} if pool_type == "gem" else {}
-    for start in (0, 2):
-        results = []
-        for module, extra in ((gapkernels, dict(backend="cpu")), (reference, {})):
-            packed = x.clone().requires_grad_()
-            out = module.varlen_pool(packed, cu, pool_type, start=start, **kw, **extra)
-            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
-            results.append((out, torch.autograd.grad(out, packed, grad_out)[0]))
-        (out, grad), (ref, ref_grad) = results
-        assert_close(out, ref, torch.float32)
-        assert_close(grad, ref_grad, torch.float32, scale=4)
-        if pool_type in ("max", "catavgmax"):
-            got = gapkernels.varlen_pool(
-                x, cu, pool_type, start=start, return_indices=True, backend="cpu"
-            )
-            want = reference.varlen_pool(x, cu, pool_type, start=start, return_indices=True)
-            assert torch.equal(got[1], want[1])
+    check_varlen(pool_type, torch.randn(int(cu[-1]), 21, generator=gen), cu, "cpu")
 
 
 @pytest.mark.parametrize("layout", ["nlc", "ncl"])
@@ -237,40 +212,17 @@ def test_cpu_gradcheck_float64(op, layout, case, gen):
 
 
 def test_cpu_double_backward_matches_reference():
-    got = gem_double_backward(gapkernels, "cpu")
-    for g, want in zip(got, gem_double_backward(gapkernels, "reference"), strict=True):
-        assert_close(g, want, torch.float32, scale=10)
+    check_gem_double_backward("cpu")
 
 
 def test_cpu_token_op_opcheck(gen):
     samples = token_op_samples(gen)
-    x, spans, mask = samples[0][0], samples[0][1], samples[2][2]
     fwd, bwd = OPS.token_pool_forward.default, OPS.token_pool_backward.default
-    for args in samples:
-        torch.library.opcheck(fwd, args)
-        out, aux, indices = fwd(*args)
-        backward_args = (torch.randn_like(out), *args[:4], aux, indices, *args[4:8])
-        torch.library.opcheck(bwd, backward_args, test_utils=("test_schema", "test_faketensor"))
-    with pytest.raises(RuntimeError, match="spans must have N=3 rows"):
-        fwd(x, spans[:2], None, False, 0, None, 0.5, 0.0, False)
+    check_token_opcheck(fwd, bwd, samples)
+    x, spans, mask = samples[0][0], samples[0][1], samples[2][2]
     with pytest.raises(RuntimeError, match="mask must be a contiguous bool"):
         fwd(x, spans, mask[:, :5], False, 0, None, 0.5, 0.0, False)
 
 
 def test_cpu_torch_compile_fullgraph(gen):
-    x = torch.randn(3, 9, 4, generator=gen).requires_grad_()
-    lengths = torch.tensor([9, 2, 0])
-    packed = torch.randn(11, 4, generator=gen).requires_grad_()
-    cu = cu_seqlens_of([4, 7])
-    alpha = torch.tensor(0.3, requires_grad=True)
-
-    def head(x, packed):
-        return gapkernels.global_mixed_pool(
-            x, alpha, input_fmt="NLC", lengths=lengths, start=1, backend="cpu"
-        ) + gapkernels.varlen_pool(packed, cu, "max", backend="cpu").sum(0)
-
-    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
-    out = compiled(x, packed)
-    torch.testing.assert_close(out, head(x, packed))
-    out.sum().backward()
-    assert x.grad is not None and packed.grad is not None and alpha.grad is not None
+    check_compile_fullgraph("cpu", "aot_eager", gen)

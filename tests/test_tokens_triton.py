@@ -1,56 +1,33 @@
 """The Triton token kernels against gapkernels.reference, in Triton's interpreter on the CPU
 (on a GPU, compiled): every mode, both layouts, mask / lengths / start, varlen, forward and
 backward, double backward, opcheck, torch.compile, determinism. Small shapes (see
-tests/test_triton.py for how the interpreter is set up)."""
+tests/triton_common.py for how the interpreter is set up)."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from tokens_common import (  # noqa: E402
+from tokens_common import (
     TOKEN_OPS,
-    call,
+    check_compile_fullgraph,
+    check_gem_double_backward,
+    check_token_opcheck,
+    check_varlen,
     cu_seqlens_of,
-    gem_double_backward,
+    forward_backward,
     make_tokens,
     token_args,
     token_op_samples,
     weight_for,
 )
+from triton_common import DEVICE, TRITON_MARKS
 
-import gapkernels  # noqa: E402
-from gapkernels import reference  # noqa: E402
-from helpers import assert_bitwise_equal, assert_close  # noqa: E402
+import gapkernels
+from gapkernels import reference
+from gapkernels.triton import tokens as ttokens
+from helpers import assert_bitwise_equal, assert_close
 
-gk_triton = pytest.importorskip("gapkernels.triton", reason="Triton is not installed")
-from gapkernels.triton import tokens as ttokens  # noqa: E402
-
-DEVICE = "cpu" if gk_triton.INTERPRETED else "cuda"
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytestmark = [
-        pytest.mark.skip(
-            reason="gapkernels.triton was imported without TRITON_INTERPRET=1 and there is no GPU"
-        )
-    ]
-pytestmark = [
-    *globals().get("pytestmark", []),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
-]
-
-
-def _forward_backward(op, module, x, weight, **kw):
-    x = x.detach().requires_grad_()
-    w = None if weight is None else weight.detach().requires_grad_()
-    out = call(op, module, x, w, **kw)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
-    inputs = [x] + ([w] if w is not None else [])
-    return out, torch.autograd.grad(out, inputs, grad_out)
+pytestmark = TRITON_MARKS
 
 
 # NSC (nlc, channels_last) and NCS (ncl: rows of one tile from different samples, each with its
@@ -70,8 +47,8 @@ def test_triton_matches_reference(op, case, layout, gen):
     x, fmt, _, spatial = make_tokens(layout, 4, 5, 12, torch.float32, gen, DEVICE, op == "gem")
     kw, _ = token_args(case, 4, spatial, gen, DEVICE)
     weight = weight_for(op, 5, DEVICE)
-    out, grads = _forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend="triton", **kw)
-    ref, ref_grads = _forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
+    out, grads = forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend="triton", **kw)
+    ref, ref_grads = forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
     assert_close(out, ref, torch.float32)
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, torch.float32, scale=4)
@@ -85,8 +62,8 @@ def test_triton_matches_reference(op, case, layout, gen):
 def test_triton_half_dtypes(op, dtype, gen):
     x, fmt, _, spatial = make_tokens("nlc", 3, 8, 10, dtype, gen, DEVICE, op == "gem")
     kw, _ = token_args("lengths_start", 3, spatial, gen, DEVICE)
-    out, grads = _forward_backward(op, gapkernels, x, None, input_fmt=fmt, backend="triton", **kw)
-    ref, ref_grads = _forward_backward(op, reference, x, None, input_fmt=fmt, **kw)
+    out, grads = forward_backward(op, gapkernels, x, None, input_fmt=fmt, backend="triton", **kw)
+    ref, ref_grads = forward_backward(op, reference, x, None, input_fmt=fmt, **kw)
     assert out.dtype == dtype and grads[0].dtype == dtype
     assert_close(out, ref, dtype)
     assert_close(grads[0], ref_grads[0], dtype, scale=4)
@@ -116,35 +93,13 @@ def test_triton_max_rules_and_padding_never_read():
 
 @pytest.mark.parametrize("pool_type", TOKEN_OPS)
 def test_triton_varlen(pool_type, gen):
-    cu = cu_seqlens_of([3, 0, 9, 1, 6], DEVICE)
     x = torch.randn(19, 6, generator=gen).to(DEVICE)
-    if pool_type == "gem":
-        x = x.abs() + 0.1
-    weight = weight_for(pool_type, 6, DEVICE)
-    kw = {"alpha": weight} if pool_type == "mixed" else {"p": weight} if pool_type == "gem" else {}
-    for start in (0, 2):
-        results = []
-        for module, extra in ((gapkernels, dict(backend="triton")), (reference, {})):
-            packed = x.clone().requires_grad_()
-            out = module.varlen_pool(packed, cu, pool_type, start=start, **kw, **extra)
-            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
-            results.append((out, torch.autograd.grad(out, packed, grad_out)[0]))
-        (out, grad), (ref, ref_grad) = results
-        assert_close(out, ref, torch.float32)
-        assert_close(grad, ref_grad, torch.float32, scale=4)
-        if pool_type in ("max", "catavgmax"):
-            got = gapkernels.varlen_pool(
-                x, cu, pool_type, start=start, return_indices=True, backend="triton"
-            )
-            want = reference.varlen_pool(x, cu, pool_type, start=start, return_indices=True)
-            assert torch.equal(got[1], want[1])
+    check_varlen(pool_type, x, cu_seqlens_of([3, 0, 9, 1, 6], DEVICE), "triton", DEVICE)
 
 
 def test_triton_double_backward_matches_reference():
     """create_graph=True: the gradients are the composite's, differentiable again."""
-    got = gem_double_backward(gapkernels, "triton", DEVICE)
-    for g, want in zip(got, gem_double_backward(gapkernels, "reference", DEVICE), strict=True):
-        assert_close(g, want, torch.float32, scale=10)
+    check_gem_double_backward("triton", DEVICE)
 
 
 def test_triton_deterministic(gen):
@@ -167,32 +122,13 @@ def test_triton_float64_refused():
 
 
 def test_token_op_schema_fake_and_autograd_registration(gen):
-    samples = token_op_samples(gen, DEVICE)
-    x, spans = samples[0][:2]
-    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    for args in samples:
-        torch.library.opcheck(ttokens.token_pool_forward, args, test_utils=checks)
-        out, aux, indices = ttokens.token_pool_forward(*args)
-        backward_args = (torch.randn_like(out), *args[:4], aux, indices, *args[4:8])
-        torch.library.opcheck(ttokens.token_pool_backward, backward_args, test_utils=checks[:2])
-    with pytest.raises(RuntimeError, match="spans must have N=3 rows"):
-        ttokens.token_pool_forward(x, spans[:2], None, False, 0, None, 0.5, 0.0, False)
+    check_token_opcheck(
+        ttokens.token_pool_forward,
+        ttokens.token_pool_backward,
+        token_op_samples(gen, DEVICE),
+        ("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_torch_compile_fullgraph_triton(gen):
-    x = torch.randn(3, 9, 4, generator=gen).to(DEVICE).requires_grad_()
-    lengths = torch.tensor([9, 2, 0], device=DEVICE)
-    packed = torch.randn(11, 4, generator=gen).to(DEVICE).requires_grad_()
-    cu = cu_seqlens_of([4, 7], DEVICE)
-    alpha = torch.tensor(0.3, device=DEVICE, requires_grad=True)
-
-    def head(x, packed):
-        return gapkernels.global_mixed_pool(
-            x, alpha, input_fmt="NLC", lengths=lengths, start=1, backend="triton"
-        ) + gapkernels.varlen_pool(packed, cu, "max", backend="triton").sum(0)
-
-    compiled = torch.compile(head, fullgraph=True, backend="eager")
-    out = compiled(x, packed)
-    torch.testing.assert_close(out, head(x, packed))
-    out.sum().backward()
-    assert x.grad is not None and packed.grad is not None and alpha.grad is not None
+    check_compile_fullgraph("triton", "eager", gen, DEVICE)

@@ -1,15 +1,19 @@
-"""Inputs and an independent oracle for the token pooling tests (tests/test_tokens*.py).
+"""Inputs, an independent oracle and the checks that every backend's token pooling tests share
+(tests/test_tokens*.py).
 
 The oracle pools each row's positions that take part one row at a time, with the unmasked
 reference (whose max follows adaptive_max_pool exactly), so it shares no code with
-gapkernels.reference_tokens or the kernels."""
+gapkernels.reference_tokens or the kernels. The checks (`check_*`) run one backend ("cpu",
+"triton") against the reference."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import gapkernels
 from gapkernels import reference
-from helpers import OPS
+from helpers import OPS, assert_close
 
 # layout name -> (input_fmt, how the logical (N, C, *spatial) tensor is laid out)
 TOKEN_LAYOUTS = ["nlc", "ncl", "nchw_channels_last", "nhwc"]
@@ -150,3 +154,83 @@ def token_op_samples(gen, device="cpu"):
         (x.contiguous(), counted, mask, False, 3, None, 0.5, 0.0, False),
         (packed, varlen_spans, None, True, 1, None, 0.5, 0.0, False),
     ]
+
+
+def forward_backward(op, module, x, weight, **kw):
+    """(out, (grad_x[, grad_weight])) of `op` on gapkernels or gapkernels.reference, with a fixed
+    random output gradient."""
+    x = x.detach().requires_grad_()
+    w = None if weight is None else weight.detach().requires_grad_()
+    out = call(op, module, x, w, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+    inputs = [x] + ([w] if w is not None else [])
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def check_varlen(pool_type, x, cu, backend, device="cpu"):
+    """varlen_pool on `backend` against the reference, start 0 and 2: values, gradients to the
+    packed batch, and the max indices."""
+    if pool_type == "gem":
+        x = x.abs() + 0.1
+    weight = weight_for(pool_type, x.shape[1], device)
+    kw = {"alpha": weight} if pool_type == "mixed" else {"p": weight} if pool_type == "gem" else {}
+    for start in (0, 2):
+        results = []
+        for module, extra in ((gapkernels, dict(backend=backend)), (reference, {})):
+            packed = x.clone().requires_grad_()
+            out = module.varlen_pool(packed, cu, pool_type, start=start, **kw, **extra)
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
+            results.append((out, torch.autograd.grad(out, packed, grad_out)[0]))
+        (out, grad), (ref, ref_grad) = results
+        assert_close(out, ref, torch.float32)
+        assert_close(grad, ref_grad, torch.float32, scale=4)
+        if pool_type in ("max", "catavgmax"):
+            got = gapkernels.varlen_pool(
+                x, cu, pool_type, start=start, return_indices=True, backend=backend
+            )
+            want = reference.varlen_pool(x, cu, pool_type, start=start, return_indices=True)
+            assert torch.equal(got[1], want[1])
+
+
+def check_gem_double_backward(backend, device="cpu"):
+    """create_graph=True on `backend`: the second-order gradients are the composite's."""
+    got = gem_double_backward(gapkernels, backend, device)
+    for g, want in zip(got, gem_double_backward(gapkernels, "reference", device), strict=True):
+        assert_close(g, want, torch.float32, scale=10)
+
+
+def check_token_opcheck(forward, backward, samples, forward_utils=None):
+    """torch.library.opcheck of a backend's token op pair on `samples` (token_op_samples; the
+    forward with `forward_utils`, or opcheck's default tests), and the spans check."""
+    forward_kw = {} if forward_utils is None else dict(test_utils=forward_utils)
+    for args in samples:
+        torch.library.opcheck(forward, args, **forward_kw)
+        out, aux, indices = forward(*args)
+        backward_args = (torch.randn_like(out), *args[:4], aux, indices, *args[4:8])
+        torch.library.opcheck(
+            backward, backward_args, test_utils=("test_schema", "test_faketensor")
+        )
+    x, spans = samples[0][:2]
+    with pytest.raises(RuntimeError, match="spans must have N=3 rows"):
+        forward(x, spans[:2], None, False, 0, None, 0.5, 0.0, False)
+
+
+def check_compile_fullgraph(backend, compile_backend, gen, device="cpu"):
+    """torch.compile(fullgraph=True) of a head with lengths, start and varlen on `backend`: the
+    same values as eager, and gradients to x, the packed batch and alpha."""
+    x = torch.randn(3, 9, 4, generator=gen).to(device).requires_grad_()
+    lengths = torch.tensor([9, 2, 0], device=device)
+    packed = torch.randn(11, 4, generator=gen).to(device).requires_grad_()
+    cu = cu_seqlens_of([4, 7], device)
+    alpha = torch.tensor(0.3, device=device, requires_grad=True)
+
+    def head(x, packed):
+        return gapkernels.global_mixed_pool(
+            x, alpha, input_fmt="NLC", lengths=lengths, start=1, backend=backend
+        ) + gapkernels.varlen_pool(packed, cu, "max", backend=backend).sum(0)
+
+    compiled = torch.compile(head, fullgraph=True, backend=compile_backend)
+    out = compiled(x, packed)
+    torch.testing.assert_close(out, head(x, packed))
+    out.sum().backward()
+    assert x.grad is not None and packed.grad is not None and alpha.grad is not None

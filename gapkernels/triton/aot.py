@@ -3,30 +3,23 @@
     python gapkernels/triton/aot.py [--arch 90 --arch 80] [--jobs 2] [--json OUT] [--markdown OUT]
 
 compiles (triton.compile on an ASTSource, as triton/tools/compile.py does, for
-GPUTarget("cuda", arch, 32)) each kernel of gapkernels/triton/kernels.py:
-
-- for every architecture, the forward and the backward kernel on every tile
-  configs.tile_configs() lists (every tile the config chooser can return), in the modes whose
-  code covers the others' (TILE_MODES: the forward's MIXED has every reduction of AVG, MAX and
-  CAT; the backward's CAT every per-element term of AVG, MAX and MIXED; GEM has its own), in
-  their heaviest variant (per-channel weight, GeM's log-sum); on the tiles where S can be split
-  or reach 2**31 (TileConfig.max_block_s), also the SPLIT forward and INDEX_64 (int64 spatial
-  offsets); and the combine kernel (one tile) in every mode;
-- for the first architecture (sm_90 by default) also: INDEX_64 on every tile that N*C near
-  2**31 can take (full-row NCS tiles, every NSC tile); every mode, x dtype, weight kind, a
-  strided weight and N == 1 (Triton passes an int 1 as a constant) on the largest tile of each
-  layout, and the combine kernel in every weight kind and output dtype.
+GPUTarget("cuda", arch, 32)) each kernel of gapkernels/triton/kernels.py in the variants that
+aot_jobs.py lists (every tile the config chooser can return, every mode, dtype, weight kind and
+index width that changes the code).
 
 Each compile runs ptxas; its `-v` report gives registers, spill stores/loads (bytes) and the
 compiled kernel's metadata its shared memory. A compile error is reported and makes the exit
 status 1. Runs without TRITON_INTERPRET (which it removes from its environment) and without
-importing torch: kernels.py and configs.py are loaded from their files.
+importing torch: the kernel modules are loaded from this folder as a stand-in package
+(`_load`), not as gapkernels.triton.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -46,252 +39,21 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gapkernels-ao
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # every compile runs ptxas, so its report is fresh
 
 
+_PACKAGE = "_gapkernels_aot"
+
+
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_gapkernels_aot_{name}", HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None, name
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # triton resolves the kernels' globals through the module
-    spec.loader.exec_module(module)
-    return module
+    """gapkernels/triton/<name>.py as a module of a stand-in package whose path is this folder:
+    the kernel modules' relative imports work, and neither gapkernels nor torch is imported
+    (triton resolves the kernels' globals through the modules in sys.modules)."""
+    if _PACKAGE not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(_PACKAGE, None, is_package=True)
+        spec.submodule_search_locations = [str(HERE)]
+        sys.modules[_PACKAGE] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{_PACKAGE}.{name}")
 
 
-configs = _load("configs")
-
-MODES = {0: "avg", 1: "max", 2: "mixed", 3: "cat", 4: "gem"}
-MAX_MODES = (1, 2, 3)
-WEIGHT_KINDS = {0: "scalar", 1: "shared", 2: "channel"}
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _job(kernel, arch, dtype="fp32", num_warps=4, **const):
-    """One compile: the kernel's name, the target, x's dtype, num_warps and the constexprs; the
-    special keys `_n_one` (N == 1), `_s64` (S and s_per_* int64) and `_weight_stride` ('one':
-    a contiguous weight, the constant 1; 'any': an int argument) describe the int arguments."""
-    return dict(kernel=kernel, arch=arch, dtype=dtype, num_warps=num_warps, const=const)
-
-
-def _heaviest(mode):
-    """Weight kind and WITH_LOG of a mode's heaviest variant."""
-    return dict(WEIGHT_KIND=2 if mode in (2, 4) else 0, WITH_LOG=mode == 4)
-
-
-# Per tile, the forward's and the backward's most complete modes: MIXED's forward has every
-# reduction of AVG, MAX and CAT (sum, max, first/last index); CAT's backward has every per-element
-# term of AVG, MAX and MIXED; GEM has its own code in both.
-TILE_MODES = {"pool_forward_kernel": (2, 4), "pool_backward_kernel": (3, 4)}
-
-
-def _forward(arch, tile, mode, dtype="fp32", **flags):
-    const = dict(
-        MODE=mode,
-        CHANNELS_LAST=tile.channels_last,
-        ROWS=tile.rows,
-        BLOCK_S=tile.block_s,
-        SPLIT=False,
-        INDEX_64=False,
-        **_heaviest(mode),
-    )
-    const.update(flags)
-    return _job("pool_forward_kernel", arch, dtype, tile.num_warps, **const)
-
-
-def _backward(arch, tile, mode, dtype="fp32", **flags):
-    const = dict(
-        MODE=mode,
-        CHANNELS_LAST=tile.channels_last,
-        ROWS=tile.rows,
-        BLOCK_S=tile.block_s,
-        WEIGHT_KIND=_heaviest(mode)["WEIGHT_KIND"],
-        AUX_COLUMNS=3 if mode == 4 else 1,
-        INDEX_64=False,
-    )
-    const.update(flags)
-    return _job("pool_backward_kernel", arch, dtype, tile.num_warps, **const)
-
-
-def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
-    """The compiles for one architecture: every tile with TILE_MODES (SPLIT and INDEX_64 where
-    reachable); with `all_variants`, also every mode, dtype, weight kind and int
-    specialization on the largest tile of each layout, and the combine kernel's variants."""
-    jobs = []
-    tiles = configs.tile_configs()
-    for tile in tiles:
-        for mode in TILE_MODES["pool_forward_kernel"]:
-            jobs.append(_forward(arch, tile, mode))
-            if tile.max_block_s:
-                jobs.append(_forward(arch, tile, mode, SPLIT=True))
-        for mode in TILE_MODES["pool_backward_kernel"]:
-            jobs.append(_backward(arch, tile, mode))
-        if tile.max_block_s:  # S near or past 2**31 can only take these tiles
-            for mode in (2, 4):
-                jobs.append(_forward(arch, tile, mode, SPLIT=True, INDEX_64=True, _s64=True))
-            jobs.append(_forward(arch, tile, 2, INDEX_64=True, _s64=True))
-            for mode in TILE_MODES["pool_backward_kernel"]:
-                jobs.append(_backward(arch, tile, mode, INDEX_64=True, _s64=True))
-    for mode in MODES:  # the combine kernel's one tile
-        jobs.append(
-            _job(
-                "pool_combine_kernel",
-                arch,
-                "fp32",
-                configs.COMBINE_WARPS,
-                MODE=mode,
-                **_heaviest(mode),
-                ROWS=configs.COMBINE_ROWS,
-            )
-        )
-    if not all_variants:
-        return jobs
-    for tile in tiles:  # N*C near 2**31 / 3: every tile with full rows (INDEX_64 from the rows)
-        if tile.channels_last or tile.rows * tile.block_s == configs.TILE_ELEMENTS:
-            for mode in TILE_MODES["pool_forward_kernel"]:
-                jobs.append(_forward(arch, tile, mode, INDEX_64=True))
-            for mode in TILE_MODES["pool_backward_kernel"]:
-                jobs.append(_backward(arch, tile, mode, INDEX_64=True))
-    for channels_last in (False, True):
-        tile = max(
-            (t for t in tiles if t.channels_last == channels_last),
-            key=lambda t: (t.rows * t.block_s, t.block_s),
-        )
-        for mode in MODES:
-            if mode not in TILE_MODES["pool_forward_kernel"]:
-                jobs.append(_forward(arch, tile, mode))
-            if mode not in TILE_MODES["pool_backward_kernel"]:
-                jobs.append(_backward(arch, tile, mode))
-        for dtype in ("fp16", "bf16"):
-            for mode in TILE_MODES["pool_forward_kernel"]:
-                jobs.append(_forward(arch, tile, mode, dtype))
-            for mode in TILE_MODES["pool_backward_kernel"]:
-                jobs.append(_backward(arch, tile, mode, dtype))
-        if channels_last:
-            continue
-        for mode in (2, 4):
-            for kind in (0, 1):
-                jobs.append(_forward(arch, tile, mode, "fp16", WEIGHT_KIND=kind, WITH_LOG=False))
-                jobs.append(
-                    _backward(
-                        arch,
-                        tile,
-                        mode,
-                        "fp16",
-                        WEIGHT_KIND=kind,
-                        AUX_COLUMNS=2 if mode == 4 else 1,
-                    )
-                )
-            jobs.append(_forward(arch, tile, mode, "fp16", _weight_stride="any"))
-            jobs.append(_backward(arch, tile, mode, "fp16", _weight_stride="any"))
-        jobs.append(_forward(arch, tile, 4, "fp16", SPLIT=True, _n_one=True))
-        jobs.append(_backward(arch, tile, 3, "fp16", _n_one=True))
-    for mode in (2, 4):
-        for kind in (0, 1, 2):
-            for with_log in (False, True) if mode == 4 else (False,):
-                if kind == 2 and with_log == (mode == 4):
-                    continue  # compiled above
-                jobs.append(
-                    _job(
-                        "pool_combine_kernel",
-                        arch,
-                        "fp32",
-                        configs.COMBINE_WARPS,
-                        MODE=mode,
-                        WEIGHT_KIND=kind,
-                        WITH_LOG=with_log,
-                        ROWS=configs.COMBINE_ROWS,
-                    )
-                )
-    for mode in MODES:
-        for dtype in ("fp16", "bf16"):
-            jobs.append(
-                _job(
-                    "pool_combine_kernel",
-                    arch,
-                    dtype,
-                    configs.COMBINE_WARPS,
-                    MODE=mode,
-                    **_heaviest(mode),
-                    ROWS=configs.COMBINE_ROWS,
-                )
-            )
-    return jobs
-
-
-# Argument types, in the kernels' parameter order; "x" is x's element type, "int" an int
-# argument (i32, or i64 with _s64), "one" the constant 1 under _n_one / _weight_stride.
-_ARGS = {
-    "pool_forward_kernel": dict(
-        x_ptr="*x",
-        weight_ptr="*fp32",
-        out_ptr="*x",
-        aux_ptr="*fp32",
-        indices_ptr="*i64",
-        partial_stats_ptr="*fp32",
-        partial_index_ptr="*i64",
-        N="N",
-        C="i32",
-        S="S",
-        s_per_split="S",
-        weight_stride="W",
-        scalar="fp32",
-        eps="fp32",
-    ),
-    "pool_combine_kernel": dict(
-        partial_stats_ptr="*fp32",
-        partial_index_ptr="*i64",
-        weight_ptr="*fp32",
-        out_ptr="*x",
-        aux_ptr="*fp32",
-        indices_ptr="*i64",
-        N="i32",
-        C="i32",
-        S="i32",
-        splits="i32",
-        weight_stride="W",
-        scalar="fp32",
-    ),
-    "pool_backward_kernel": dict(
-        grad_out_ptr="*x",
-        x_ptr="*x",
-        aux_ptr="*fp32",
-        indices_ptr="*i64",
-        weight_ptr="*fp32",
-        grad_x_ptr="*x",
-        N="N",
-        C="i32",
-        S="S",
-        s_per_program="S",
-        weight_stride="W",
-        scalar="fp32",
-        eps="fp32",
-    ),
-}
-
-
-def _describe(job) -> str:
-    c = dict(job["const"])
-    parts = [MODES[c.pop("MODE")]]
-    if "CHANNELS_LAST" in c:
-        parts.append("NSC" if c.pop("CHANNELS_LAST") else "NCS")
-    if "ROWS" in c:
-        rows = c.pop("ROWS")
-        block = c.pop("BLOCK_S", None)
-        parts.append(f"{rows}x{block}" if block else f"rows={rows}")
-    parts.append(f"w{job['num_warps']}")
-    parts.append(job["dtype"])
-    kind = c.pop("WEIGHT_KIND", 0)
-    if kind:
-        parts.append(f"weight={WEIGHT_KINDS[kind]}")
-    for flag in ("WITH_LOG", "SPLIT", "INDEX_64"):
-        if c.pop(flag, False):
-            parts.append(flag.lower())
-    aux = c.pop("AUX_COLUMNS", None)
-    if aux is not None and MODES[job["const"]["MODE"]] == "gem":
-        parts.append(f"aux={aux}")
-    if c.pop("_n_one", False):
-        parts.append("N=1")
-    if c.pop("_weight_stride", "one") == "any":
-        parts.append("weight_stride=any")
-    c.pop("_s64", None)
-    return " ".join(parts)
+jobs = _load("aot_jobs")
 
 
 def _ptxas_report(log: str) -> dict:
@@ -342,13 +104,12 @@ def _compile(job) -> dict:
     s64 = job["const"].get("_s64", False)
     weight_one = job["const"].get("_weight_stride", "one") == "one"
     signature, constexprs, attrs = {}, {}, {}
-    types = _ARGS[job["kernel"]]
     for i, name in enumerate(fn.arg_names):
         if name in const:
             signature[name] = "constexpr"
             constexprs[(i,)] = const[name]
             continue
-        ty = types[name]
+        ty = jobs.arg_type(job["kernel"], name)
         if ty == "N":
             ty = "one" if n_one else "i32"
         elif ty == "S":
@@ -368,7 +129,7 @@ def _compile(job) -> dict:
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": job["num_warps"], "num_stages": 3})
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    result = dict(kernel=job["kernel"], arch=job["arch"], variant=_describe(job))
+    result = dict(kernel=job["kernel"], arch=job["arch"], variant=jobs.describe(job))
     began = time.perf_counter()
     log = io.StringIO()
     try:
@@ -405,17 +166,17 @@ _KERNELS = None
 
 def run(arches, jobs_count: int) -> list[dict]:
     """Compiles for each architecture; every variant on the first, the tiles on the others."""
-    jobs = [job for i, arch in enumerate(arches) for job in jobs_for(arch, i == 0)]
+    todo = [job for i, arch in enumerate(arches) for job in jobs.jobs_for(arch, i == 0)]
     # Heaviest first, so the pool's tail is short.
-    jobs.sort(key=lambda j: -(j["const"].get("ROWS", 1) * j["const"].get("BLOCK_S", 1)))
+    todo.sort(key=lambda j: -(j["const"].get("ROWS", 1) * j["const"].get("BLOCK_S", 1)))
     if jobs_count <= 1:
         _init_worker()
-        return [_compile(job) for job in jobs]
+        return [_compile(job) for job in todo]
     import multiprocessing
 
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(jobs_count, mp_context=context, initializer=_init_worker) as pool:
-        return list(pool.map(_compile, jobs, chunksize=4))
+        return list(pool.map(_compile, todo, chunksize=4))
 
 
 def markdown(results: list[dict], triton_version: str, seconds: float) -> str:
@@ -438,7 +199,7 @@ def markdown(results: list[dict], triton_version: str, seconds: float) -> str:
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for arch in sorted({r["arch"] for r in ok}, reverse=True):
-        for kernel in _ARGS:
+        for kernel in jobs.KERNELS:
             rows = sorted(
                 (r for r in ok if r["arch"] == arch and r["kernel"] == kernel),
                 key=lambda r: -r["registers"],

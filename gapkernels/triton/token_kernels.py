@@ -2,10 +2,11 @@
 positions [begin, end) of its sample's flat spatial index (`spans`, int64 (B, 4): begin, end,
 count, origin), where the optional (N, S) `mask` is nonzero.
 
-The same tile as gapkernels/triton/kernels.py (ROWS rows by BLOCK_S positions; NCS: consecutive
-(n, c) rows, each with its own span; NSC: a block of channels of one row) and its math helpers:
-the max rule (`_combine_lanes`), GeM's online rescaling (`_gem_merge`, `_gem_reduce_lanes`) and
-the finishing step (`_write_results`, with the row's count in place of S). Positions outside a
+The same tile as the pool kernels of gapkernels/triton/kernels.py (ROWS rows by BLOCK_S
+positions; NCS: consecutive (n, c) rows, each with its own span; NSC: a block of channels of one
+row), their stages (rows.py: the lanes' reduction with the max rule and GeM's rescaling, the
+finishing step `_write_results` with the row's count in place of S, the gradient terms) and
+their math (pool_math.py). Positions outside a
 row's span are never loaded (nothing past a length is read); masked ones are loaded only where
 the mask is nonzero.
 
@@ -23,19 +24,9 @@ gradients from aux are then 0 as well.
 import triton
 import triton.language as tl
 
-from gapkernels.triton.kernels import (
-    MODE_AVG,
-    MODE_CAT,
-    MODE_GEM,
-    MODE_MAX,
-    MODE_MIXED,
-    _combine_lanes,
-    _gem_merge,
-    _gem_reduce_lanes,
-    _load_weight,
-    _offsets,
-    _write_results,
-)
+from .layout import _load_weight, _offsets
+from .pool_math import MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, _gem_scan
+from .rows import _element_grad, _empty_lanes, _grad_terms, _reduce_lanes, _write_results
 
 SPAN_COLUMNS: tl.constexpr = tl.constexpr(4)  # begin, end, count, origin
 
@@ -113,6 +104,7 @@ def token_forward_kernel(
     """Reads each position that takes part once; writes out, aux and indices. Grid: row blocks."""
     NEEDS_SUM: tl.constexpr = MODE != MODE_MAX and MODE != MODE_GEM
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
+    weight = (weight_ptr, weight_stride, scalar)
     row, b, channel, row_mask, base = _token_rows(
         tl.program_id(0), B, C, S, ROWS, CHANNELS_LAST, VARLEN
     )
@@ -120,13 +112,10 @@ def token_forward_kernel(
     lo = tl.min(tl.where(row_mask, begin, S))
     hi = tl.max(tl.where(row_mask, end, 0))
 
-    lane_sum = tl.zeros([ROWS, BLOCK_S], tl.float32)
-    lane_log = tl.zeros([ROWS, BLOCK_S], tl.float32)
+    lane_sum, lane_log, lane_max = _empty_lanes(MODE, ROWS, BLOCK_S)
+    p = 0.0  # GeM's exponent, (ROWS, 1)
     if MODE == MODE_GEM:
-        p = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask, WEIGHT_KIND)[:, None]
-        lane_max = tl.zeros([ROWS, BLOCK_S], tl.float32)  # the empty GeM state: m = 0
-    else:
-        lane_max = tl.full([ROWS, BLOCK_S], float("-inf"), tl.float32)
+        p = _load_weight(weight, channel, row_mask, WEIGHT_KIND)[:, None]
     lane_index = tl.zeros([ROWS, BLOCK_S], tl.int64) + S  # S: the lane has seen nothing
     for s_start in range(lo, hi, BLOCK_S):
         s = s_start + tl.arange(0, BLOCK_S)
@@ -134,14 +123,9 @@ def token_forward_kernel(
         v = tl.load(x_ptr + _offsets(base, s, C, CHANNELS_LAST), mask=part, other=0.0)
         v = v.to(tl.float32)
         if MODE == MODE_GEM:
-            y = tl.where(v < eps, eps, v)  # clamp(v, min=eps), keeping NaN
-            m_new, r_new, log_new = _gem_merge(
-                lane_max, lane_sum, lane_log, y, 1.0, 0.0, p, WITH_LOG
+            lane_max, lane_sum, lane_log = _gem_scan(
+                lane_max, lane_sum, lane_log, v, part, p, eps, WITH_LOG
             )
-            lane_max = tl.where(part, m_new, lane_max)
-            lane_sum = tl.where(part, r_new, lane_sum)
-            if WITH_LOG:
-                lane_log = tl.where(part, log_new, lane_log)
         elif NEEDS_SUM:
             lane_sum += v
         if NEEDS_MAX:
@@ -152,41 +136,20 @@ def token_forward_kernel(
 
     empty = count == 0
     count_f = tl.where(empty, 1.0, count.to(tl.float32))
+    total, total_log, row_max, row_index = _reduce_lanes(
+        lane_sum, lane_log, lane_max, lane_index, p, row, S, MODE, WITH_LOG
+    )
     if MODE == MODE_GEM:
-        row_max, total, total_log = _gem_reduce_lanes(lane_max, lane_sum, lane_log, p, WITH_LOG)
         row_max = tl.where(empty, 0.0, row_max)
         total = tl.where(empty, 1.0, total)
         total_log = tl.where(empty, 0.0, total_log)
-        row_index = row
-    else:
-        total = tl.sum(lane_sum, axis=1)
-        total_log = total
-        if NEEDS_MAX:
-            row_max, row_index = _combine_lanes(lane_max, lane_index, S)
-            row_max = tl.where(empty, 0.0, row_max)
-            row_index = tl.where(empty, -1, row_index - origin)
-        else:
-            row_max = total
-            row_index = row
+    elif NEEDS_MAX:
+        row_max = tl.where(empty, 0.0, row_max)
+        row_index = tl.where(empty, -1, row_index - origin)
+    stats = (total, total_log, row_max, row_index)
+    outputs = (out_ptr, aux_ptr, indices_ptr)
     _write_results(
-        total,
-        total_log,
-        row_max,
-        row_index,
-        row,
-        channel,
-        row_mask,
-        weight_ptr,
-        weight_stride,
-        scalar,
-        out_ptr,
-        aux_ptr,
-        indices_ptr,
-        C,
-        count_f,
-        MODE,
-        WEIGHT_KIND,
-        WITH_LOG,
+        stats, (row, channel, row_mask), weight, outputs, C, count_f, MODE, WEIGHT_KIND, WITH_LOG
     )
 
 
@@ -219,6 +182,7 @@ def token_backward_kernel(
     """Writes each element of grad_x once: the gradient where the position takes part, 0
     elsewhere (padded: all of [0, S); VARLEN: the row's sequence [origin, end)).
     Grid: (row blocks, pieces of s_per_program positions of the rows' own range)."""
+    weight = (weight_ptr, weight_stride, scalar)
     row, b, channel, row_mask, base = _token_rows(
         tl.program_id(0), B, C, S, ROWS, CHANNELS_LAST, VARLEN
     )
@@ -236,29 +200,18 @@ def token_backward_kernel(
     grad_dtype = grad_x_ptr.dtype.element_ty
     count_f = tl.maximum(count, 1).to(tl.float32)
 
-    if MODE == MODE_CAT:
-        out_offset = row + (row - channel)  # b * 2C + c
-        per_element = tl.load(grad_out_ptr + out_offset, mask=row_mask, other=0.0)
-        at_index = tl.load(grad_out_ptr + out_offset + C, mask=row_mask, other=0.0)
-        per_element = per_element.to(tl.float32) / count_f
-        at_index = at_index.to(tl.float32)
-    else:
-        g = tl.load(grad_out_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
-        if MODE == MODE_AVG:
-            per_element = g / count_f
-        elif MODE == MODE_MAX:
-            at_index = g
-        elif MODE == MODE_MIXED:
-            alpha = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask, WEIGHT_KIND)
-            per_element = (1.0 - alpha) * g / count_f
-            at_index = alpha * g
-        else:
-            p = _load_weight(weight_ptr, weight_stride, scalar, channel, row_mask, WEIGHT_KIND)
-            big_m = tl.load(aux_ptr + AUX_COLUMNS * row, mask=row_mask, other=1.0)
-            r = tl.load(aux_ptr + AUX_COLUMNS * row + 1, mask=row_mask, other=1.0)
-            coef = (g * tl.exp((1.0 / p - 1.0) * tl.log(r)) / count_f)[:, None]
-            big_m = big_m[:, None]
-            p_minus_one = (p - 1.0)[:, None]
+    terms = _grad_terms(
+        grad_out_ptr,
+        aux_ptr,
+        weight,
+        (row, channel, row_mask),
+        C,
+        count_f,
+        MODE,
+        WEIGHT_KIND,
+        AUX_COLUMNS,
+    )
+    index = 0  # the max's index, (ROWS, 1) (max modes)
     if MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT:
         # relative to the origin, -1 for an empty row: never matched
         index = (tl.load(indices_ptr + row, mask=row_mask, other=-1) + origin)[:, None]
@@ -273,16 +226,5 @@ def token_backward_kernel(
         )
         part = _takes_part(s, begin, end, b, mask_ptr, S, row_mask, HAS_MASK) & own
         offsets = _offsets(base, s, C, CHANNELS_LAST)
-        if MODE == MODE_GEM:
-            v = tl.load(x_ptr + offsets, mask=part, other=0.0).to(tl.float32)
-            powered = tl.where(p_minus_one == 0.0, 1.0, tl.exp(p_minus_one * tl.log(v / big_m)))
-            grad = tl.where(part & (v >= eps), coef * powered, 0.0)
-        elif MODE == MODE_AVG:
-            grad = tl.where(part, per_element[:, None], 0.0)
-        elif MODE == MODE_MAX:
-            grad = tl.where(part & (s[None, :] == index), at_index[:, None], 0.0)
-        else:
-            grad = tl.where(part, per_element[:, None], 0.0) + tl.where(
-                part & (s[None, :] == index), at_index[:, None], 0.0
-            )
+        grad = _element_grad(x_ptr, offsets, part, s, index, terms, eps, MODE, True)
         tl.store(grad_x_ptr + offsets, grad.to(grad_dtype), mask=own)
