@@ -100,6 +100,21 @@ def choose_cpu_variant(
     return usable[-1], why
 
 
+def cpu_vector_bytes(variant: str, machine: str | None = None) -> int:
+    """The size in bytes of one at::vec::Vectorized in the CPU variant `variant` built for
+    `machine` (this one by default): ATen's VECTOR_WIDTH (ATen/cpu/vec/vec_base.h), 64 for avx512,
+    16 for the default variant on aarch64 (NEON), 32 otherwise (avx2, and the generic default of
+    x86_64). The CPU kernels' chunk is two such vectors of the accumulator type (csrc/cpu/vec.h,
+    ChunkIO); the path tests shape their inputs from it."""
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"{variant!r} is not a CPU variant; expected one of {CPU_VARIANTS}")
+    if variant == "avx512":
+        return 64
+    if variant == "default" and (machine or platform.machine()) in ("aarch64", "arm64"):
+        return 16
+    return 32
+
+
 _C = None
 missing_reason: str | None = None  # the extension was never built
 broken_reason: str | None = None  # it was built but does not load

@@ -23,7 +23,10 @@ class Mutation:
 
 # Most-likely killers first: pytest stops at the first failure (-x).
 DEFAULT_TESTS = (
-    "tests/test_paths_cpu.py",
+    "tests/test_paths_cpu_ncs.py",
+    "tests/test_paths_cpu_nsc.py",
+    "tests/test_paths_cpu_gem.py",
+    "tests/test_paths_cpu_memory.py",
     "tests/test_ops.py",
     "tests/test_gradients.py",
     "tests/test_torch_parity.py",

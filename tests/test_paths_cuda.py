@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from test_paths_cpu import cdiv, check, make_ncs, make_nsc
+from paths_common import cdiv, check, make_ncs, make_nsc
 
 import gapkernels
 

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from test_paths_cpu import (  # noqa: E402
+from paths_common import (  # noqa: E402
     OPS,
     _Backend,
     assert_close_relative,
@@ -50,7 +50,7 @@ TRITON = _Backend("triton")
 
 def triton_input(n, c, s, dtype, gen, channels_last, cuts=(), positive=False, offset=0):
     """(N, C, S, 1)-shaped input, NCS or NSC, specials planted at `cuts` (plant of
-    test_paths_cpu), optionally a view `offset` elements into a larger buffer."""
+    paths_common), optionally a view `offset` elements into a larger buffer."""
     x3 = torch.randn(n, c, s, generator=gen, dtype=torch.float64)
     if positive:
         x3 = x3.abs() + 0.1
