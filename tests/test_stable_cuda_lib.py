@@ -257,6 +257,46 @@ def test_info_says_why_the_cuda_kernels_are_not_loaded(monkeypatch):
     assert "CUDA kernels: not loaded: the CUDA kernels x.so failed to load: boom" in info.report()
 
 
+@pytest.fixture
+def fresh_cuda_state(monkeypatch):
+    """_ext's CUDA-library state, put back after the test."""
+    for name in ("cuda_library", "cuda_missing_reason", "cuda_broken_reason"):
+        monkeypatch.setattr(_ext, name, None)
+    return monkeypatch
+
+
+def test_a_cpu_only_torch_does_not_try_the_cuda_library(fresh_cuda_state):
+    fresh_cuda_state.setattr(torch.version, "cuda", None)
+
+    def load(path):
+        raise AssertionError(f"loaded {path}")
+
+    fresh_cuda_state.setattr(torch.ops, "load_library", load)
+    _ext._load_cuda()
+    assert _ext.cuda_library is None and _ext.cuda_broken_reason is None
+    assert "is a CPU-only build" in _ext.cuda_missing_reason
+
+
+def test_an_unbuilt_cuda_library_says_how_to_build_it(fresh_cuda_state):
+    fresh_cuda_state.setattr(torch.version, "cuda", "13.0")
+    fresh_cuda_state.setattr(_ext, "cuda_library_path", lambda: None)
+    _ext._load_cuda()
+    assert _ext.cuda_library is None and _ext.cuda_broken_reason is None
+    assert "gapkernels/_cuda.*.so) are not built" in _ext.cuda_missing_reason
+    assert _ext.BUILD_HINT in _ext.cuda_missing_reason
+
+
+def test_a_cuda_library_that_fails_to_load_keeps_the_reason(fresh_cuda_state, tmp_path):
+    bogus = tmp_path / "_cuda.abi3.so"
+    bogus.write_bytes(b"not an ELF file")
+    fresh_cuda_state.setattr(torch.version, "cuda", "13.0")
+    fresh_cuda_state.setattr(_ext, "cuda_library_path", lambda: str(bogus))
+    _ext._load_cuda()
+    assert _ext.cuda_library is None and _ext.cuda_missing_reason is None
+    assert f"the CUDA kernels {bogus} failed to load" in _ext.cuda_broken_reason
+    assert "file too short" in _ext.cuda_broken_reason  # the loader's own words
+
+
 def test_a_broken_cuda_library_is_reported_and_not_skipped_by_auto(monkeypatch):
     monkeypatch.setattr(_ext, "cuda_broken_reason", "the CUDA kernels x.so failed to load: boom")
     monkeypatch.setattr(_ext, "KERNEL_KEYS", _ext.KERNEL_KEYS - {"CUDA"})
