@@ -114,7 +114,7 @@ cuda_missing_reason: str | None = None  # why they are not loaded: not built, or
 cuda_broken_reason: str | None = None  # they were built but failed to load
 
 try:
-    _C = importlib.import_module("gapkernels._C")  # registers the schemas, and CUDA kernels
+    _C = importlib.import_module("gapkernels._C")  # registers the schemas and the autograd
 except ModuleNotFoundError as exc:
     if exc.name != "gapkernels._C":
         broken_reason = f"gapkernels._C failed to import: {exc!r}"
