@@ -16,8 +16,12 @@ The CPU kernels (csrc/cpu/) are built once per instruction set into their own li
 gapkernels/_cpu_<variant>.*.so, each registering the same CPU kernels; gapkernels/_ext.py loads
 exactly one at import, the best this CPU runs (the answer torch.backends.cpu.get_cpu_capability()
 gives), or the one GAPKERNELS_CPU_CAPABILITY names. The main library gapkernels._C holds the op
-schemas (csrc/ops.cpp) and the CUDA kernels. Which machine builds never matters: every x86-64
-build holds every variant.
+schemas, the C++ autograd and the eager entry (csrc/ops.cpp; no CUDA code, so a CPU-only torch
+loads it). The CUDA kernels are in their own library, gapkernels/_cuda.abi3.so, built on the
+LibTorch stable ABI for torch 2.11 and later (TORCH_TARGET_VERSION), which needs only
+libtorch_cuda, libtorch_cpu and libc10 of torch (cudart is linked statically); gapkernels/_ext.py
+loads it only where torch is a CUDA build. Which machine builds never matters: every x86-64 build
+holds every variant.
 """
 
 import glob
@@ -148,41 +152,72 @@ def cpu_extensions() -> list:
     ]
 
 
+# The checks every device shares (torch-free, on a TensorInfo each library fills): compiled into
+# each CPU kernel library and into the CUDA library, not into gapkernels._C.
+SHARED_SOURCES = ["csrc/checks.cpp"]
+
+# The LibTorch stable ABI: the oldest torch the CUDA library runs on, as TORCH_TARGET_VERSION
+# ([major][minor][patch] bytes, then a 5-byte ABI tag). The same macro makes every ATen/c10
+# header refuse to compile, so nothing outside the stable surface can slip in.
+STABLE_TARGET = "2.11"
+STABLE_TARGET_FLAG = "-DTORCH_TARGET_VERSION=0x020b000000000000"
+
+
 def extension():
-    # gapkernels._C: every .cpp under csrc/ at any depth (the schemas in ops.cpp, the checks),
-    # except under csrc/cpu/ (cpu_extensions) and csrc/cuda/, whose files (.cu, and .cpp that need
-    # the CUDA headers) are built only with CUDA. MANIFEST.in ships all of csrc/ in the sdist.
-    everything = sorted(glob.glob("csrc/**/*", recursive=True))
-    in_cuda = [f for f in everything if f.startswith("csrc/cuda/")]
+    # gapkernels._C: every .cpp under csrc/ at any depth (the schemas, autograd and eager entry in
+    # ops.cpp), except under csrc/cpu/ (cpu_extensions), csrc/cuda/ (cuda_extension) and the
+    # shared checks, which only the kernel libraries call. No CUDA code: a CppExtension that a
+    # CPU-only torch loads. MANIFEST.in ships all of csrc/ in the sdist.
     sources = [
         f
-        for f in everything
-        if f.endswith(".cpp") and f not in in_cuda and not f.startswith("csrc/cpu/")
+        for f in sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+        if not f.startswith(("csrc/cpu/", "csrc/cuda/")) and f not in SHARED_SOURCES
     ]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-fno-math-errno"]  # baseline x86-64: no kernel runs in this library
-    if with_cuda():
-        sources += [f for f in in_cuda if f.endswith((".cu", ".cpp"))]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # the user's list, when given, always wins
-            nvcc = nvcc_version(CUDA_HOME)
-            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(nvcc)
-            print(
-                f"gapkernels: nvcc {'.'.join(map(str, nvcc)) if nvcc else 'version unknown'}, "
-                f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)"
-            )
-        return CUDAExtension(
-            "gapkernels._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=[("GAPKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-        )
     return CppExtension(
         "gapkernels._C",
         sources,
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags},
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        # baseline x86-64: no kernel runs in this library
+        extra_compile_args={"cxx": ["-O3", "-fno-math-errno"]},
     )
+
+
+# The CUDA library's link: torch_cuda (aoti_torch_get_current_cuda_stream), torch_cpu (the rest
+# of the stable C shim), c10 (which cpp_extension always links; unused), and a static cudart, so
+# that the library does not need the toolkit's libcudart.so next to whatever CUDA torch has.
+# Neither torch_python (py_limited_api) nor c10_cuda nor libtorch.so: CUDAExtension's own list
+# would name them all.
+CUDA_LIBRARIES = ["c10", "torch_cpu", "torch_cuda", "cudart_static", "rt", "pthread", "dl"]
+
+
+def cuda_extension():
+    """gapkernels._cuda (None without CUDA): the CUDA kernels (csrc/cuda/: the .cu kernel units
+    and the host side, pool_cuda.cpp) and the shared checks, on the LibTorch stable ABI. USE_CUDA
+    declares the shim's CUDA calls (the current stream, the CUDA error text)."""
+    if not with_cuda():
+        return None
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # the user's list, when given, always wins
+        nvcc = nvcc_version(CUDA_HOME)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(nvcc)
+        print(
+            f"gapkernels: nvcc {'.'.join(map(str, nvcc)) if nvcc else 'version unknown'}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)"
+        )
+    sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+    sources += sorted(glob.glob("csrc/cuda/**/*.cpp", recursive=True)) + SHARED_SOURCES
+    stable = [STABLE_TARGET_FLAG, "-DUSE_CUDA"]
+    ext = CUDAExtension(
+        "gapkernels._cuda",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        py_limited_api=True,  # no Python API: loaded with torch.ops.load_library
+        extra_compile_args={
+            "cxx": ["-O3", "-g0", "-fvisibility=hidden", *stable],
+            "nvcc": ["-O3", "-lineinfo", "-Xcompiler", "-fvisibility=hidden", *stable],
+        },
+    )
+    ext.libraries = list(CUDA_LIBRARIES)
+    return ext
 
 
 def build_info(cuda: bool) -> dict:
@@ -192,6 +227,9 @@ def build_info(cuda: bool) -> dict:
     return {
         "torch": torch.__version__,
         "cuda_kernels": cuda,
+        # the CUDA kernels' library and the oldest torch it loads under (the stable ABI target)
+        "cuda_library": "gapkernels._cuda" if cuda else None,
+        "cuda_stable_target": STABLE_TARGET if cuda else None,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
         "nvcc": ".".join(map(str, nvcc)) if nvcc else None,
         "cpu_variants": cpu_variants(),
@@ -223,6 +261,10 @@ class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
 
 if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
     setup(
-        ext_modules=[extension(), *cpu_extensions()],
+        ext_modules=[
+            extension(),
+            *cpu_extensions(),
+            *[ext for ext in [cuda_extension()] if ext is not None],
+        ],
         cmdclass={"build_ext": BuildExtensionWithInfo},
     )

@@ -1,93 +1,141 @@
-// The checks made before any kernel runs and the allocation of results, shared by every device
-// (declared in pool_common.h). Compiled into the main library (gapkernels._C, for the CUDA
-// kernels) and into each CPU kernel library (gapkernels/_cpu_*.so), which has its own copy.
-#include "pool_common.h"
+// The checks shared by every device (declared in checks.h): one copy, on TensorInfo, compiled
+// into each CPU kernel library (gapkernels/_cpu_*.so, ATen) and into the CUDA library
+// (gapkernels/_cuda.*.so, the LibTorch stable ABI). No torch headers beyond the header-only enums.
+#include "checks.h"
 
 namespace gapkernels {
 
-namespace {
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+std::string shape_str(const int64_t* values, int64_t n) {
+  std::string s = "[";
+  for (int64_t i = 0; i < n; ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(values[i]);
+  }
+  return s + "]";
 }
 
-}  // namespace
+std::string device_str(DeviceType type, int32_t index) {
+  std::string name;
+  switch (type) {
+    case DeviceType::CPU:
+      name = "cpu";
+      break;
+    case DeviceType::CUDA:
+      name = "cuda";
+      break;
+    case DeviceType::Meta:
+      name = "meta";
+      break;
+    case DeviceType::MPS:
+      name = "mps";
+      break;
+    case DeviceType::XPU:
+      name = "xpu";
+      break;
+    default:
+      name = "device type " + std::to_string(static_cast<int>(type));
+  }
+  return index >= 0 ? name + ":" + std::to_string(index) : name;
+}
 
-PoolShape check_forward_inputs(const at::Tensor& x, int64_t mode,
-                               const std::optional<at::Tensor>& weight, const char* op) {
-  TORCH_CHECK(mode >= 0 && mode <= static_cast<int64_t>(Mode::Gem), op,
-              ": mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got ", mode);
-  TORCH_CHECK(x.dim() == 3, op, ": x must be the 3-D (N, C, S) view, got ", x.dim(), " dims");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
-              ": x must be float16, bfloat16, float32 or float64, got ", dt);
+PoolShape check_forward(const TensorInfo& x, int64_t mode, const TensorInfo* weight,
+                        const char* op) {
+  if (!(mode >= 0 && mode <= static_cast<int64_t>(Mode::Gem))) {
+    fail(op, ": mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got ", mode);
+  }
+  if (x.dim != 3) fail(op, ": x must be the 3-D (N, C, S) view, got ", x.dim, " dims");
+  const ScalarType dt = x.dtype;
+  if (!(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16 ||
+        dt == ScalarType::Double)) {
+    fail(op, ": x must be float16, bfloat16, float32 or float64, got ", dt);
+  }
   PoolShape s{x.size(0), x.size(1), x.size(2), false};
-  TORCH_CHECK(s.S > 0, op, ": the spatial size S must be > 0");
-  if (!x.is_contiguous()) {
+  if (s.S <= 0) fail(op, ": the spatial size S must be > 0");
+  if (!x.contiguous) {
     const bool nsc =
         x.stride(1) == 1 && x.stride(2) == s.C && (s.N == 1 || x.stride(0) == s.S * s.C);
-    TORCH_CHECK(nsc, op, ": x must have NCS (contiguous) or NSC (channels_last) strides, got ",
-                x.strides());
+    if (!nsc) {
+      fail(op, ": x must have NCS (contiguous) or NSC (channels_last) strides, got ",
+           shape_str(x.strides, x.dim));
+    }
     s.channels_last = true;
   }
   const Mode m = static_cast<Mode>(mode);
-  if (weight.has_value() && (m == Mode::Mixed || m == Mode::Gem)) {
-    const auto& w = *weight;
-    TORCH_CHECK(w.dim() == 1 && (w.numel() == 1 || w.numel() == s.C), op,
-                ": weight must be 1-D with 1 or C=", s.C, " elements, got shape ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == acc_dtype(dt), op, ": weight must be ", acc_dtype(dt),
-                " for x of ", dt, ", got ", w.scalar_type());
-    TORCH_CHECK(w.device() == x.device(), op, ": weight is on ", w.device(), ", x on ", x.device());
-    TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
+  if (weight != nullptr && (m == Mode::Mixed || m == Mode::Gem)) {
+    const TensorInfo& w = *weight;
+    if (!(w.dim == 1 && (w.size(0) == 1 || w.size(0) == s.C))) {
+      fail(op, ": weight must be 1-D with 1 or C=", s.C, " elements, got shape ",
+           shape_str(w.sizes, w.dim));
+    }
+    if (w.dtype != acc_dtype(dt)) {
+      fail(op, ": weight must be ", acc_dtype(dt), " for x of ", dt, ", got ", w.dtype);
+    }
+    if (!w.same_device(x)) fail(op, ": weight is on ", device_str(w), ", x on ", device_str(x));
+    if (!w.contiguous) fail(op, ": weight must be contiguous");
   }
   return s;
 }
 
-PoolShape check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
-                                const at::Tensor& aux, const at::Tensor& indices, int64_t mode,
-                                const std::optional<at::Tensor>& weight) {
+PoolShape check_backward(const TensorInfo& grad_out, const TensorInfo& x, const TensorInfo& aux,
+                         const TensorInfo& indices, int64_t mode, const TensorInfo* weight) {
   const char* op = "gapkernels::pool_backward";
-  PoolShape s = check_forward_inputs(x, mode, weight, op);
+  PoolShape s = check_forward(x, mode, weight, op);
   const Mode m = static_cast<Mode>(mode);
   const int64_t out_c = m == Mode::Cat ? 2 * s.C : s.C;
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == s.N && grad_out.size(1) == out_c, op,
-              ": grad_out must be (", s.N, ", ", out_c, "), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must be ", x.scalar_type(),
-              ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.is_contiguous(), op, ": grad_out must be contiguous");
-  TORCH_CHECK(grad_out.device() == x.device() && aux.device() == x.device() &&
-                  indices.device() == x.device(),
-              op, ": every tensor must be on ", x.device());
+  if (!(grad_out.dim == 2 && grad_out.size(0) == s.N && grad_out.size(1) == out_c)) {
+    fail(op, ": grad_out must be (", s.N, ", ", out_c, "), got ",
+         shape_str(grad_out.sizes, grad_out.dim));
+  }
+  if (grad_out.dtype != x.dtype) {
+    fail(op, ": grad_out must be ", x.dtype, ", got ", grad_out.dtype);
+  }
+  if (!grad_out.contiguous) fail(op, ": grad_out must be contiguous");
+  if (!(grad_out.same_device(x) && aux.same_device(x) && indices.same_device(x))) {
+    fail(op, ": every tensor must be on ", device_str(x));
+  }
   if (mode_has_max(m)) {
-    TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 2 &&
-                    indices.size(0) == s.N && indices.size(1) == s.C && indices.is_contiguous(),
-                op, ": indices must be contiguous int64 (N, C)");
+    if (!(indices.dtype == ScalarType::Long && indices.dim == 2 && indices.size(0) == s.N &&
+          indices.size(1) == s.C && indices.contiguous)) {
+      fail(op, ": indices must be contiguous int64 (N, C)");
+    }
   }
   if (m == Mode::Gem) {
-    TORCH_CHECK(aux.dim() == 3 && aux.size(0) == s.N && aux.size(1) == s.C && aux.size(2) >= 2 &&
-                    aux.scalar_type() == acc_dtype(x.scalar_type()) && aux.is_contiguous(),
-                op, ": aux must be the contiguous (N, C, K>=2) tensor pool_forward returned");
+    if (!(aux.dim == 3 && aux.size(0) == s.N && aux.size(1) == s.C && aux.size(2) >= 2 &&
+          aux.dtype == acc_dtype(x.dtype) && aux.contiguous)) {
+      fail(op, ": aux must be the contiguous (N, C, K>=2) tensor pool_forward returned");
+    }
   }
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& x,
-                                                                        const PoolShape& s,
-                                                                        Mode mode, bool with_log) {
-  const int64_t out_c = mode == Mode::Cat ? 2 * s.C : s.C;
-  auto out = at::empty({s.N, out_c}, x.options());
-  auto aux = at::empty({s.N, s.C, aux_columns(mode, with_log)},
-                       x.options().dtype(acc_dtype(x.scalar_type())));
-  auto indices = mode_has_max(mode) ? at::empty({s.N, s.C}, x.options().dtype(at::kLong))
-                                    : at::empty({0}, x.options().dtype(at::kLong));
-  return {out, aux, indices};
+ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log) {
+  ForwardSizes r{};
+  r.out[0] = s.N;
+  r.out[1] = mode == Mode::Cat ? 2 * s.C : s.C;
+  r.aux[0] = s.N;
+  r.aux[1] = s.C;
+  r.aux[2] = aux_columns(mode, with_log);
+  if (mode_has_max(mode)) {
+    r.indices[0] = s.N;
+    r.indices[1] = s.C;
+    r.indices_dim = 2;
+  } else {
+    r.indices[0] = 0;
+    r.indices_dim = 1;
+  }
+  return r;
 }
 
-at::Tensor allocate_grad_input(const at::Tensor& x, const PoolShape& s) {
+void grad_input_strides(const PoolShape& s, int64_t strides[3]) {
   if (s.channels_last) {
-    return at::empty_strided({s.N, s.C, s.S}, {s.S * s.C, 1, s.C}, x.options());
+    strides[0] = s.S * s.C;
+    strides[1] = 1;
+    strides[2] = s.C;
+  } else {  // contiguous, as torch computes it (a size-0 dim counts as 1)
+    strides[2] = 1;
+    strides[1] = s.S;
+    strides[0] = s.S * (s.C > 0 ? s.C : 1);
   }
-  return at::empty({s.N, s.C, s.S}, x.options());
 }
 
 }  // namespace gapkernels

@@ -1,6 +1,9 @@
 """Loads the compiled libraries and says why when it cannot.
 
-gapkernels._C holds the op schemas and the CUDA kernels. The CPU kernels are built once per
+gapkernels._C holds the op schemas, the C++ autograd and the eager entry; it is loaded first. The
+CUDA kernels are in gapkernels/_cuda.abi3.so (built on the LibTorch stable ABI, setup.py), loaded
+after _C and only where torch is a CUDA build, since the library needs torch's libtorch_cuda.so;
+whether a GPU is visible does not matter. The CPU kernels are built once per
 instruction set into gapkernels/_cpu_<variant>.*.so (setup.py), each registering the same CPU
 kernels; exactly one is loaded: the best this CPU runs, which is the answer torch gives
 (`torch.backends.cpu.get_cpu_capability()`, so ATEN_CPU_CAPABILITY lowers it too), or the one
@@ -121,9 +124,12 @@ broken_reason: str | None = None  # it was built but does not load
 cpu_variant: str | None = None  # the CPU kernels loaded: "default", "avx2" or "avx512"
 cpu_variant_reason = ""  # why that one
 cpu_library: str | None = None  # its file
+cuda_library: str | None = None  # the CUDA kernels' file, when loaded
+cuda_missing_reason: str | None = None  # why they are not loaded: not built, or a CPU torch
+cuda_broken_reason: str | None = None  # they were built but failed to load
 
 try:
-    _C = importlib.import_module("gapkernels._C")  # registers the schemas, and CUDA kernels
+    _C = importlib.import_module("gapkernels._C")  # registers the schemas and the autograd
 except ModuleNotFoundError as exc:
     if exc.name != "gapkernels._C":
         broken_reason = f"gapkernels._C failed to import: {exc!r}"
@@ -154,8 +160,56 @@ if _C is not None:
             )
 
 
+def cuda_library_path() -> str | None:
+    """The built CUDA kernel library (gapkernels/_cuda.*.so), or None."""
+    spec = importlib.util.find_spec("gapkernels._cuda")
+    return spec.origin if spec is not None else None
+
+
+def _load_cuda() -> None:
+    """Loads the CUDA kernels (after _C, which defines the schemas they register for), or records
+    why not."""
+    global cuda_library, cuda_missing_reason, cuda_broken_reason
+    path = cuda_library_path()
+    if torch.version.cuda is None:
+        cuda_missing_reason = (
+            f"torch {torch.__version__} is a CPU-only build (no libtorch_cuda), so the CUDA "
+            "kernels are not loaded"
+            + (f" (built: {path})" if path else "")
+            + "; install a CUDA build of torch"
+        )
+        return
+    if path is None:
+        cuda_missing_reason = (
+            "the gapkernels CUDA kernels (gapkernels/_cuda.*.so) are not built: the build found "
+            "no CUDA toolkit, its torch had no CUDA, or GAPKERNELS_NO_CUDA=1 was set; rebuild it "
+            f"with a CUDA toolkit and a CUDA build of torch: {BUILD_HINT}"
+        )
+        return
+    try:
+        torch.ops.load_library(path)  # registers the CUDA kernels
+    except (OSError, RuntimeError) as exc:
+        cause = exc.__cause__ or exc
+        cuda_broken_reason = (
+            f"the CUDA kernels {path} failed to load under torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}): {cause}"
+        )
+        return
+    cuda_library = path
+
+
+if _C is not None:
+    _load_cuda()
+
+
 def loaded() -> bool:
     return _C is not None
+
+
+def broken(dispatch_key: str) -> bool:
+    """Whether the kernels for `dispatch_key` were built but fail to load (an error that `auto`
+    does not hide, unlike kernels that were never built)."""
+    return broken_reason is not None or (dispatch_key == "CUDA" and cuda_broken_reason is not None)
 
 
 # Read once here: the public functions consult it on every call, also inside torch.compile graphs.
@@ -184,6 +238,10 @@ def unavailable_reason(dispatch_key: str) -> str | None:
                 "the gapkernels CPU kernels (gapkernels/_cpu_*.so) are not built for this CPU "
                 f"({cpu_variant_reason}); {BUILD_HINT}"
             )
+        if dispatch_key == "CUDA" and cuda_broken_reason is not None:
+            return f"{cuda_broken_reason}; rebuild it: {BUILD_HINT}"
+        if dispatch_key == "CUDA" and cuda_missing_reason is not None:
+            return cuda_missing_reason
         return (
             f"the gapkernels extension was built without {dispatch_key} kernels; "
             "rebuild it with a CUDA toolkit and a CUDA build of torch: " + BUILD_HINT

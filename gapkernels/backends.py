@@ -69,7 +69,7 @@ def _first_available(candidates: tuple[str, ...], x: torch.Tensor) -> str:
         reason = _cached_reason(name, x)
         if reason is None:
             return name
-        if name in ("cpu", "cuda") and _ext.broken_reason is not None:
+        if name in ("cpu", "cuda") and _ext.broken(name.upper()):
             # A broken build is an error to fix, not a backend to skip silently.
             raise RuntimeError(reason)
     return "reference"

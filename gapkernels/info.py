@@ -63,6 +63,23 @@ def _cpu_variant_lines() -> list[str]:
     ]
 
 
+def _cuda_library_line() -> str:
+    """Whether the CUDA kernel library (gapkernels/_cuda, LibTorch stable ABI) is built and
+    loaded, and why not."""
+    if _ext.cuda_library is not None:
+        return f"  CUDA kernels: loaded from {_ext.cuda_library}"
+    reason = _ext.cuda_broken_reason or _ext.cuda_missing_reason
+    return f"  CUDA kernels: not loaded: {reason}"
+
+
+def _cuda_library_built(info: dict) -> str:
+    """The CUDA library and its oldest torch, as the build record names them ("" in records of
+    builds that had the CUDA kernels in _C)."""
+    if not info.get("cuda_library"):
+        return ""
+    return f" ({info['cuda_library']}, stable ABI for torch >= {info.get('cuda_stable_target')})"
+
+
 def report() -> str:
     info = build_info()
     lines = [
@@ -85,6 +102,7 @@ def report() -> str:
         lines.append(f"  loaded from {getattr(_ext._C, '__file__', '?')}")
         lines.append(f"  kernels: CPU {_ext.has_kernel('CPU')}, CUDA {_ext.has_kernel('CUDA')}")
         lines += _cpu_variant_lines()
+        lines.append(_cuda_library_line())
     else:
         lines.append(f"  not loaded: {_ext.broken_reason or _ext.missing_reason}")
     if info is None:
@@ -92,8 +110,8 @@ def report() -> str:
     else:
         lines += [
             f"  built against torch {info.get('torch')} for {info.get('machine')}",
-            f"  CUDA kernels: {info.get('cuda_kernels')}; architectures "
-            f"{info.get('cuda_arch_list') or '-'}; nvcc {info.get('nvcc') or '-'}",
+            f"  CUDA kernels: {info.get('cuda_kernels')}{_cuda_library_built(info)}; "
+            f"architectures {info.get('cuda_arch_list') or '-'}; nvcc {info.get('nvcc') or '-'}",
             "  CPU variants built: "
             + (
                 ", ".join(info["cpu_variants"])

@@ -45,12 +45,13 @@ def nvcc_command(arch: str, sources: list[str], out_dir: str) -> list[str]:
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
     cmd += ["--compiler-options", "-fPIC"]
     cmd += [
-        "-DGAPKERNELS_WITH_CUDA=1",
         "-DTORCH_API_INCLUDE_EXTENSION_H",
-        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_EXTENSION_NAME=_cuda",
         "-std=c++20",
     ]
-    cmd += ["-O3", "-lineinfo"]  # setup.py's extra nvcc flags
+    # setup.py's extra nvcc flags (cuda_extension: the stable ABI target, USE_CUDA)
+    cmd += ["-O3", "-lineinfo", "-Xcompiler", "-fvisibility=hidden"]
+    cmd += ["-DTORCH_TARGET_VERSION=0x020b000000000000", "-DUSE_CUDA"]
     cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     cmd += ["-Xptxas", "-v", "-c"]
     if len(sources) == 1:

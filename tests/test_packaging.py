@@ -13,6 +13,7 @@ import re
 import runpy
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -140,12 +141,14 @@ def _cuda_extension_env(setup_py, monkeypatch, arch_list):
     made = {}
     setup_py["with_cuda"] = lambda: True
     setup_py["nvcc_version"] = lambda cuda_home: (12, 8)
-    setup_py["CUDAExtension"] = lambda name, sources, **kwargs: made.update(sources=sources)
+    setup_py["CUDAExtension"] = lambda name, sources, **kwargs: (
+        made.update(sources=sources) or types.SimpleNamespace()
+    )
     if arch_list is None:
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     else:
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
-    setup_py["extension"]()
+    setup_py["cuda_extension"]()
     assert any(source.endswith(".cu") for source in made["sources"])
     return os.environ["TORCH_CUDA_ARCH_LIST"]
 

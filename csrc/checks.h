@@ -1,0 +1,91 @@
+// The checks made before any kernel runs, one copy for every device and both C++ APIs: they read a
+// plain TensorInfo that each side fills (pool_common.h from an at::Tensor for the CPU libraries,
+// stable_common.h from a torch::stable::Tensor for the CUDA library) and throw std::runtime_error,
+// which Python sees as RuntimeError. Only torch's header-only dtype and device enums are used, so
+// this compiles with and without TORCH_TARGET_VERSION. The contract is in docs/DESIGN.md.
+#pragma once
+
+#include <torch/headeronly/core/DeviceType.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "pool_math.h"
+
+namespace gapkernels {
+
+using torch::headeronly::DeviceType;
+using torch::headeronly::ScalarType;
+
+// What the checks read of a tensor. The arrays belong to the tensor; the info must not outlive it.
+struct TensorInfo {
+  const int64_t* sizes;
+  const int64_t* strides;
+  int64_t dim;
+  ScalarType dtype;
+  DeviceType device_type;
+  int32_t device_index;  // -1: none (a CPU tensor)
+  bool contiguous;       // the tensor's is_contiguous()
+
+  int64_t size(int64_t d) const { return sizes[d]; }
+  int64_t stride(int64_t d) const { return strides[d]; }
+  bool same_device(const TensorInfo& o) const {
+    return device_type == o.device_type && device_index == o.device_index;
+  }
+};
+
+// A validated 3-D view (N, C, S) of the input.
+struct PoolShape {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  bool channels_last;  // NSC: strides (S*C, 1, C). False: NCS, contiguous.
+};
+
+// The accumulation dtype of the aux and weight tensors: double for double, else float.
+inline ScalarType acc_dtype(ScalarType t) {
+  return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+// "[3, 5]", as torch prints sizes and strides.
+std::string shape_str(const int64_t* values, int64_t n);
+// "cpu", "cuda:0", as torch prints a device.
+std::string device_str(DeviceType type, int32_t index);
+inline std::string device_str(const TensorInfo& t) {
+  return device_str(t.device_type, t.device_index);
+}
+
+// Throws std::runtime_error with the parts streamed together (only called on failure).
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+// Checks x (3-D, float dtype, NCS or NSC strides), mode and weight (nullptr: none); returns the
+// view's shape. `op` starts every message.
+PoolShape check_forward(const TensorInfo& x, int64_t mode, const TensorInfo* weight,
+                        const char* op);
+
+// Checks pool_backward's tensors against x and returns the view's shape.
+PoolShape check_backward(const TensorInfo& grad_out, const TensorInfo& x, const TensorInfo& aux,
+                         const TensorInfo& indices, int64_t mode, const TensorInfo* weight);
+
+// The sizes of pool_forward's results (docs/DESIGN.md): out (N, C or 2C), aux (N, C, K) of
+// acc_dtype, indices (N, C) int64 for the modes with a max, else (0,).
+struct ForwardSizes {
+  int64_t out[2];
+  int64_t aux[3];
+  int64_t indices[2];
+  int64_t indices_dim;
+};
+ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log);
+
+// grad_x's strides: x's layout (NCS contiguous, or NSC).
+void grad_input_strides(const PoolShape& s, int64_t strides[3]);
+
+}  // namespace gapkernels
