@@ -43,25 +43,11 @@ def test_gem_powers(p, path, dtype, gen):
     check("gem", x, _gem_weight(p, c, gen), gen, msg=f"p={p} {path}")
 
 
-def _old_gem_kernel() -> bool:
-    """True while the CPU kernel still computes the plain GeM (aux[..., 0] = mean(y**p)) rather
-    than the max-relative one of docs/DESIGN.md (aux[..., 0] = M): the gradient to p, computed in
-    Python from aux, then needs the kernel of the next commits."""
-    x = torch.tensor([[[2.0, 1.0]]])
-    _, aux, _ = torch.ops.gapkernels.pool_forward(x, 4, None, 1.0, 1e-6, True)
-    return aux[0, 0, 0].item() != 2.0
-
-
 @pytest.mark.parametrize("path", GEM_PATHS)
 @pytest.mark.parametrize("p", [3.0, 2.5, "channel"], ids=str)
 def test_gem_with_log_gradient_to_p(p, path, gen):
     """with_log (p requires grad): the log-sum statistic on every path, checked through the
     gradient to p."""
-    if _old_gem_kernel():
-        pytest.xfail(
-            "the CPU kernel still has the plain GeM statistics (aux = mean(y**p)); "
-            "the gradient to p needs the max-relative kernel (docs/DESIGN.md)"
-        )
     x = GEM_PATHS[path](torch.float32, gen)
     c = x.shape[1]
     w = _gem_weight(p, c, gen)

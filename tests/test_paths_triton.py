@@ -190,22 +190,12 @@ PATH_DTYPES = [(p, torch.float32) for p in PATHS] + [
 ]
 
 
-def skip_if_old_gem(op):
-    if op == "gem" and _old_gem_kernel():
-        pytest.xfail(
-            "the Triton kernel still has the plain GeM statistics and aux layout "
-            "(aux[..., 0] = mean(y**p)), which the Python side no longer reads; GeM "
-            "needs the max-relative kernel of docs/DESIGN.md"
-        )
-
-
 @pytest.mark.parametrize("path,dtype", PATH_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("op", ["avg", "max", "mixed", "catavgmax", "gem"])
 def test_paths_with_specials(op, path, dtype, gen):
     """Every path, with ties (first index wins, across lanes by _combine_lanes and across
     pieces by pool_combine_kernel), NaNs (the last wins), +inf ties, +inf with -inf, all -inf
     rows, on both sides of every loop step and piece boundary."""
-    skip_if_old_gem(op)
     n, c, s, cl = shape_for(path)
     cuts, _, _ = geometry_cuts(n, c, s, cl)
     x = triton_input(n, c, s, dtype, gen, cl, cuts, positive=op == "gem")
@@ -225,7 +215,6 @@ def test_paths_with_specials(op, path, dtype, gen):
 )
 def test_weight_kinds(op, kind, path, gen):
     """WEIGHT_SCALAR / WEIGHT_SHARED / WEIGHT_PER_CHANNEL in forward, combine and backward."""
-    skip_if_old_gem(op)
     n, c, s, cl = shape_for(path)
     x = triton_input(
         n, c, s, torch.float32, gen, cl, geometry_cuts(n, c, s, cl)[0], positive=op == "gem"
@@ -233,20 +222,11 @@ def test_weight_kinds(op, kind, path, gen):
     check(op, x, weight_for(op, c, gen, kind), gen, msg=path)
 
 
-def _old_gem_kernel() -> bool:
-    """True while the Triton kernel still writes the plain GeM statistics (aux[..., 0] =
-    mean(y**p)) rather than the max-relative ones of docs/DESIGN.md (aux[..., 0] = M)."""
-    x = torch.tensor([[[2.0, 1.0]]], device=DEVICE)
-    _, aux, _ = gk_triton.pool_forward(x, 4, None, 1.0, 1e-6, True)
-    return aux[0, 0, 0].item() != 2.0
-
-
 @pytest.mark.parametrize("path", ["ncs_one_tile", "ncs_split", "nsc_split"])
 @pytest.mark.parametrize("kind", ["shared", "channel"])
 def test_gem_with_log(kind, path, gen):
     """WITH_LOG (p requires grad): the log-sum lanes, their split partials and combine, checked
     through the gradient to p."""
-    skip_if_old_gem("gem")
     n, c, s, cl = shape_for(path)
     x = triton_input(n, c, s, torch.float32, gen, cl, positive=True)
     check("gem", x, weight_for("gem", c, gen, kind), gen, grad_weight=True, msg=path)
@@ -256,7 +236,6 @@ def test_gem_with_log(kind, path, gen):
 @pytest.mark.parametrize("op", ["max", "mixed", "gem"])
 def test_misaligned_view(op, path, gen):
     """A view one element into a larger buffer (on a GPU: no 16-byte pointer specialization)."""
-    skip_if_old_gem(op)
     n, c, s, cl = shape_for(path)
     x = triton_input(
         n,
