@@ -52,12 +52,15 @@ def _channels_inner(x: torch.Tensor, input_fmt: str) -> bool:
 # The choices are cached: what is available depends only on the backend, the device and the
 # dtype (the extension and Triton are loaded once per process), and `auto` on a GPU also on the
 # layout and the CUDA_TABLE row that the input's size falls in. An error is raised again on every
-# call, never cached.
+# call, never cached. Inside torch.compile the caches are neither read nor written: Dynamo would
+# guard on their contents, and the first eager call that fills them would recompile the graph.
 _reasons: dict[tuple[str, torch.device, torch.dtype], str | None] = {}
 _auto_choices: dict[tuple, str] = {}
 
 
 def _cached_reason(name: str, x: torch.Tensor) -> str | None:
+    if torch.compiler.is_compiling():
+        return unavailable_reason(name, x)
     key = (name, x.device, x.dtype)
     if key not in _reasons:
         _reasons[key] = unavailable_reason(name, x)
@@ -91,6 +94,8 @@ def _auto(x: torch.Tensor, input_fmt: str) -> str:
         key = (x.device, x.dtype, layout, row)
     else:
         return "reference"
+    if torch.compiler.is_compiling():
+        return _first_available(candidates, x)
     choice = _auto_choices.get(key)
     if choice is None:
         choice = _auto_choices[key] = _first_available(candidates, x)
@@ -132,6 +137,12 @@ def resolve(backend: str, x: torch.Tensor, input_fmt: str, fn: str) -> str:
     if reason is not None:
         raise RuntimeError(f"{fn}: backend={backend!r} is not available: {reason}")
     return backend
+
+
+def auto_chosen(backend: str) -> bool:
+    """Whether the backend `resolve` gives for `backend` is `auto`'s choice (not one that the
+    caller or GAPKERNELS_BACKEND named)."""
+    return backend == "auto" and not _env_backend()
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

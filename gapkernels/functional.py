@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from gapkernels import autograd, backends, export, reference, tokens
+from gapkernels import autograd, backends, export, inline, reference, tokens
 from gapkernels.autograd import entry_applies, pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
@@ -139,15 +139,23 @@ def _run(
     input_fmt: str,
     backend: str,
     fn: str,
+    want_indices: bool = False,
 ):
     """Runs one pooling op on a non-reference backend; returns (out shaped for the user, the
-    (N, C) indices of MAX_MODES), or None for the plain-torch path (backend 'reference', or an
-    ONNX export)."""
+    (N, C) indices of MAX_MODES, at least with `want_indices`), or None for the plain-torch path
+    (backend 'reference', or an ONNX export). Under torch.compile, a small CPU input on backend
+    "auto" is pooled by plain torch ops that Inductor fuses (gapkernels.inline)."""
     if _onnx_exporting():
         return None
     name = backends.resolve(backend, x, input_fmt, fn)
     if name == "reference":
         return None
+    if torch.compiler.is_compiling() and name == "cpu" and backends.auto_chosen(backend):
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (isinstance(weight, torch.Tensor) and weight.requires_grad)
+        )
+        if inline.applies(x, mode, needs_grad):
+            return inline.pool(x, mode, weight, eps, keepdim, input_fmt, needs_grad or want_indices)
     w_tensor, scalar, with_log = None, 0.5, False
     if isinstance(weight, torch.Tensor):
         # The one place a weight is normalized: any strides (expanded, sliced) become a contiguous
@@ -167,6 +175,17 @@ def _run(
     return out, indices
 
 
+def _token_form(fn, x, pool_type, weight, eps, return_indices, keepdim, input_fmt, backend, *tok):
+    """tokens.pool(...) when a token argument is given (mask, lengths, start; `tok` holds them
+    and check_p_values) or input_fmt is "NLC", else None (the global pooling path)."""
+    mask, lengths, start = tok[:3]
+    if mask is None and lengths is None and not start and input_fmt != "NLC":
+        return None
+    return tokens.pool(
+        fn, x, pool_type, weight, eps, return_indices, keepdim, input_fmt, backend, *tok
+    )
+
+
 def global_avg_pool(
     x: torch.Tensor,
     *,
@@ -180,10 +199,11 @@ def global_avg_pool(
     """Mean over every spatial dim: (N, C) (or (N, C, 1, ...) with keepdim). Token forms
     (mask / lengths / start / input_fmt="NLC"): gapkernels.tokens."""
     fn = "global_avg_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn, x, "avg", None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
-        )
+    tok = _token_form(
+        fn, x, "avg", None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _check_input(x, input_fmt, fn)
     result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn)
     if result is None:
@@ -205,23 +225,13 @@ def global_max_pool(
     """Max over every spatial dim, with `adaptive_max_pool2d`'s semantics (first max wins a tie,
     NaN wins); with return_indices, also the int64 flat spatial offset of the max."""
     fn = "global_max_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn,
-            x,
-            "max",
-            None,
-            0.0,
-            return_indices,
-            keepdim,
-            input_fmt,
-            backend,
-            mask,
-            lengths,
-            start,
-        )
+    tok = _token_form(
+        fn, x, "max", None, 0.0, return_indices, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _check_input(x, input_fmt, fn)
-    result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn, return_indices)
     if result is None:
         return _plain().global_max_pool(x, return_indices, keepdim=keepdim, input_fmt=input_fmt)
     if return_indices:
@@ -243,10 +253,11 @@ def global_mixed_pool(
 ) -> torch.Tensor:
     """alpha * max + (1 - alpha) * avg; alpha a float or a () / (C,) tensor (learnable)."""
     fn = "global_mixed_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn, x, "mixed", alpha, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
-        )
+    tok = _token_form(
+        fn, x, "mixed", alpha, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(alpha, "alpha", c, x, fn)
     result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn)
@@ -268,11 +279,12 @@ def global_avgmax_pool(
 ) -> torch.Tensor:
     """0.5 * (avg + max) (timm's avgmax); with concat=True, cat([avg, max], dim=1) (catavgmax)."""
     fn = "global_avgmax_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        pool_type = "catavgmax" if concat else "avgmax"
-        return tokens.pool(
-            fn, x, pool_type, None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
-        )
+    pool_type = "catavgmax" if concat else "avgmax"
+    tok = _token_form(
+        fn, x, pool_type, None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _check_input(x, input_fmt, fn)
     mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
     result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn)
@@ -305,22 +317,23 @@ def gem_pool(
     """global_gem_pool, for callers that keep p > 0 themselves (nn.GlobalPool's
     parametrization) and skip checking its values."""
     fn = "global_gem_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn,
-            x,
-            "gem",
-            p,
-            eps,
-            False,
-            keepdim,
-            input_fmt,
-            backend,
-            mask,
-            lengths,
-            start,
-            check_p_values,
-        )
+    tok = _token_form(
+        fn,
+        x,
+        "gem",
+        p,
+        eps,
+        False,
+        keepdim,
+        input_fmt,
+        backend,
+        mask,
+        lengths,
+        start,
+        check_p_values,
+    )
+    if tok is not None:
+        return tok
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(p, "p", c, x, fn)
     _check_gem_args(p, eps, fn, check_p_values)
