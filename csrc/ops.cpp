@@ -122,16 +122,18 @@ std::pair<at::Tensor, at::Tensor> grads_from_python(const at::Tensor& grad_out,
 at::Tensor weight_grad(int64_t mode, const at::Tensor& grad_out, const at::Tensor& aux,
                        const at::Tensor& weight) {
   const at::Tensor g = grad_out.to(aux.scalar_type());
+  // sym_*: the backward also runs on symbolic shapes (AOTAutograd tracing with dynamic shapes).
+  const bool one_weight = weight.sym_numel() == 1;
   at::Tensor per_sample;
   if (mode == static_cast<int64_t>(Mode::Mixed)) {
     per_sample = g * aux.select(-1, 0);  // aux = max - avg
   } else {
-    TORCH_CHECK(aux.size(-1) >= 3,
+    TORCH_CHECK(aux.sym_size(-1) >= 3,
                 "gapkernels: the gradient to GeM's p needs the forward to run with with_log=True");
     // aux = (M, r, l): the row maximum of y = clamp(x, eps), r = mean((y/M)**p) and
     // l = mean((y/M)**p * log(y/M)); out = M * r**(1/p) (M where M is inf), and
     // d out / d p = out * (l / (r p) - log(r) / p**2).
-    const at::Tensor p = weight.numel() == 1 ? weight : weight.view({1, -1});
+    const at::Tensor p = one_weight ? weight : weight.view({1, -1});
     const at::Tensor big_m = aux.select(-1, 0);
     const at::Tensor r = aux.select(-1, 1);
     const at::Tensor lg = aux.select(-1, 2);
@@ -139,7 +141,7 @@ at::Tensor weight_grad(int64_t mode, const at::Tensor& grad_out, const at::Tenso
     per_sample = g * out * (lg / (r * p) - r.log() / (p * p));
   }
   const at::Tensor grad = per_sample.sum(0);
-  return weight.numel() == 1 ? grad.sum().reshape({1}) : grad;
+  return one_weight ? grad.sum().reshape({1}) : grad;
 }
 
 bool has_tangent(const at::Tensor& t) {
