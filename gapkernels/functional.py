@@ -8,15 +8,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from gapkernels import autograd, backends, export, inline, reference, tokens
-from gapkernels.autograd import entry_applies, pool_apply
+from gapkernels.autograd import pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
 Weight = float | torch.Tensor
 
 INPUT_FORMATS = ("NCHW", "NHWC")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = frozenset(FLOAT_DTYPES)  # a set lookup: cheaper than comparing with each
 
 
 def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
@@ -30,7 +32,7 @@ def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
     if len(shape) < 3:
         layout = "(N, C, *spatial)" if nchw else "(N, *spatial, C)"
         raise ValueError(f"{fn}: x must have rank >= 3, {layout}; got shape {tuple(shape)}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     spatial = shape[2:] if nchw else shape[1:-1]
     if 0 in spatial:
@@ -114,14 +116,14 @@ try:
     # (they cost a third of a small pooling).
     from torch.onnx._internal.exporter import _flags as _onnx_flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ONNX_GLOBALS
-
-    def _onnx_exporting() -> bool:
-        if torch.compiler.is_compiling():  # Dynamo traces the public function, not these
-            return export.onnx_exporting()
-        return bool(_ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
-
 except ImportError:  # another torch's layout: its public function
-    _onnx_exporting = export.onnx_exporting
+    _ONNX_GLOBALS = None  # type: ignore[assignment]
+
+
+def _onnx_exporting() -> bool:
+    if torch.compiler.is_compiling() or _ONNX_GLOBALS is None:
+        return export.onnx_exporting()  # Dynamo traces the public function, not the flags
+    return bool(_ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
 
 
 def _plain():
@@ -143,28 +145,28 @@ def _run(
 ):
     """Runs one pooling op on a non-reference backend; returns (out shaped for the user, the
     (N, C) indices of MAX_MODES, at least with `want_indices`), or None for the plain-torch path
-    (backend 'reference', or an ONNX export). Under torch.compile, a small CPU input on backend
-    "auto" is pooled by plain torch ops that Inductor fuses (gapkernels.inline)."""
-    if _onnx_exporting():
+    (backend 'reference', or an ONNX export)."""
+    if torch.compiler.is_compiling():
+        return _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices)
+    # Eager: the cheapest route (this is most of a small call's Python).
+    if _ONNX_GLOBALS is not None:
+        if _ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting:
+            return None
+    elif export.onnx_exporting():
         return None
     name = backends.resolve(backend, x, input_fmt, fn)
     if name == "reference":
         return None
-    if torch.compiler.is_compiling() and name == "cpu" and backends.auto_chosen(backend):
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (isinstance(weight, torch.Tensor) and weight.requires_grad)
-        )
-        if inline.applies(x, mode, needs_grad):
-            return inline.pool(x, mode, weight, eps, keepdim, input_fmt, needs_grad or want_indices)
-    w_tensor, scalar, with_log = None, 0.5, False
-    if isinstance(weight, torch.Tensor):
-        # The one place a weight is normalized: any strides (expanded, sliced) become a contiguous
-        # 1-D tensor of 1 or C elements in the acc dtype, so no backend sees other strides.
-        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
-        with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
-    elif weight is not None:
-        scalar = float(weight)
-    if name != "triton" and entry_applies(x):
+    w_tensor, scalar, with_log = (
+        (None, 0.5, False) if weight is None else _op_weight(x, mode, weight)
+    )
+    if (  # autograd.entry_applies(x), inlined; not compiling here
+        name != "triton"
+        and type(x) is torch.Tensor
+        and not torch._C._are_functorch_transforms_active()
+        and fwAD._current_level < 0
+        and not torch._C._is_torch_function_mode_enabled()
+    ):
         nhwc = input_fmt == "NHWC"
         out, _, indices = autograd.cpp_entry(x, nhwc, mode, w_tensor, scalar, eps, with_log)
     else:
@@ -173,6 +175,40 @@ def _run(
     if keepdim:
         out = _finish(out, x, keepdim, input_fmt)
     return out, indices
+
+
+def _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices):
+    """_run inside torch.compile / torch.export: a small CPU input on backend "auto" is pooled by
+    plain torch ops that Inductor fuses (gapkernels.inline), anything else by the op."""
+    if export.onnx_exporting():
+        return None
+    name = backends.resolve(backend, x, input_fmt, fn, traced=True)
+    if name == "reference":
+        return None
+    if name == "cpu" and backends.auto_chosen(backend):
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (isinstance(weight, torch.Tensor) and weight.requires_grad)
+        )
+        if inline.applies(x, mode, needs_grad):
+            return inline.pool(x, mode, weight, eps, keepdim, input_fmt, needs_grad or want_indices)
+    w_tensor, scalar, with_log = (
+        (None, 0.5, False) if weight is None else _op_weight(x, mode, weight)
+    )
+    out, _, indices = pool_apply(_as_3d(x, input_fmt), mode, w_tensor, scalar, eps, with_log, name)
+    if keepdim:
+        out = _finish(out, x, keepdim, input_fmt)
+    return out, indices
+
+
+def _op_weight(x, mode: int, weight: Weight) -> tuple[torch.Tensor | None, float, bool]:
+    """(weight tensor or None, scalar weight, with_log) as the ops take them. The one place a
+    weight is normalized: any strides (expanded, sliced) become a contiguous 1-D tensor of 1 or
+    C elements in the acc dtype, so no backend sees other strides."""
+    if isinstance(weight, torch.Tensor):
+        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
+        with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
+        return w_tensor, 0.5, with_log
+    return None, float(weight), False
 
 
 def _token_form(fn, x, pool_type, weight, eps, return_indices, keepdim, input_fmt, backend, *tok):

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,30 +57,52 @@ def eager_math(op: str, x: torch.Tensor, w) -> torch.Tensor:
     return x.clamp(min=EPS).pow(w).mean((2, 3)).pow(1.0 / w)
 
 
-def gapkernels_fn(op: str, x: torch.Tensor, w, backend: str = "auto") -> torch.Tensor:
-    import gapkernels
-
-    kw: dict[str, Any] = {} if backend == "auto" else {"backend": backend}
-    if op == "avg":
-        return gapkernels.global_avg_pool(x, **kw)
-    if op == "max":
-        return gapkernels.global_max_pool(x, **kw)
-    if op == "avgmax":
-        return gapkernels.global_avgmax_pool(x, **kw)
-    if op == "catavgmax":
-        return gapkernels.global_avgmax_pool(x, concat=True, **kw)
-    if op == "mixed":
-        return gapkernels.global_mixed_pool(x, w, **kw)
-    return gapkernels.global_gem_pool(x, w, EPS, **kw)
+def torch_call(op: str) -> Callable:
+    """f(x, w): the same math in torch, one call (as a user would write it)."""
+    calls: dict[str, Callable] = {
+        "avg": lambda x, w: x.mean((2, 3)),
+        "max": lambda x, w: x.amax((2, 3)),
+    }
+    return calls.get(op) or (lambda x, w: eager_math(op, x, w))
 
 
-def inline_fn(op: str, x: torch.Tensor, w) -> torch.Tensor:
+def gapkernels_call(op: str, backend: str = "auto") -> Callable:
+    """f(x, w): the public function, resolved once (no lookup, import or dict in the timed call)."""
+    import gapkernels as gk
+
+    if backend == "auto":
+        calls: dict[str, Callable] = {
+            "avg": lambda x, w: gk.global_avg_pool(x),
+            "max": lambda x, w: gk.global_max_pool(x),
+            "avgmax": lambda x, w: gk.global_avgmax_pool(x),
+            "catavgmax": lambda x, w: gk.global_avgmax_pool(x, concat=True),
+            "mixed": lambda x, w: gk.global_mixed_pool(x, w),
+            "gem": lambda x, w: gk.global_gem_pool(x, w, EPS),
+        }
+    else:
+        calls = {
+            "avg": lambda x, w: gk.global_avg_pool(x, backend=backend),
+            "max": lambda x, w: gk.global_max_pool(x, backend=backend),
+            "avgmax": lambda x, w: gk.global_avgmax_pool(x, backend=backend),
+            "catavgmax": lambda x, w: gk.global_avgmax_pool(x, concat=True, backend=backend),
+            "mixed": lambda x, w: gk.global_mixed_pool(x, w, backend=backend),
+            "gem": lambda x, w: gk.global_gem_pool(x, w, EPS, backend=backend),
+        }
+    return calls[op]
+
+
+def inline_call(op: str) -> Callable:
+    """f(x, w): gapkernels.inline's math (this checkout only)."""
     from gapkernels import inline, ops
 
     mode = {"avg": 0, "max": 1, "avgmax": 2, "catavgmax": 3, "mixed": 2}.get(op, ops.MODE_GEM)
-    weight = {"avgmax": 0.5}.get(op, w)
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return inline.pool(x, mode, weight, EPS, False, "NCHW", needs_grad)[0]
+
+    def inline_fn(x, w):
+        weight = 0.5 if op == "avgmax" else w
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        return inline.pool(x, mode, weight, EPS, False, "NCHW", needs_grad)[0]
+
+    return inline_fn
 
 
 class EagerPool(torch.nn.Module):
@@ -159,31 +180,14 @@ def _compiled(fn):
 
 
 def case_function(op: str, impl: str) -> Callable:
-    """f(x, w) of one implementation: a function of its own (its own code object, so that each
-    compiled implementation has its own Dynamo cache, and none checks another's guards)."""
+    """f(x, w) of one implementation. Each implementation's is a function of its own (its own
+    code object), so that each compiled one has its own Dynamo cache and checks no other's
+    guards."""
     if impl == "torch":
-
-        def torch_fn(x, w):
-            return eager_math(op, x, w)
-
-        return torch_fn
+        return torch_call(op)
     if impl == "inline":
-
-        def inline_fn_(x, w):
-            return inline_fn(op, x, w)
-
-        return inline_fn_
-    if impl == "cpu":
-
-        def cpu_fn(x, w):
-            return gapkernels_fn(op, x, w, "cpu")
-
-        return cpu_fn
-
-    def gapkernels_fn_(x, w):
-        return gapkernels_fn(op, x, w)
-
-    return gapkernels_fn_
+        return inline_call(op)
+    return gapkernels_call(op, "cpu" if impl == "cpu" else "auto")
 
 
 def parse_shape(name: str) -> tuple[int, ...]:
