@@ -141,11 +141,12 @@ def _run(
     input_fmt: str,
     backend: str,
     fn: str,
-    want_indices: bool = False,
+    want_indices: bool,
 ):
     """Runs one pooling op on a non-reference backend; returns (out shaped for the user, the
     (N, C) indices of MAX_MODES, at least with `want_indices`), or None for the plain-torch path
-    (backend 'reference', or an ONNX export)."""
+    (backend 'reference', or an ONNX export). (No default arguments: under torch.compile each
+    one read is a guard checked on every call.)"""
     if torch.compiler.is_compiling():
         return _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices)
     # Eager: the cheapest route (this is most of a small call's Python).
@@ -180,17 +181,17 @@ def _run(
 def _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices):
     """_run inside torch.compile / torch.export: a small CPU input on backend "auto" is pooled by
     plain torch ops that Inductor fuses (gapkernels.inline), anything else by the op."""
-    if export.onnx_exporting():
-        return None
-    name = backends.resolve(backend, x, input_fmt, fn, traced=True)
-    if name == "reference":
-        return None
-    if name == "cpu" and backends.auto_chosen(backend):
+    if backend == "auto" and x.is_cpu and not torch.compiler.is_exporting():
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (isinstance(weight, torch.Tensor) and weight.requires_grad)
         )
         if inline.applies(x, mode, needs_grad):
             return inline.pool(x, mode, weight, eps, keepdim, input_fmt, needs_grad or want_indices)
+    if export.onnx_exporting():
+        return None
+    name = backends.resolve(backend, x, input_fmt, fn, traced=True)
+    if name == "reference":
+        return None
     w_tensor, scalar, with_log = (
         (None, 0.5, False) if weight is None else _op_weight(x, mode, weight)
     )
@@ -241,7 +242,7 @@ def global_avg_pool(
     if tok is not None:
         return tok
     _check_input(x, input_fmt, fn)
-    result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_avg_pool(x, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
@@ -296,7 +297,7 @@ def global_mixed_pool(
         return tok
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(alpha, "alpha", c, x, fn)
-    result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_mixed_pool(x, alpha, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
@@ -323,7 +324,7 @@ def global_avgmax_pool(
         return tok
     _check_input(x, input_fmt, fn)
     mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
-    result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_avgmax_pool(x, concat, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
@@ -373,7 +374,7 @@ def gem_pool(
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(p, "p", c, x, fn)
     _check_gem_args(p, eps, fn, check_p_values)
-    result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_gem_pool(x, p, eps, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]

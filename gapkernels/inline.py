@@ -47,12 +47,31 @@ MAX_ELEMENTS = {
 
 
 def applies(x: torch.Tensor, mode: int, needs_grad: bool) -> bool:
-    """Whether a compiled graph (not an export: torch.export keeps the kernels) pools `x` inline:
-    a CPU tensor with a static shape of at most MAX_ELEMENTS[needs_grad][mode] elements."""
-    if not x.is_cpu or torch.compiler.is_exporting():
-        return False
+    """Whether a compiled graph pools `x` (a CPU tensor on backend "auto") inline: a static shape
+    of at most MAX_ELEMENTS[needs_grad][mode] elements, GAPKERNELS_BACKEND unset, the C++ CPU
+    kernels built (else "auto" is the reference, plain torch too)."""
     # True only when it holds without a guard: a dynamic shape keeps the op (one graph for all).
-    return statically_known_true(x.numel() <= MAX_ELEMENTS[needs_grad][mode])
+    if not statically_known_true(x.numel() <= _LARGEST):
+        return False
+    return _plan(mode, needs_grad, x.numel())
+
+
+_LARGEST = max(max(t.values()) for t in MAX_ELEMENTS.values())
+
+
+def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
+    """applies(), once the shape is known static. Evaluated once when Dynamo traces the call and
+    taken as a constant (`torch.compiler.assume_constant_result`'s mark, set below without
+    importing Dynamo): no guards on what it reads, which would cost more per call than the pooling
+    (each guard is checked on every call of the compiled graph)."""
+    from gapkernels import _ext, backends
+
+    if backends._env_backend() or _ext.unavailable_reason("CPU") is not None:
+        return False
+    return numel <= MAX_ELEMENTS[needs_grad][mode]
+
+
+_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _max(xf: torch.Tensor, with_indices: bool):
@@ -75,8 +94,11 @@ def _max(xf: torch.Tensor, with_indices: bool):
 
 def pool(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, with_indices: bool):
     """(out shaped for the user, the (N, C) int64 indices of the max or None). `with_indices`:
-    the indices are wanted, or a gradient (which goes to them)."""
-    xf = reference._flat(x, input_fmt)
+    the indices are wanted, or a gradient (which goes to them). (reference._flat and _finish,
+    written out: each function called in a compiled graph's trace is a guard on every call.)"""
+    nhwc = input_fmt == "NHWC"
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = (x.movedim(-1, 1) if nhwc else x).flatten(2).to(acc)
     indices = None
     if mode == MODE_GEM:
         p = reference._per_channel(weight, xf)
@@ -93,4 +115,8 @@ def pool(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, with_i
         else:
             w = reference._per_channel(weight, xf)
             out = w * mx + (1 - w) * xf.mean(dim=2)
-    return reference._finish(out, x, keepdim, input_fmt), indices
+    out = out.to(x.dtype)
+    if keepdim:
+        ones = [1] * (x.dim() - 2)
+        out = out.reshape(out.shape[0], *ones, -1) if nhwc else out.reshape(*out.shape, *ones)
+    return out, indices

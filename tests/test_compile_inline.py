@@ -110,6 +110,13 @@ def test_compiled_inline_dtypes_formats_and_indices(dtype, fmt, monkeypatch, gen
     assert torch.equal(i_c, i_e) and i_c.dtype == torch.int64
     assert_close(v_c, v_e, dtype)
 
+    def keep(z):
+        return gapkernels.global_avgmax_pool(z, concat=True, keepdim=True, input_fmt=fmt)
+
+    k_e, k_c = keep(x), torch.compile(keep, fullgraph=True, dynamic=False)(x)
+    assert k_c.shape == k_e.shape and k_c.dtype == k_e.dtype
+    assert_close(k_c, k_e, dtype)
+
     def mixed(z, wt):
         return gapkernels.global_mixed_pool(z, wt, input_fmt=fmt)
 
