@@ -12,17 +12,26 @@
 
 namespace {
 
-// gapkernels.autograd.cpp_op_grads, set once at import: the backward's Python route (weight
-// gradients, and every backward that is itself differentiated), one copy of those formulas.
+// Set once at import by gapkernels.autograd: cpp_op_grads, the backward's Python route (every
+// backward that is itself differentiated), and pool_tangent, the forward-mode formulas; one copy
+// of those formulas, in plain torch.
 PyObject* python_grads = nullptr;
+PyObject* python_tangent = nullptr;
 
-PyObject* set_python_grads(PyObject* /*module*/, PyObject* fn) {
-  if (!PyCallable_Check(fn)) {
-    PyErr_SetString(PyExc_TypeError, "_set_python_grads expects a callable");
+PyObject* set_python_callbacks(PyObject* /*module*/, PyObject* args) {
+  PyObject* grads = nullptr;
+  PyObject* tangent = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &grads, &tangent)) {
     return nullptr;
   }
-  Py_INCREF(fn);
-  Py_XSETREF(python_grads, fn);
+  if (!PyCallable_Check(grads) || !PyCallable_Check(tangent)) {
+    PyErr_SetString(PyExc_TypeError, "_set_python_callbacks expects two callables");
+    return nullptr;
+  }
+  Py_INCREF(grads);
+  Py_XSETREF(python_grads, grads);
+  Py_INCREF(tangent);
+  Py_XSETREF(python_tangent, tangent);
   Py_RETURN_NONE;
 }
 
@@ -37,9 +46,9 @@ namespace {
 PyMethodDef module_methods[] = {
     {"pool", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(gapkernels::pool_entry)),
      METH_FASTCALL, "The public functions' eager entry: see csrc/ops.cpp."},
-    {"_set_python_grads", set_python_grads, METH_O,
-     "Sets the Python function the ops' C++ backward calls for weight gradients and for a "
-     "differentiated backward."},
+    {"_set_python_callbacks", set_python_callbacks, METH_VARARGS,
+     "Sets the Python functions the ops' C++ autograd calls for a differentiated backward and "
+     "for forward mode."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -89,7 +98,7 @@ bool requires_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight)
          (x.requires_grad() || (weight.has_value() && weight->requires_grad()));
 }
 
-// (grad_x3, grad_weight) from Python (gapkernels.autograd.cpp_op_grads).
+// (grad_x3, grad_weight) from Python (gapkernels.autograd.cpp_op_grads): differentiable.
 std::pair<at::Tensor, at::Tensor> grads_from_python(const at::Tensor& grad_out,
                                                     const at::Tensor& x3, const at::Tensor& aux,
                                                     const at::Tensor& indices,
@@ -104,6 +113,43 @@ std::pair<at::Tensor, at::Tensor> grads_from_python(const at::Tensor& grad_out,
       weight.defined() ? pybind11::cast(weight) : pybind11::none(), scalar, eps, need_x, need_w);
   auto pair = result.cast<std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>>>();
   return {pair.first.value_or(at::Tensor()), pair.second.value_or(at::Tensor())};
+}
+
+// The gradient to alpha (Mixed) or p (Gem), first order, from the statistics the forward saved in
+// aux: the same formula as gapkernels.ops.weight_grad (the Triton ops' route), which the tests
+// compare with the reference through both. (N, C) per-sample terms, summed over N, then to the
+// weight's 1 or C elements.
+at::Tensor weight_grad(int64_t mode, const at::Tensor& grad_out, const at::Tensor& aux,
+                       const at::Tensor& weight) {
+  const at::Tensor g = grad_out.to(aux.scalar_type());
+  // sym_*: the backward also runs on symbolic shapes (AOTAutograd tracing with dynamic shapes).
+  const bool one_weight = weight.sym_numel() == 1;
+  at::Tensor per_sample;
+  if (mode == static_cast<int64_t>(Mode::Mixed)) {
+    per_sample = g * aux.select(-1, 0);  // aux = max - avg
+  } else {
+    TORCH_CHECK(aux.sym_size(-1) >= 3,
+                "gapkernels: the gradient to GeM's p needs the forward to run with with_log=True");
+    // aux = (M, r, l): the row maximum of y = clamp(x, eps), r = mean((y/M)**p) and
+    // l = mean((y/M)**p * log(y/M)); out = M * r**(1/p) (M where M is inf), and
+    // d out / d p = out * (l / (r p) - log(r) / p**2).
+    const at::Tensor p = one_weight ? weight : weight.view({1, -1});
+    const at::Tensor big_m = aux.select(-1, 0);
+    const at::Tensor r = aux.select(-1, 1);
+    const at::Tensor lg = aux.select(-1, 2);
+    const at::Tensor out = at::where(big_m.isinf(), big_m, big_m * r.pow(p.reciprocal()));
+    per_sample = g * out * (lg / (r * p) - r.log() / (p * p));
+  }
+  const at::Tensor grad = per_sample.sum(0);
+  return one_weight ? grad.sum().reshape({1}) : grad;
+}
+
+bool has_tangent(const at::Tensor& t) {
+  return t.defined() && t._fw_grad(/*level=*/0).defined();
+}
+
+at::Tensor primal(const at::Tensor& t) {
+  return has_tangent(t) ? t._fw_primal(0) : t;
 }
 
 // How the autograd Function's input relates to the op's (N, C, S) input.
@@ -152,9 +198,10 @@ at::Tensor from_3d(const at::Tensor& grad_x3, Layout layout, at::IntArrayRef siz
   return layout == Layout::Nhwc ? grad.movedim(1, -1) : grad;
 }
 
-// pool_forward's derivative. First order (grad mode off in backward) without a weight gradient,
-// all in C++: the backend's fused backward kernel. Otherwise the Python formulas (see
-// gapkernels/autograd.py), which are differentiable to any order.
+// pool_forward's derivative. First order (grad mode off in backward), all in C++: the backend's
+// fused backward kernel, and weight_grad above for alpha / p. A backward that is itself
+// differentiated (create_graph=True) runs the Python formulas (gapkernels/autograd.py), which
+// are differentiable to any order.
 class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t layout,
@@ -171,10 +218,16 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
     ctx->saved_data["scalar"] = scalar;
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({aux, indices});
+    // No zero gradients made for aux and indices (non-differentiable, never read): two
+    // allocations and fills per backward, a third of a small one.
+    ctx->set_materialize_grads(false);
     return {out, aux, indices};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) {  // nothing reached out (materialize_grads is off)
+      return variable_list(7);
+    }
     const auto saved = ctx->get_saved_variables();
     const auto layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
     const int64_t mode = ctx->saved_data["mode"].toInt();
@@ -186,15 +239,20 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
                         (mode == static_cast<int64_t>(gapkernels::Mode::Mixed) ||
                          mode == static_cast<int64_t>(gapkernels::Mode::Gem));
     at::Tensor grad_x, grad_w;
-    if (at::GradMode::is_enabled() || need_w) {
+    if (at::GradMode::is_enabled()) {
       std::tie(grad_x, grad_w) =
           grads_from_python(grads[0], as_3d(saved[4], layout), saved[1], saved[2], saved[3], mode,
                             scalar, eps, need_x, need_w);
-    } else if (need_x) {
-      const std::optional<at::Tensor> weight =
-          has_weight ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
-      grad_x = call_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], mode, weight,
-                             scalar, eps);
+    } else {
+      if (need_x) {
+        const std::optional<at::Tensor> weight =
+            has_weight ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+        grad_x = call_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], mode, weight,
+                               scalar, eps);
+      }
+      if (need_w) {
+        grad_w = weight_grad(mode, grads[0], saved[1], saved[3]);
+      }
     }
     grad_x = from_3d(grad_x, layout, ctx->saved_data["sizes"].toIntVector());
     return {grad_x, at::Tensor(), at::Tensor(), grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -212,10 +270,45 @@ ForwardResult forward_with_autograd(const at::Tensor& x, Layout layout, int64_t 
   return {outs[0], outs[1], outs[2]};
 }
 
+// Forward mode (torch.autograd.forward_ad, torch.func.jvp / jacfwd on the op itself): the tangent
+// of out from gapkernels.autograd.pool_tangent (the same formulas as the public functions'
+// forward mode), set on out as generated ATen ops set theirs. aux and indices have none.
+void set_tangent(const at::Tensor& out, const at::Tensor& aux, const at::Tensor& indices,
+                 const at::Tensor& x, int64_t mode, const std::optional<at::Tensor>& weight,
+                 double scalar, double eps) {
+  TORCH_CHECK(python_tangent != nullptr,
+              "gapkernels::pool_forward: forward mode needs gapkernels.autograd to be imported");
+  const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+  const at::Tensor t_x = x._fw_grad(0);
+  const bool weighted =
+      mode == static_cast<int64_t>(Mode::Mixed) || mode == static_cast<int64_t>(Mode::Gem);
+  const at::Tensor t_w = weighted && w.defined() ? w._fw_grad(0) : at::Tensor();
+  at::Tensor tangent;
+  {
+    pybind11::gil_scoped_acquire gil;
+    auto cast = [](const at::Tensor& t) {
+      return t.defined() ? pybind11::cast(t) : pybind11::none();
+    };
+    pybind11::object result = pybind11::reinterpret_borrow<pybind11::object>(python_tangent)(
+        primal(x), aux, indices, mode, cast(primal(w)), scalar, eps, cast(t_x), cast(t_w));
+    if (!result.is_none()) {
+      tangent = result.cast<at::Tensor>();
+    }
+  }
+  if (tangent.defined()) {
+    out._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+  }
+}
+
 ForwardResult pool_forward_autograd(const at::Tensor& x, int64_t mode,
                                     const std::optional<at::Tensor>& weight, double scalar,
                                     double eps, bool with_log) {
-  return forward_with_autograd(x, Layout::Op, mode, weight, scalar, eps, with_log);
+  auto result = forward_with_autograd(x, Layout::Op, mode, weight, scalar, eps, with_log);
+  if (has_tangent(x) || (weight.has_value() && has_tangent(*weight))) {
+    set_tangent(std::get<0>(result), std::get<1>(result), std::get<2>(result), x, mode, weight,
+                scalar, eps);
+  }
+  return result;
 }
 
 // pool_backward has no derivative of its own: the forward's backward is what is differentiable.
@@ -240,6 +333,11 @@ at::Tensor pool_backward_autograd(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& aux, const at::Tensor& indices, int64_t mode,
                                   const std::optional<at::Tensor>& weight, double scalar,
                                   double eps) {
+  TORCH_CHECK(!(has_tangent(grad_out) || has_tangent(x) || has_tangent(aux) ||
+                (weight.has_value() && has_tangent(*weight))),
+              "gapkernels::pool_backward: forward-mode AD of the backward op itself is not "
+              "supported; differentiate through the forward (gapkernels' functions or "
+              "pool_forward), whose backward is differentiable to any order");
   const bool any_grad = at::GradMode::is_enabled() &&
                         (grad_out.requires_grad() || x.requires_grad() || aux.requires_grad() ||
                          (weight.has_value() && weight->requires_grad()));

@@ -12,13 +12,15 @@ Two routes lead here, with one set of formulas:
 - The ops' own autograd, for callers of `torch.ops.gapkernels*.pool_forward` itself, for
   `opcheck`, and for the public functions' plain eager calls (no `torch.func`, no forward mode,
   not compiling), where `PoolFunction`'s Python costs more than the op. The C++ ops register it in
-  C++ (`csrc/ops.cpp`, the Autograd key): first order without a weight gradient runs there
-  entirely; weight gradients and a differentiated backward call `cpp_op_grads` below. The Triton
-  ops register it in Python (`register_pool_ops` in `gapkernels/ops.py`).
+  C++ (`csrc/ops.cpp`, the Autograd key): first order runs there entirely (weight gradients
+  included); a differentiated backward calls `cpp_op_grads` below, and forward mode on the op
+  itself `pool_tangent`. The Triton ops register it in Python (`register_pool_ops` in
+  `gapkernels/ops.py`).
 
 First-order backward (grad mode off inside backward: `loss.backward()`, `autograd.grad` without
 `create_graph`) runs the backend's fused backward kernel, and the weight gradients from the
-forward's statistics (`ops.weight_grad`). When the backward itself is differentiated
+forward's statistics (`ops.weight_grad`; its twin `weight_grad` in csrc/ops.cpp for the C++
+ops). When the backward itself is differentiated
 (`create_graph=True`, or any `torch.func` transform), the gradients are computed by the plain-torch
 formulas below instead: every op in them has derivatives (of any order) and forward-mode rules,
 they use the forward's arg-max indices (so ties and NaNs go where the kernel sent them), and GeM is
@@ -223,7 +225,7 @@ def _pair(backend: str) -> OpPair:
 
 def cpp_op_grads(grad_out, x3, aux, indices, mode, weight, scalar, eps, need_x, need_w):
     """(grad_x, grad_weight) for the C++ ops' autograd (csrc/ops.cpp), which calls this for a
-    weight gradient or a backward that is itself differentiated."""
+    backward that is itself differentiated (grad mode on: the differentiable formulas)."""
     return pool_grads(
         _pair("cpu"), x3, aux, indices, mode, weight, scalar, eps, grad_out, need_x, need_w
     )
@@ -237,7 +239,7 @@ _CPP_FORWARD: Callable[..., Any] = _no_cpp_ops
 # _C.pool(x, nhwc, mode, weight, scalar, eps, with_log): see entry_applies and csrc/ops.cpp.
 cpp_entry: Callable[..., Any] = _no_cpp_ops
 if _ext._C is not None:
-    _ext._C._set_python_grads(cpp_op_grads)
+    _ext._C._set_python_callbacks(cpp_op_grads, pool_tangent)
     _CPP_FORWARD = torch.ops.gapkernels.pool_forward.default
     cpp_entry = _ext._C.pool
 
@@ -334,7 +336,8 @@ def _transformed() -> bool:
 def entry_applies(x: torch.Tensor) -> bool:
     """Whether a public function's call on `x` (on a C++ backend) can take `_C.pool`, which
     takes the (N, C, S) view and calls the op in C++: a plain tensor in plain eager mode (not
-    compiling, no torch.func transform or forward mode, no __torch_function__ to honor)."""
+    compiling, no torch.func transform or forward mode, no __torch_function__ to honor).
+    `functional._run`'s eager path inlines the same test (a call costs 3% of a small pooling)."""
     return (
         not torch.compiler.is_compiling()
         and type(x) is torch.Tensor

@@ -52,21 +52,25 @@ def _channels_inner(x: torch.Tensor, input_fmt: str) -> bool:
 # The choices are cached: what is available depends only on the backend, the device and the
 # dtype (the extension and Triton are loaded once per process), and `auto` on a GPU also on the
 # layout and the CUDA_TABLE row that the input's size falls in. An error is raised again on every
-# call, never cached.
+# call, never cached. A traced call (torch.compile, torch.export: `resolve(..., traced=True)`)
+# neither reads nor writes them: Dynamo would guard on their contents, and the first eager call
+# that fills them would recompile the graph.
 _reasons: dict[tuple[str, torch.device, torch.dtype], str | None] = {}
 _auto_choices: dict[tuple, str] = {}
 
 
-def _cached_reason(name: str, x: torch.Tensor) -> str | None:
+def _cached_reason(name: str, x: torch.Tensor, traced: bool = False) -> str | None:
+    if traced:
+        return unavailable_reason(name, x)
     key = (name, x.device, x.dtype)
     if key not in _reasons:
         _reasons[key] = unavailable_reason(name, x)
     return _reasons[key]
 
 
-def _first_available(candidates: tuple[str, ...], x: torch.Tensor) -> str:
+def _first_available(candidates: tuple[str, ...], x: torch.Tensor, traced: bool = False) -> str:
     for name in candidates:
-        reason = _cached_reason(name, x)
+        reason = _cached_reason(name, x, traced)
         if reason is None:
             return name
         if name in ("cpu", "cuda") and _ext.broken(name.upper()):
@@ -75,7 +79,7 @@ def _first_available(candidates: tuple[str, ...], x: torch.Tensor) -> str:
     return "reference"
 
 
-def _auto(x: torch.Tensor, input_fmt: str) -> str:
+def _auto(x: torch.Tensor, input_fmt: str, traced: bool) -> str:
     if x.is_cpu:
         key: tuple = ("cpu",)
         candidates: tuple[str, ...] = ("cpu",)
@@ -91,6 +95,8 @@ def _auto(x: torch.Tensor, input_fmt: str) -> str:
         key = (x.device, x.dtype, layout, row)
     else:
         return "reference"
+    if traced:
+        return _first_available(candidates, x, traced)
     choice = _auto_choices.get(key)
     if choice is None:
         choice = _auto_choices[key] = _first_available(candidates, x)
@@ -110,15 +116,18 @@ def _env_backend() -> str | None:
     return None if value is None else os.environ.decodevalue(value)
 
 
-def resolve(backend: str, x: torch.Tensor, input_fmt: str, fn: str) -> str:
+def resolve(backend: str, x: torch.Tensor, input_fmt: str, fn: str, traced: bool = False) -> str:
     """The backend that runs `fn` on `x` (laid out as `input_fmt` says); raises if an explicitly
-    named one cannot."""
+    named one cannot. `traced`: inside torch.compile / torch.export (the caches are skipped)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(
             f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
         )
     if backend == "auto":
-        env = _env_backend()
+        # _env_backend(), inlined: every call takes this path.
+        env = os.environ.get(ENV_VAR) if _ENV_DATA is None else _ENV_DATA.get(_ENV_KEY)
+        if env is not None and _ENV_DATA is not None:
+            env = os.environ.decodevalue(env)
         if env:
             if env not in BACKENDS:
                 raise ValueError(
@@ -127,11 +136,17 @@ def resolve(backend: str, x: torch.Tensor, input_fmt: str, fn: str) -> str:
                 )
             backend = env
         if backend == "auto":
-            return _auto(x, input_fmt)
-    reason = _cached_reason(backend, x)
+            return _auto(x, input_fmt, traced)
+    reason = _cached_reason(backend, x, traced)
     if reason is not None:
         raise RuntimeError(f"{fn}: backend={backend!r} is not available: {reason}")
     return backend
+
+
+def auto_chosen(backend: str) -> bool:
+    """Whether the backend `resolve` gives for `backend` is `auto`'s choice (not one that the
+    caller or GAPKERNELS_BACKEND named)."""
+    return backend == "auto" and not _env_backend()
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

@@ -8,15 +8,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
-from gapkernels import autograd, backends, export, reference, tokens
-from gapkernels.autograd import entry_applies, pool_apply
+from gapkernels import autograd, backends, export, inline, reference, tokens
+from gapkernels.autograd import pool_apply
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, acc_dtype
 
 Weight = float | torch.Tensor
 
 INPUT_FORMATS = ("NCHW", "NHWC")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = frozenset(FLOAT_DTYPES)  # a set lookup: cheaper than comparing with each
 
 
 def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
@@ -30,7 +32,7 @@ def _check_input(x, input_fmt: str, fn: str) -> tuple[int, int]:
     if len(shape) < 3:
         layout = "(N, C, *spatial)" if nchw else "(N, *spatial, C)"
         raise ValueError(f"{fn}: x must have rank >= 3, {layout}; got shape {tuple(shape)}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     spatial = shape[2:] if nchw else shape[1:-1]
     if 0 in spatial:
@@ -114,14 +116,14 @@ try:
     # (they cost a third of a small pooling).
     from torch.onnx._internal.exporter import _flags as _onnx_flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ONNX_GLOBALS
-
-    def _onnx_exporting() -> bool:
-        if torch.compiler.is_compiling():  # Dynamo traces the public function, not these
-            return export.onnx_exporting()
-        return bool(_ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
-
 except ImportError:  # another torch's layout: its public function
-    _onnx_exporting = export.onnx_exporting
+    _ONNX_GLOBALS = None  # type: ignore[assignment]
+
+
+def _onnx_exporting() -> bool:
+    if torch.compiler.is_compiling() or _ONNX_GLOBALS is None:
+        return export.onnx_exporting()  # Dynamo traces the public function, not the flags
+    return bool(_ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
 
 
 def _plain():
@@ -139,24 +141,33 @@ def _run(
     input_fmt: str,
     backend: str,
     fn: str,
+    want_indices: bool,
 ):
     """Runs one pooling op on a non-reference backend; returns (out shaped for the user, the
-    (N, C) indices of MAX_MODES), or None for the plain-torch path (backend 'reference', or an
-    ONNX export)."""
-    if _onnx_exporting():
+    (N, C) indices of MAX_MODES, at least with `want_indices`), or None for the plain-torch path
+    (backend 'reference', or an ONNX export). (No default arguments: under torch.compile each
+    one read is a guard checked on every call.)"""
+    if torch.compiler.is_compiling():
+        return _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices)
+    # Eager: the cheapest route (this is most of a small call's Python).
+    if _ONNX_GLOBALS is not None:
+        if _ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting:
+            return None
+    elif export.onnx_exporting():
         return None
     name = backends.resolve(backend, x, input_fmt, fn)
     if name == "reference":
         return None
-    w_tensor, scalar, with_log = None, 0.5, False
-    if isinstance(weight, torch.Tensor):
-        # The one place a weight is normalized: any strides (expanded, sliced) become a contiguous
-        # 1-D tensor of 1 or C elements in the acc dtype, so no backend sees other strides.
-        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
-        with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
-    elif weight is not None:
-        scalar = float(weight)
-    if name != "triton" and entry_applies(x):
+    w_tensor, scalar, with_log = (
+        (None, 0.5, False) if weight is None else _op_weight(x, mode, weight)
+    )
+    if (  # autograd.entry_applies(x), inlined; not compiling here
+        name != "triton"
+        and type(x) is torch.Tensor
+        and not torch._C._are_functorch_transforms_active()
+        and fwAD._current_level < 0
+        and not torch._C._is_torch_function_mode_enabled()
+    ):
         nhwc = input_fmt == "NHWC"
         out, _, indices = autograd.cpp_entry(x, nhwc, mode, w_tensor, scalar, eps, with_log)
     else:
@@ -165,6 +176,51 @@ def _run(
     if keepdim:
         out = _finish(out, x, keepdim, input_fmt)
     return out, indices
+
+
+def _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices):
+    """_run inside torch.compile / torch.export: a small CPU input on backend "auto" is pooled by
+    plain torch ops that Inductor fuses (gapkernels.inline), anything else by the op."""
+    if backend == "auto" and x.is_cpu and not torch.compiler.is_exporting():
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (isinstance(weight, torch.Tensor) and weight.requires_grad)
+        )
+        if inline.applies(x, mode, needs_grad):
+            return inline.pool(x, mode, weight, eps, keepdim, input_fmt, needs_grad or want_indices)
+    if export.onnx_exporting():
+        return None
+    name = backends.resolve(backend, x, input_fmt, fn, traced=True)
+    if name == "reference":
+        return None
+    w_tensor, scalar, with_log = (
+        (None, 0.5, False) if weight is None else _op_weight(x, mode, weight)
+    )
+    out, _, indices = pool_apply(_as_3d(x, input_fmt), mode, w_tensor, scalar, eps, with_log, name)
+    if keepdim:
+        out = _finish(out, x, keepdim, input_fmt)
+    return out, indices
+
+
+def _op_weight(x, mode: int, weight: Weight) -> tuple[torch.Tensor | None, float, bool]:
+    """(weight tensor or None, scalar weight, with_log) as the ops take them. The one place a
+    weight is normalized: any strides (expanded, sliced) become a contiguous 1-D tensor of 1 or
+    C elements in the acc dtype, so no backend sees other strides."""
+    if isinstance(weight, torch.Tensor):
+        w_tensor = weight.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
+        with_log = mode == MODE_GEM and weight.requires_grad and torch.is_grad_enabled()
+        return w_tensor, 0.5, with_log
+    return None, float(weight), False
+
+
+def _token_form(fn, x, pool_type, weight, eps, return_indices, keepdim, input_fmt, backend, *tok):
+    """tokens.pool(...) when a token argument is given (mask, lengths, start; `tok` holds them
+    and check_p_values) or input_fmt is "NLC", else None (the global pooling path)."""
+    mask, lengths, start = tok[:3]
+    if mask is None and lengths is None and not start and input_fmt != "NLC":
+        return None
+    return tokens.pool(
+        fn, x, pool_type, weight, eps, return_indices, keepdim, input_fmt, backend, *tok
+    )
 
 
 def global_avg_pool(
@@ -180,12 +236,13 @@ def global_avg_pool(
     """Mean over every spatial dim: (N, C) (or (N, C, 1, ...) with keepdim). Token forms
     (mask / lengths / start / input_fmt="NLC"): gapkernels.tokens."""
     fn = "global_avg_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn, x, "avg", None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
-        )
+    tok = _token_form(
+        fn, x, "avg", None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _check_input(x, input_fmt, fn)
-    result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_AVG, None, 0.0, keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_avg_pool(x, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
@@ -205,23 +262,13 @@ def global_max_pool(
     """Max over every spatial dim, with `adaptive_max_pool2d`'s semantics (first max wins a tie,
     NaN wins); with return_indices, also the int64 flat spatial offset of the max."""
     fn = "global_max_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn,
-            x,
-            "max",
-            None,
-            0.0,
-            return_indices,
-            keepdim,
-            input_fmt,
-            backend,
-            mask,
-            lengths,
-            start,
-        )
+    tok = _token_form(
+        fn, x, "max", None, 0.0, return_indices, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _check_input(x, input_fmt, fn)
-    result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_MAX, None, 0.0, keepdim, input_fmt, backend, fn, return_indices)
     if result is None:
         return _plain().global_max_pool(x, return_indices, keepdim=keepdim, input_fmt=input_fmt)
     if return_indices:
@@ -243,13 +290,14 @@ def global_mixed_pool(
 ) -> torch.Tensor:
     """alpha * max + (1 - alpha) * avg; alpha a float or a () / (C,) tensor (learnable)."""
     fn = "global_mixed_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn, x, "mixed", alpha, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
-        )
+    tok = _token_form(
+        fn, x, "mixed", alpha, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(alpha, "alpha", c, x, fn)
-    result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_MIXED, alpha, 0.0, keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_mixed_pool(x, alpha, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
@@ -268,14 +316,15 @@ def global_avgmax_pool(
 ) -> torch.Tensor:
     """0.5 * (avg + max) (timm's avgmax); with concat=True, cat([avg, max], dim=1) (catavgmax)."""
     fn = "global_avgmax_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        pool_type = "catavgmax" if concat else "avgmax"
-        return tokens.pool(
-            fn, x, pool_type, None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
-        )
+    pool_type = "catavgmax" if concat else "avgmax"
+    tok = _token_form(
+        fn, x, pool_type, None, 0.0, False, keepdim, input_fmt, backend, mask, lengths, start
+    )
+    if tok is not None:
+        return tok
     _check_input(x, input_fmt, fn)
     mode, weight = (MODE_CAT, None) if concat else (MODE_MIXED, 0.5)
-    result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn)
+    result = _run(x, mode, weight, 0.0, keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_avgmax_pool(x, concat, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]
@@ -305,26 +354,27 @@ def gem_pool(
     """global_gem_pool, for callers that keep p > 0 themselves (nn.GlobalPool's
     parametrization) and skip checking its values."""
     fn = "global_gem_pool"
-    if mask is not None or lengths is not None or start or input_fmt == "NLC":
-        return tokens.pool(
-            fn,
-            x,
-            "gem",
-            p,
-            eps,
-            False,
-            keepdim,
-            input_fmt,
-            backend,
-            mask,
-            lengths,
-            start,
-            check_p_values,
-        )
+    tok = _token_form(
+        fn,
+        x,
+        "gem",
+        p,
+        eps,
+        False,
+        keepdim,
+        input_fmt,
+        backend,
+        mask,
+        lengths,
+        start,
+        check_p_values,
+    )
+    if tok is not None:
+        return tok
     _, c = _check_input(x, input_fmt, fn)
     _check_weight(p, "p", c, x, fn)
     _check_gem_args(p, eps, fn, check_p_values)
-    result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn)
+    result = _run(x, MODE_GEM, p, float(eps), keepdim, input_fmt, backend, fn, False)
     if result is None:
         return _plain().global_gem_pool(x, p, eps, keepdim=keepdim, input_fmt=input_fmt)
     return result[0]

@@ -1,0 +1,122 @@
+"""Small CPU inputs under torch.compile: the pooling as plain torch ops that Inductor fuses into its
+own kernel, instead of a call of the custom op (see docs/LATENCY.md, "Under torch.compile").
+
+On a batch-1 squeeze-excitation or head tensor, the kernel takes a fraction of a microsecond and a
+compiled graph's cost is the calls around it: Inductor calls a custom op from its Python wrapper
+(the boxed dispatcher call, a getitem and an assert per output), against its own generated C++
+kernel with no Python between. So up to `MAX_ELEMENTS` elements (per mode, with or without a
+backward; a static shape, known at trace time) the public functions on `backend="auto"` trace to
+this module's math; above, where the kernels beat Inductor's code, to the op. The semantics are
+the kernels': statistics in float32 (float64 for float64) rounded once to x's dtype; the max and
+its gradient at the first maximum of a row, or at its last NaN (adaptive_max_pool's rule); GeM
+with the eps clamp, relative to the row maximum (`reference.gem_stats`), +inf where that is +inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from gapkernels import reference
+from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, gem_finish
+
+# The largest input (N * C * S elements) pooled inline under torch.compile on the CPU, per mode, for
+# a graph without a backward (False) and one with (True: an input requires grad). Measured with
+# `python -m gapkernels.bench.latency --modes compile --apis fn --impls cpu,inline --no-models
+# --shapes ...` from (1, 64, 7, 7) to (4, 2048, 7, 7) and (1, 64, 112, 112), float32, 1 thread
+# (AMD EPYC, torch 2.14.1; docs/LATENCY.md). Below these Inductor's own kernel wins (the op's call
+# costs some 10-20 us more); above them the custom op does: its backward for the max-based modes
+# (Inductor's scatter of the max's gradient), its power function for GeM (Inductor calls pow per
+# element), its forward on long rows.
+MAX_ELEMENTS = {
+    False: {
+        MODE_AVG: 1 << 20,
+        MODE_MAX: 1 << 18,
+        MODE_MIXED: 1 << 18,
+        MODE_CAT: 1 << 18,
+        MODE_GEM: 4096,
+    },
+    True: {
+        MODE_AVG: 1 << 20,
+        MODE_MAX: 1 << 16,
+        MODE_MIXED: 1 << 16,
+        MODE_CAT: 1 << 16,
+        MODE_GEM: 4096,
+    },
+}
+
+
+def applies(x: torch.Tensor, mode: int, needs_grad: bool) -> bool:
+    """Whether a compiled graph pools `x` (a CPU tensor on backend "auto") inline: a static shape
+    of at most MAX_ELEMENTS[needs_grad][mode] elements, GAPKERNELS_BACKEND unset, the C++ CPU
+    kernels built (else "auto" is the reference, plain torch too)."""
+    # True only when it holds without a guard: a dynamic shape keeps the op (one graph for all).
+    if not statically_known_true(x.numel() <= _LARGEST):
+        return False
+    return _plan(mode, needs_grad, x.numel())
+
+
+_LARGEST = max(max(t.values()) for t in MAX_ELEMENTS.values())
+
+
+def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
+    """applies(), once the shape is known static. Evaluated once when Dynamo traces the call and
+    taken as a constant (`torch.compiler.assume_constant_result`'s mark, set below without
+    importing Dynamo): no guards on what it reads, which would cost more per call than the pooling
+    (each guard is checked on every call of the compiled graph)."""
+    from gapkernels import _ext, backends
+
+    if backends._env_backend() or _ext.unavailable_reason("CPU") is not None:
+        return False
+    return numel <= MAX_ELEMENTS[needs_grad][mode]
+
+
+_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _max(xf: torch.Tensor, with_indices: bool):
+    """(values, int64 indices or None) of the row maxima of (N, C, S) `xf` with adaptive_max_pool's
+    rule, which the kernels follow: the first maximum, or the last NaN of a row that holds any
+    (Tensor.max(dim) takes the first NaN). The values (and their gradient) come from the indices;
+    without them, amax (a NaN propagates): Inductor's argmax is several times slower than the
+    float reductions used here."""
+    big_m = xf.amax(dim=2, keepdim=True)
+    if not with_indices:
+        return big_m.squeeze(2), None
+    s = xf.shape[2]
+    pos = torch.arange(s, dtype=xf.dtype, device=xf.device)
+    # A key per position, the largest wins: s + pos at a NaN (the last NaN), s - pos at the
+    # maximum (the first maximum), 0 elsewhere. (Exact in float32 for s < 2**23.)
+    key = torch.where(xf != xf, pos + s, torch.where(xf == big_m, s - pos, 0.0)).amax(dim=2)
+    indices = torch.where(key >= s, key - s, s - key).long()
+    return xf.gather(2, indices.unsqueeze(2)).squeeze(2), indices
+
+
+def pool(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, with_indices: bool):
+    """(out shaped for the user, the (N, C) int64 indices of the max or None). `with_indices`:
+    the indices are wanted, or a gradient (which goes to them). (reference._flat and _finish,
+    written out: each function called in a compiled graph's trace is a guard on every call.)"""
+    nhwc = input_fmt == "NHWC"
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = (x.movedim(-1, 1) if nhwc else x).flatten(2).to(acc)
+    indices = None
+    if mode == MODE_GEM:
+        p = reference._per_channel(weight, xf)
+        big_m, r = reference.gem_stats(xf, p, eps)
+        out = gem_finish(big_m, r, p)
+    elif mode == MODE_AVG:
+        out = xf.mean(dim=2)
+    else:
+        mx, indices = _max(xf, with_indices)
+        if mode == MODE_MAX:
+            out = mx
+        elif mode == MODE_CAT:
+            out = torch.cat([xf.mean(dim=2), mx], dim=1)
+        else:
+            w = reference._per_channel(weight, xf)
+            out = w * mx + (1 - w) * xf.mean(dim=2)
+    out = out.to(x.dtype)
+    if keepdim:
+        ones = [1] * (x.dim() - 2)
+        out = out.reshape(out.shape[0], *ones, -1) if nhwc else out.reshape(*out.shape, *ones)
+    return out, indices
