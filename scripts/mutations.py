@@ -11,7 +11,6 @@ from __future__ import annotations
 from mutations_base import Mutation
 from mutations_cpu import CPU_MUTATIONS
 
-
 # Most-likely killers first: pytest stops at the first failure (-x).
 DEFAULT_TESTS = (
     "tests/test_paths_cpu_ncs.py",
