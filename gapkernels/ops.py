@@ -10,7 +10,7 @@ import torch
 
 from gapkernels import _ext
 
-# The mode numbers, defined here. csrc/ (enum class Mode) and gapkernels/triton/kernels.py (which
+# The mode numbers, defined here. csrc/ (enum class Mode) and gapkernels/triton/pool_math.py (which
 # is loaded without torch for ahead-of-time compiles) mirror them; tests/test_definitions.py
 # fails if any of them disagrees.
 MODE_AVG, MODE_MAX, MODE_MIXED, MODE_CAT, MODE_GEM = range(5)
