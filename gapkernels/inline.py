@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from gapkernels import reference
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, gem_finish
 
 # The largest input (N * C * S elements) pooled inline under torch.compile on the CPU, per mode, for
@@ -51,12 +50,12 @@ def applies(x: torch.Tensor, mode: int, needs_grad: bool) -> bool:
     of at most MAX_ELEMENTS[needs_grad][mode] elements, GAPKERNELS_BACKEND unset, the C++ CPU
     kernels built (else "auto" is the reference, plain torch too)."""
     # True only when it holds without a guard: a dynamic shape keeps the op (one graph for all).
-    if not statically_known_true(x.numel() <= _LARGEST):
+    if not statically_known_true(x.numel() <= 1 << 20):  # the largest limit (asserted below)
         return False
     return _plan(mode, needs_grad, x.numel())
 
 
-_LARGEST = max(max(t.values()) for t in MAX_ELEMENTS.values())
+assert max(max(t.values()) for t in MAX_ELEMENTS.values()) <= 1 << 20
 
 
 def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
@@ -74,46 +73,57 @@ def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
 _plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+assert (MODE_AVG, MODE_MAX, MODE_MIXED, MODE_CAT, MODE_GEM) == (0, 1, 2, 3, 4)  # pool() below
+
+
 def _max(xf: torch.Tensor, with_indices: bool):
     """(values, int64 indices or None) of the row maxima of (N, C, S) `xf` with adaptive_max_pool's
     rule, which the kernels follow: the first maximum, or the last NaN of a row that holds any
     (Tensor.max(dim) takes the first NaN). The values (and their gradient) come from the indices;
     without them, amax (a NaN propagates): Inductor's argmax is several times slower than the
     float reductions used here."""
-    big_m = xf.amax(dim=2, keepdim=True)
+    big_m = xf.amax(dim=2)  # (not keepdim: its view back costs Inductor's wrapper a call)
     if not with_indices:
-        return big_m.squeeze(2), None
+        return big_m, None
     s = xf.shape[2]
     pos = torch.arange(s, dtype=xf.dtype, device=xf.device)
     # A key per position, the largest wins: s + pos at a NaN (the last NaN), s - pos at the
     # maximum (the first maximum), 0 elsewhere. (Exact in float32 for s < 2**23.)
-    key = torch.where(xf != xf, pos + s, torch.where(xf == big_m, s - pos, 0.0)).amax(dim=2)
+    at_max = xf == big_m.unsqueeze(2)
+    key = torch.where(xf != xf, pos + s, torch.where(at_max, s - pos, 0.0)).amax(dim=2)
     indices = torch.where(key >= s, key - s, s - key).long()
     return xf.gather(2, indices.unsqueeze(2)).squeeze(2), indices
 
 
 def pool(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, with_indices: bool):
     """(out shaped for the user, the (N, C) int64 indices of the max or None). `with_indices`:
-    the indices are wanted, or a gradient (which goes to them). (reference._flat and _finish,
+    the indices are wanted, or a gradient (which goes to them). (gapkernels.reference's helpers,
     written out: each function called in a compiled graph's trace is a guard on every call.)"""
     nhwc = input_fmt == "NHWC"
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = (x.movedim(-1, 1) if nhwc else x).flatten(2).to(acc)
     indices = None
-    if mode == MODE_GEM:
-        p = reference._per_channel(weight, xf)
-        big_m, r = reference.gem_stats(xf, p, eps)
-        out = gem_finish(big_m, r, p)
-    elif mode == MODE_AVG:
+    # alpha / p as a (1, C) or () tensor in the acc dtype, or a float (reference._per_channel).
+    w = weight
+    if isinstance(weight, torch.Tensor):
+        w = weight.to(acc).reshape(1, -1) if weight.dim() == 1 else weight.to(acc)
+    # The modes as literals: a module constant read while Dynamo traces is a guard per call.
+    if mode == 4:  # MODE_GEM
+        # reference.gem_stats, without keepdim (its view back costs Inductor's wrapper a call).
+        y = xf.clamp(min=eps)
+        big_m = y.amax(dim=2).detach()
+        pe = w.unsqueeze(-1) if isinstance(w, torch.Tensor) else w
+        r = (y / big_m.unsqueeze(2)).pow(pe).mean(dim=2)
+        out = gem_finish(big_m, r, w)
+    elif mode == 0:  # MODE_AVG
         out = xf.mean(dim=2)
     else:
         mx, indices = _max(xf, with_indices)
-        if mode == MODE_MAX:
+        if mode == 1:  # MODE_MAX
             out = mx
-        elif mode == MODE_CAT:
+        elif mode == 3:  # MODE_CAT
             out = torch.cat([xf.mean(dim=2), mx], dim=1)
         else:
-            w = reference._per_channel(weight, xf)
             out = w * mx + (1 - w) * xf.mean(dim=2)
     out = out.to(x.dtype)
     if keepdim:
