@@ -25,15 +25,16 @@ from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, g
 # --shapes ...` from (1, 64, 7, 7) to (4, 2048, 7, 7) and (1, 64, 112, 112), float32, 1 thread
 # (AMD EPYC, torch 2.14.1; docs/LATENCY.md). Below these Inductor's own kernel wins (the op's call
 # costs some 10-20 us more); above them the custom op does: its backward for the max-based modes
-# (Inductor's scatter of the max's gradient), its power function for GeM (Inductor calls pow per
-# element), its forward on long rows.
+# (Inductor's scatter of the max's gradient), its power function for GeM (Inductor's pow, and the
+# max-relative form's second pass over x: the op wins GeM's forward even at (1, 64, 7, 7)), its
+# forward on long rows.
 MAX_ELEMENTS = {
     False: {
         MODE_AVG: 1 << 20,
         MODE_MAX: 1 << 18,
         MODE_MIXED: 1 << 18,
         MODE_CAT: 1 << 18,
-        MODE_GEM: 4096,
+        MODE_GEM: 0,
     },
     True: {
         MODE_AVG: 1 << 20,
@@ -76,55 +77,60 @@ _plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 assert (MODE_AVG, MODE_MAX, MODE_MIXED, MODE_CAT, MODE_GEM) == (0, 1, 2, 3, 4)  # pool() below
 
 
-def _max(xf: torch.Tensor, with_indices: bool):
-    """(values, int64 indices or None) of the row maxima of (N, C, S) `xf` with adaptive_max_pool's
-    rule, which the kernels follow: the first maximum, or the last NaN of a row that holds any
-    (Tensor.max(dim) takes the first NaN). The values (and their gradient) come from the indices;
-    without them, amax (a NaN propagates): Inductor's argmax is several times slower than the
-    float reductions used here."""
-    big_m = xf.amax(dim=2)  # (not keepdim: its view back costs Inductor's wrapper a call)
-    if not with_indices:
-        return big_m, None
+def _max(xf: torch.Tensor):
+    """(values, int64 indices) of the row maxima of (N, C, S) `xf` with adaptive_max_pool's rule,
+    which the kernels follow: the first maximum, or the last NaN of a row that holds any
+    (Tensor.max(dim) takes the first NaN). The values (and their gradient) come from the indices,
+    found with float reductions: Inductor's argmax is several times slower."""
+    big_m = xf.amax(dim=2, keepdim=True)
     s = xf.shape[2]
     pos = torch.arange(s, dtype=xf.dtype, device=xf.device)
     # A key per position, the largest wins: s + pos at a NaN (the last NaN), s - pos at the
     # maximum (the first maximum), 0 elsewhere. (Exact in float32 for s < 2**23.)
-    at_max = xf == big_m.unsqueeze(2)
-    key = torch.where(xf != xf, pos + s, torch.where(at_max, s - pos, 0.0)).amax(dim=2)
+    key = torch.where(xf != xf, pos + s, torch.where(xf == big_m, s - pos, 0.0)).amax(dim=2)
     indices = torch.where(key >= s, key - s, s - key).long()
     return xf.gather(2, indices.unsqueeze(2)).squeeze(2), indices
 
 
 def pool(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, with_indices: bool):
     """(out shaped for the user, the (N, C) int64 indices of the max or None). `with_indices`:
-    the indices are wanted, or a gradient (which goes to them). (gapkernels.reference's helpers,
-    written out: each function called in a compiled graph's trace is a guard on every call.)"""
+    the indices are wanted, or a gradient (which goes to them).
+
+    Written for Inductor's wrapper, which pays a Python call for every view it returns: the
+    statistics reduce x's spatial dims in place (no (N, C, S) view, whose gradient would be
+    viewed back), and nothing returned is a view. The reference's helpers are written out, and
+    the modes are literals: each function called and each module constant read while Dynamo
+    traces is a guard, checked on every call."""
     nhwc = input_fmt == "NHWC"
+    spatial = tuple(range(1, x.dim() - 1)) if nhwc else tuple(range(2, x.dim()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = (x.movedim(-1, 1) if nhwc else x).flatten(2).to(acc)
+    xa = x.to(acc)
     indices = None
     # alpha / p as a (1, C) or () tensor in the acc dtype, or a float (reference._per_channel).
     w = weight
     if isinstance(weight, torch.Tensor):
         w = weight.to(acc).reshape(1, -1) if weight.dim() == 1 else weight.to(acc)
-    # The modes as literals: a module constant read while Dynamo traces is a guard per call.
-    if mode == 4:  # MODE_GEM
-        # reference.gem_stats, without keepdim (its view back costs Inductor's wrapper a call).
-        y = xf.clamp(min=eps)
-        big_m = y.amax(dim=2).detach()
-        pe = w.unsqueeze(-1) if isinstance(w, torch.Tensor) else w
-        r = (y / big_m.unsqueeze(2)).pow(pe).mean(dim=2)
+    if mode == 4:  # MODE_GEM: reference.gem_stats
+        y = xa.clamp(min=eps)
+        big_m = y.amax(dim=spatial).detach()
+        pe = w  # p against y: (1, C) is already right for NHWC
+        if isinstance(w, torch.Tensor) and not nhwc:
+            pe = w.reshape(*w.shape, *([1] * len(spatial)))
+        r = (y / y.amax(dim=spatial, keepdim=True).detach()).pow(pe).mean(dim=spatial)
         out = gem_finish(big_m, r, w)
     elif mode == 0:  # MODE_AVG
-        out = xf.mean(dim=2)
+        out = xa.mean(dim=spatial)
     else:
-        mx, indices = _max(xf, with_indices)
+        if with_indices:  # the index is the flat spatial offset: on the (N, C, S) view
+            mx, indices = _max((xa.movedim(-1, 1) if nhwc else xa).flatten(2))
+        else:
+            mx = xa.amax(dim=spatial)
         if mode == 1:  # MODE_MAX
             out = mx
         elif mode == 3:  # MODE_CAT
-            out = torch.cat([xf.mean(dim=2), mx], dim=1)
+            out = torch.cat([xa.mean(dim=spatial), mx], dim=1)
         else:
-            out = w * mx + (1 - w) * xf.mean(dim=2)
+            out = w * mx + (1 - w) * xa.mean(dim=spatial)
     out = out.to(x.dtype)
     if keepdim:
         ones = [1] * (x.dim() - 2)
