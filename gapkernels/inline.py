@@ -26,15 +26,14 @@ from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, g
 # (AMD EPYC, torch 2.14.1; docs/LATENCY.md). Below these Inductor's own kernel wins (the op's call
 # costs some 10-20 us more); above them the custom op does: its backward for the max-based modes
 # (Inductor's scatter of the max's gradient), its power function for GeM (Inductor's pow, and the
-# max-relative form's second pass over x: the op wins GeM's forward even at (1, 64, 7, 7)), its
-# forward on long rows.
+# max-relative form's second pass over x), its forward on long rows.
 MAX_ELEMENTS = {
     False: {
         MODE_AVG: 1 << 20,
         MODE_MAX: 1 << 18,
         MODE_MIXED: 1 << 18,
         MODE_CAT: 1 << 18,
-        MODE_GEM: 0,
+        MODE_GEM: 4096,
     },
     True: {
         MODE_AVG: 1 << 20,
