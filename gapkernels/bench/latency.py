@@ -147,7 +147,8 @@ def compare(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for root in roots if round_ % 2 == 0 else roots[::-1]:
-            out = Path(args.out) / f".compare-{round_}-{Path(root).name}.json"
+            # Absolute: the script runs in the other checkout (cwd=root).
+            out = Path(args.out).resolve() / f".compare-{round_}-{Path(root).name}.json"
             env = dict(os.environ, PYTHONPATH=root)
             subprocess.run(
                 [sys.executable, str(script), *passthrough, "--json", str(out)],
