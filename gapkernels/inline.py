@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from gapkernels import reference
 from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, gem_finish
 
 # The largest input (N * C * S elements) pooled inline under torch.compile on the CPU, per mode, for
@@ -26,8 +25,8 @@ from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, g
 # --shapes ...` from (1, 64, 7, 7) to (4, 2048, 7, 7) and (1, 64, 112, 112), float32, 1 thread
 # (AMD EPYC, torch 2.14.1; docs/LATENCY.md). Below these Inductor's own kernel wins (the op's call
 # costs some 10-20 us more); above them the custom op does: its backward for the max-based modes
-# (Inductor's scatter of the max's gradient), its power function for GeM (Inductor calls pow per
-# element), its forward on long rows.
+# (Inductor's scatter of the max's gradient), its power function for GeM (Inductor's pow, and the
+# max-relative form's second pass over x), its forward on long rows.
 MAX_ELEMENTS = {
     False: {
         MODE_AVG: 1 << 20,
@@ -51,12 +50,12 @@ def applies(x: torch.Tensor, mode: int, needs_grad: bool) -> bool:
     of at most MAX_ELEMENTS[needs_grad][mode] elements, GAPKERNELS_BACKEND unset, the C++ CPU
     kernels built (else "auto" is the reference, plain torch too)."""
     # True only when it holds without a guard: a dynamic shape keeps the op (one graph for all).
-    if not statically_known_true(x.numel() <= _LARGEST):
+    if not statically_known_true(x.numel() <= 1 << 20):  # the largest limit (asserted below)
         return False
     return _plan(mode, needs_grad, x.numel())
 
 
-_LARGEST = max(max(t.values()) for t in MAX_ELEMENTS.values())
+assert max(max(t.values()) for t in MAX_ELEMENTS.values()) <= 1 << 20
 
 
 def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
@@ -74,15 +73,15 @@ def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
 _plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _max(xf: torch.Tensor, with_indices: bool):
-    """(values, int64 indices or None) of the row maxima of (N, C, S) `xf` with adaptive_max_pool's
-    rule, which the kernels follow: the first maximum, or the last NaN of a row that holds any
-    (Tensor.max(dim) takes the first NaN). The values (and their gradient) come from the indices;
-    without them, amax (a NaN propagates): Inductor's argmax is several times slower than the
-    float reductions used here."""
+assert (MODE_AVG, MODE_MAX, MODE_MIXED, MODE_CAT, MODE_GEM) == (0, 1, 2, 3, 4)  # pool() below
+
+
+def _max(xf: torch.Tensor):
+    """(values, int64 indices) of the row maxima of (N, C, S) `xf` with adaptive_max_pool's rule,
+    which the kernels follow: the first maximum, or the last NaN of a row that holds any
+    (Tensor.max(dim) takes the first NaN). The values (and their gradient) come from the indices,
+    found with float reductions: Inductor's argmax is several times slower."""
     big_m = xf.amax(dim=2, keepdim=True)
-    if not with_indices:
-        return big_m.squeeze(2), None
     s = xf.shape[2]
     pos = torch.arange(s, dtype=xf.dtype, device=xf.device)
     # A key per position, the largest wins: s + pos at a NaN (the last NaN), s - pos at the
@@ -94,27 +93,43 @@ def _max(xf: torch.Tensor, with_indices: bool):
 
 def pool(x, mode: int, weight, eps: float, keepdim: bool, input_fmt: str, with_indices: bool):
     """(out shaped for the user, the (N, C) int64 indices of the max or None). `with_indices`:
-    the indices are wanted, or a gradient (which goes to them). (reference._flat and _finish,
-    written out: each function called in a compiled graph's trace is a guard on every call.)"""
+    the indices are wanted, or a gradient (which goes to them).
+
+    Written for Inductor's wrapper, which pays a Python call for every view it returns: the
+    statistics reduce x's spatial dims in place (no (N, C, S) view, whose gradient would be
+    viewed back), and nothing returned is a view. The reference's helpers are written out, and
+    the modes are literals: each function called and each module constant read while Dynamo
+    traces is a guard, checked on every call."""
     nhwc = input_fmt == "NHWC"
+    spatial = tuple(range(1, x.dim() - 1)) if nhwc else tuple(range(2, x.dim()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = (x.movedim(-1, 1) if nhwc else x).flatten(2).to(acc)
+    xa = x.to(acc)
     indices = None
-    if mode == MODE_GEM:
-        p = reference._per_channel(weight, xf)
-        big_m, r = reference.gem_stats(xf, p, eps)
-        out = gem_finish(big_m, r, p)
-    elif mode == MODE_AVG:
-        out = xf.mean(dim=2)
+    # alpha / p as a (1, C) or () tensor in the acc dtype, or a float (reference._per_channel).
+    w = weight
+    if isinstance(weight, torch.Tensor):
+        w = weight.to(acc).reshape(1, -1) if weight.dim() == 1 else weight.to(acc)
+    if mode == 4:  # MODE_GEM: reference.gem_stats
+        y = xa.clamp(min=eps)
+        big_m = y.amax(dim=spatial).detach()
+        pe = w  # p against y: (1, C) is already right for NHWC
+        if isinstance(w, torch.Tensor) and not nhwc:
+            pe = w.reshape(*w.shape, *([1] * len(spatial)))
+        r = (y / y.amax(dim=spatial, keepdim=True).detach()).pow(pe).mean(dim=spatial)
+        out = gem_finish(big_m, r, w)
+    elif mode == 0:  # MODE_AVG
+        out = xa.mean(dim=spatial)
     else:
-        mx, indices = _max(xf, with_indices)
-        if mode == MODE_MAX:
-            out = mx
-        elif mode == MODE_CAT:
-            out = torch.cat([xf.mean(dim=2), mx], dim=1)
+        if with_indices:  # the index is the flat spatial offset: on the (N, C, S) view
+            mx, indices = _max((xa.movedim(-1, 1) if nhwc else xa).flatten(2))
         else:
-            w = reference._per_channel(weight, xf)
-            out = w * mx + (1 - w) * xf.mean(dim=2)
+            mx = xa.amax(dim=spatial)
+        if mode == 1:  # MODE_MAX
+            out = mx
+        elif mode == 3:  # MODE_CAT
+            out = torch.cat([xa.mean(dim=spatial), mx], dim=1)
+        else:
+            out = w * mx + (1 - w) * xa.mean(dim=spatial)
     out = out.to(x.dtype)
     if keepdim:
         ones = [1] * (x.dim() - 2)

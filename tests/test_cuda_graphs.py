@@ -41,3 +41,23 @@ def test_capture_and_replay(backend, op, wkind, channels_last, gen):
         (want_grad,) = torch.autograd.grad(want.sum(), x)
         torch.testing.assert_close(static_out, want, rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(static_grad, want_grad, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("pool_type", ["avg", "max", "catavgmax", "mixed", "gem"])
+def test_compile_reduce_overhead(pool_type):
+    """torch.compile(mode="reduce-overhead") records the compiled graph in a CUDA graph: a host
+    read of a device tensor anywhere in the forward or backward would fail the capture."""
+    import gapkernels
+
+    kw = {"channels": 16} if pool_type in ("mixed", "gem") else {}
+    pool = gapkernels.nn.GlobalPool(pool_type, **kw).cuda()
+    compiled = torch.compile(pool, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, recording, replay
+        x = (torch.rand(4, 16, 7, 7, device="cuda") + 0.1).requires_grad_(True)
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        x_ref = x.detach().clone().requires_grad_(True)
+        want = pool(x_ref)
+        (want_grad,) = torch.autograd.grad(want.sum(), x_ref)
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=2e-5, atol=2e-6)

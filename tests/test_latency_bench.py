@@ -63,11 +63,14 @@ def test_unknown_names_are_refused():
 
 def test_compare_runs_the_cases_script_in_each_checkout(tmp_path, monkeypatch):
     argv = [*TINY, "--ops", "avg", "--apis", "fn", "--passes", "fwd"]
-    argv += ["--compare", str(ROOT), str(ROOT), "--rounds", "1", "--out", str(tmp_path)]
+    # --out relative to the caller's folder (the script runs in each checkout's); --tag is the
+    # comparison's own option, not passed on.
+    argv += ["--compare", str(ROOT), str(ROOT), "--rounds", "1", "--out", "res", "--tag", "x"]
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["latency.py", *argv])
     assert latency.main(argv) == 0
-    (md,) = tmp_path.glob("latency-compare_*.md")
+    (md,) = (tmp_path / "res").glob("latency-compare_*x.md")
     assert "| fn avg 1x4x3x3 | fwd | eager |" in md.read_text()
-    (js,) = tmp_path.glob("latency-compare_*.json")
+    (js,) = (tmp_path / "res").glob("latency-compare_*.json")
     doc = json.loads(js.read_text())
     assert list(doc["results"]) == [str(ROOT)]  # the same checkout twice: one entry

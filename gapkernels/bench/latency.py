@@ -142,12 +142,13 @@ def compare(args) -> None:
     script = Path(latency_cases.__file__).resolve()
     roots = [str(Path(r).resolve()) for r in args.compare]
     passthrough = [a for a in sys.argv[1:] if a not in args.compare and a != "--compare"]
-    passthrough = _drop_option(passthrough, ("--rounds", "--out", "--json"))
+    passthrough = _drop_option(passthrough, ("--rounds", "--out", "--json", "--tag"))
     merged: dict[str, dict] = {root: {} for root in roots}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for root in roots if round_ % 2 == 0 else roots[::-1]:
-            out = Path(args.out) / f".compare-{round_}-{Path(root).name}.json"
+            # Absolute: the script runs in the other checkout (cwd=root).
+            out = Path(args.out).resolve() / f".compare-{round_}-{Path(root).name}.json"
             env = dict(os.environ, PYTHONPATH=root)
             subprocess.run(
                 [sys.executable, str(script), *passthrough, "--json", str(out)],
