@@ -66,6 +66,18 @@ inline void tail_mask(int64_t tail, Vectorized<acc_t> (&mask)[2]) {
   mask[1] = Vec::arange(acc_t(V), acc_t(1)) >= first;
 }
 
+// Prefetches the cache lines of the addresses [begin, end) into L1 (kLocality 3) or L2 (2). A
+// prefetch never faults.
+template <int kLocality>
+C10_ALWAYS_INLINE void prefetch_lines(uintptr_t begin, uintptr_t end) {
+  for (uintptr_t line = begin & ~uintptr_t{63}; line < end; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, kLocality);
+  }
+}
+inline void prefetch_l2(uintptr_t begin, uintptr_t end) {
+  prefetch_lines<2>(begin, end);
+}
+
 // The largest lane (NaN-blind, as clamp_min).
 template <typename acc_t>
 inline acc_t max_of_lanes(const Vectorized<acc_t>& v) {
@@ -78,6 +90,51 @@ template <typename acc_t>
 inline acc_t sum_of_lanes(const Vectorized<acc_t>& v) {
   using Vec = Vectorized<acc_t>;
   return at::vec::vec_reduce_all<acc_t>([](const Vec& l, const Vec& r) { return l + r; }, v);
+}
+
+// The bits of the lanes where v == t (never where either is NaN), lane 0 the lowest.
+template <typename acc_t>
+C10_ALWAYS_INLINE uint32_t equal_lanes(const Vectorized<acc_t>& v, const Vectorized<acc_t>& t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_cmp_ps_mask(v, t, _CMP_EQ_OQ);
+  } else {
+    return _mm512_cmp_pd_mask(v, t, _CMP_EQ_OQ);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_EQ_OQ)));
+  } else {
+    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(v, t, _CMP_EQ_OQ)));
+  }
+#else
+  // zero_mask sets the bits of lanes that are zero: here, those that do not match.
+  return ~static_cast<uint32_t>((v == t).zero_mask()) & static_cast<uint32_t>(kNoLane<acc_t>);
+#endif
+}
+
+// Per lane: a > b ? x : y (y where either of a, b is NaN), with the instruction set's own compare
+// and blend rather than at::vec's all-ones vector masks.
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> where_greater(const Vectorized<acc_t>& a,
+                                                  const Vectorized<acc_t>& b,
+                                                  const Vectorized<acc_t>& x,
+                                                  const Vectorized<acc_t>& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
+  } else {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, _CMP_GT_OQ), y, x);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GT_OQ));
+  } else {
+    return _mm256_blendv_pd(y, x, _mm256_cmp_pd(a, b, _CMP_GT_OQ));
+  }
+#else
+  return Vectorized<acc_t>::blendv(y, x, a > b);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -101,16 +158,6 @@ C10_ALWAYS_INLINE void vec_scan_max(const Vectorized<acc_t>& v, const Vectorized
   const Vec take = (value > mx) | value.isnan();
   mx = Vec::blendv(mx, value, take);
   ix = at::vec::clamp_min(ix, take & cur);
-}
-
-// Cheap pass over a block: the block's lane maxima and whether it holds a NaN (the index is found
-// again afterwards, by the rule).
-template <bool kMasked, typename acc_t>
-C10_ALWAYS_INLINE void track_max(const Vectorized<acc_t>& v, const Vectorized<acc_t>& mask,
-                                 Vectorized<acc_t>& block_max, Vectorized<acc_t>& block_nan) {
-  const Vectorized<acc_t> value = kMasked ? masked_for_max(v, mask) : v;
-  block_max = at::vec::clamp_min(value, block_max);
-  block_nan = block_nan | value.isnan();
 }
 
 // ---------------------------------------------------------------------------------------------
