@@ -78,29 +78,38 @@ struct GradMath {
     }
   }
 
-  // One chunk of grad_x: A + (cur == index) * B, or GEM's A * (x * B)**(p-1) masked by
-  // x >= eps, with the exponent p - 1 raised as kPow says (see dispatch_power).
+  // One chunk of GEM's grad_x: A * (x * B)**(p-1) masked by x >= eps, with the exponent p - 1
+  // raised as kPow says (see dispatch_power). (The other modes' chunks are constants: see
+  // constant_chunks.)
   template <int kPow>
-  static inline void grad_chunk(const Vec (&A)[2], const Vec (&B)[2], const Vec (&index)[2],
-                                const Vec (&cur)[2], const scalar_t* x, const Power& e,
-                                const Vec& eps, Vec (&out)[2]) {
-    if constexpr (kGem) {
-      Vec v[2];
-      IO::load(x, v[0], v[1]);
-      for (int k = 0; k < 2; ++k) {
-        const Vec z = v[k] * B[k];
-        Vec log_z = z;
-        if constexpr (kPow == kPowExp) {
-          // z may underflow to 0: the clamp keeps 0**0 (p = 1) at 1.
-          log_z = at::vec::clamp_min(z.log(), Vec(std::numeric_limits<acc_t>::lowest()));
-        }
-        out[k] = (A[k] * vec_power<kPow>(z, log_z, e.vec[k], e.integral)) & (v[k] >= eps);
+  static inline void grad_chunk(const Vec (&A)[2], const Vec (&B)[2], const scalar_t* x,
+                                const Power& e, const Vec& eps, Vec (&out)[2]) {
+    static_assert(kGem, "GeM's chunks only");
+    Vec v[2];
+    IO::load(x, v[0], v[1]);
+    for (int k = 0; k < 2; ++k) {
+      const Vec z = v[k] * B[k];
+      Vec log_z = z;
+      if constexpr (kPow == kPowExp) {
+        // z may underflow to 0: the clamp keeps 0**0 (p = 1) at 1.
+        log_z = at::vec::clamp_min(vec_log(z), Vec(std::numeric_limits<acc_t>::lowest()));
       }
-    } else if constexpr (kMax) {
-      for (int k = 0; k < 2; ++k) out[k] = A[k] + ((cur[k] == index[k]) & B[k]);
+      out[k] = (A[k] * vec_power<kPow>(z, log_z, e.vec[k], e.integral)) & (v[k] >= eps);
+    }
+  }
+
+  // The other modes: every element of a row (NCS) or channel (NSC) is A, but the one at the
+  // index (max modes): A + B. Writes the chunks of both at `plain` and `hit` (W elements each),
+  // converted as a vector of A + (index ? B : 0) is in the max modes.
+  static inline void constant_chunks(const Vec (&A)[2], const Vec (&B)[2], scalar_t* plain,
+                                     scalar_t* hit) {
+    static_assert(!kGem, "the constant modes only");
+    if constexpr (kMax) {
+      const Vec zero(acc_t(0));
+      IO::store(plain, A[0] + zero, A[1] + zero);
+      IO::store(hit, A[0] + B[0], A[1] + B[1]);
     } else {
-      out[0] = A[0];
-      out[1] = A[1];
+      IO::store(plain, A[0], A[1]);
     }
   }
 
