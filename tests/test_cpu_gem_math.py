@@ -65,17 +65,19 @@ def p_values(kind: str, c: int, gen) -> tuple[torch.Tensor | None, float, torch.
     return per_channel, 0.0, per_channel
 
 
-@pytest.mark.parametrize("layout_path", ["lanes", "run", "nsc"])
-@pytest.mark.parametrize("p_kind", ["scalar", "learnable", "channel"])
-def test_forward_log_and_power_match_float64(layout_path, p_kind):
-    gen = torch.Generator().manual_seed(0)
+def case(layout_path: str, p_kind: str, gen):
+    """x (N, C, S) float32, its 3-D view for the path, weight, scalar, p per channel."""
     shape = SHAPES[layout_path]
     x = inputs(shape, gen)
     weight, scalar, p = p_values(p_kind, shape[1], gen)
-    layout = "nsc" if layout_path == "nsc" else "ncs"
-    out, aux, _ = torch.ops.gapkernels.pool_forward(
-        view3(x, layout), GEM, weight, scalar, EPS, True
-    )
+    return x, view3(x, "nsc" if layout_path == "nsc" else "ncs"), weight, scalar, p
+
+
+@pytest.mark.parametrize("layout_path", ["lanes", "run", "nsc"])
+@pytest.mark.parametrize("p_kind", ["scalar", "learnable", "channel"])
+def test_forward_log_and_power_match_float64(layout_path, p_kind):
+    x, x3, weight, scalar, p = case(layout_path, p_kind, torch.Generator().manual_seed(0))
+    out, aux, _ = torch.ops.gapkernels.pool_forward(x3, GEM, weight, scalar, EPS, True)
     big_m, r, lg, expected = reference(x, p)
     torch.testing.assert_close(aux[..., 0].double(), big_m, rtol=0, atol=0)
     torch.testing.assert_close(aux[..., 1].double(), r, rtol=RTOL, atol=0)
@@ -88,11 +90,7 @@ def test_forward_log_and_power_match_float64(layout_path, p_kind):
 @pytest.mark.parametrize("p_kind", ["scalar", "channel"])
 def test_backward_power_matches_float64(layout_path, p_kind):
     gen = torch.Generator().manual_seed(1)
-    shape = SHAPES[layout_path]
-    x = inputs(shape, gen)
-    weight, scalar, p = p_values(p_kind, shape[1], gen)
-    layout = "nsc" if layout_path == "nsc" else "ncs"
-    x3 = view3(x, layout)
+    x, x3, weight, scalar, p = case(layout_path, p_kind, gen)
     out, aux, indices = torch.ops.gapkernels.pool_forward(x3, GEM, weight, scalar, EPS, False)
     grad_out = torch.randn(out.shape, generator=gen)
     grad_x = torch.ops.gapkernels.pool_backward(
@@ -100,8 +98,7 @@ def test_backward_power_matches_float64(layout_path, p_kind):
     )
     big_m, r, _, _ = reference(x, p)
     pc = p.double().reshape(1, -1, 1)
-    s = shape[2]
-    scale = grad_out.double().unsqueeze(2) * r.unsqueeze(2) ** (1 / pc - 1) / s
+    scale = grad_out.double().unsqueeze(2) * r.unsqueeze(2) ** (1 / pc - 1) / x.shape[2]
     xd = x.double()
     expected = torch.where(xd >= EPS, scale * (xd / big_m.unsqueeze(2)) ** (pc - 1), 0.0)
     torch.testing.assert_close(grad_x.double(), expected, rtol=RTOL, atol=1e-30)
