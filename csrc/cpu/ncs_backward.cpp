@@ -43,10 +43,7 @@ struct NcsBackward {
       // One converted chunk, copied along the row, and the element at index.
       __at_align__ scalar_t plain[W], hit[W];
       Math::constant_chunks(Av, Bv, plain, hit);
-      int64_t i = 0;
-      for (; i + W <= len; i += W) std::memcpy(gx + i, plain, sizeof(plain));
-      // The last chunk overlaps the previous one.
-      if (i < len) std::memcpy(gx + len - W, plain, sizeof(plain));
+      fill_run<sizeof(plain)>(gx, len, plain);
       if (kMax && index >= start && index < end) gx[index - start] = hit[0];
     } else {
       const Vec eps(a.eps);

@@ -38,6 +38,7 @@ struct NscBackward {
       int64_t coefficients_of = -1;
       // The constant modes: the sample's converted rows of A (plain) and A + B (hit).
       std::vector<scalar_t> plain(kGem ? 0 : C), hit(kMax ? C : 0);
+      std::vector<char> stage;
       int64_t converted_of = -1;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / blocks.count;
@@ -82,9 +83,7 @@ struct NscBackward {
             if (full_end < C) convert(C - W);
             converted_of = n;
           }
-          for (int64_t s = s0; s < s1; ++s) {
-            std::memcpy(gn + s * C, plain.data(), C * sizeof(scalar_t));
-          }
+          copy_to_rows(plain.data(), C, gn + s0 * C, C, s1 - s0, stage);
           if constexpr (kMax) {
             for (int64_t c = 0; c < C; ++c) {
               if (index[c] >= s0 && index[c] < s1) gn[index[c] * C + c] = hit[c];
