@@ -33,8 +33,8 @@ CPU_MUTATIONS = [
     Mutation(
         "cpu-nsc-fast-max-tie",
         NSC_FORWARD,
-        "const Vec take = value > mx[k];",
-        "const Vec take = value >= mx[k];",
+        "ix[k] = where_greater(value, mx[k], cur, ix[k]);",
+        "ix[k] = where_greater(mx[k], value, ix[k], cur);",
         "the channels-last fast max pass gives the last maximum's index on a tie",
     ),
     Mutation(
@@ -118,16 +118,16 @@ CPU_MUTATIONS = [
     Mutation(
         "cpu-ncs-backward-index-start",
         NCS_BACKWARD,
-        "index >= start && index < end ? static_cast<acc_t>(index - start) : acc_t(-1);",
-        "index > start && index < end ? static_cast<acc_t>(index - start) : acc_t(-1);",
+        "if (kMax && index >= start && index < end) gx[index - start] = hit[0];",
+        "if (kMax && index > start && index < end) gx[index - start] = hit[0];",
         "the contiguous backward loses the gradient of an argmax at the first element of a piece",
     ),
     Mutation(
-        "cpu-ncs-backward-tail-index",
+        "cpu-ncs-backward-gem-tail",
         NCS_BACKWARD,
-        "const Vec base(static_cast<acc_t>(len - W));",
-        "const Vec base(static_cast<acc_t>(len - W + 1));",
-        "the contiguous backward's overlapping tail chunk numbers its lanes one too high",
+        "        if (i < len) {",
+        "        if (i + 1 < len) {",
+        "the contiguous GeM backward forgets a tail of one element (len % W == 1)",
     ),
     Mutation(
         "cpu-nsc-backward-block-last-row",
@@ -140,9 +140,16 @@ CPU_MUTATIONS = [
     Mutation(
         "cpu-nsc-backward-channel-tail",
         NSC_BACKWARD,
-        "if (full_end < C) chunk(s, C - W, cur);",
-        "if (full_end + 1 < C) chunk(s, C - W, cur);",
-        "the channels-last backward forgets the channel tail when C % W == 1",
+        "if (full_end < C) chunk(s, C - W);",
+        "if (full_end + 1 < C) chunk(s, C - W);",
+        "the channels-last GeM backward forgets the channel tail when C % W == 1",
+    ),
+    Mutation(
+        "cpu-nsc-backward-convert-tail",
+        NSC_BACKWARD,
+        "if (full_end < C) convert(C - W);",
+        "if (full_end + 1 < C) convert(C - W);",
+        "the channels-last backward's converted row lacks the channel tail when C % W == 1",
     ),
     Mutation(
         "cpu-vec-scan-max-tie",

@@ -64,9 +64,9 @@ def width(dtype: torch.dtype) -> int:
 
 
 def has_lanes() -> bool:
-    """Whether the loaded variant has the NCS 8x8 tile path (ncs_forward.h's kLanes: 8-float
-    vectors, so avx2 and x86's default; not avx512)."""
-    return vector_bytes() == 32
+    """Whether the loaded variant has the NCS lanes path (ncs_forward.h's kLanes: 8-float vectors
+    (avx2, x86's default: 8x8 tiles) or 16-float vectors (avx512: 16x8 tiles); not aarch64's)."""
+    return vector_bytes() in (32, 64)
 
 
 def ncs_forward_piece_len(rows: int, s: int) -> int:
@@ -98,7 +98,7 @@ def nsc_backward_rows(c: int, s: int) -> int:
 
 def uses_lanes(op: str, dtype: torch.dtype, rows: int, s: int) -> bool:
     """forward_ncs_lanes: 16 rows per vector lane (every mode but AVG, float accumulators, in the
-    variants with 8-float vectors)."""
+    variants with 8- or 16-float vectors)."""
     return (
         has_lanes()
         and op != "avg"

@@ -186,8 +186,8 @@ def test_aten_cpu_capability_lowers_the_choice():
 # A focused subset, run once per variant other than the loaded one: every op, dtype and layout
 # (test_ops), and every CPU path test (tests/test_paths_cpu_*.py), whose geometry follows the
 # variant's vector width (tests/paths_common.py): the chunk boundaries move with it, and the NCS
-# 8x8 tile path exists only in the variants with 8-float vectors (on an AVX-512 machine, only
-# here). About a minute a variant on 2 cores.
+# lanes path has 8x8 tiles with 8-float vectors (on an AVX-512 machine, only here) and 16x8 tiles
+# with AVX-512's 16-float ones. About a minute a variant on 2 cores.
 SUBSET = [
     "tests/test_ops.py::test_matches_reference",
     "tests/test_ops.py::test_max_indices_match_reference",

@@ -2,7 +2,7 @@
 that makes the path matter (docs/PATHS.md lists them; the geometry and the checks are in
 tests/paths_common.py): reduce_run (scalar runs below W, vector body, masked tail chunk, max
 blocks and resolve_block), forward_ncs_lanes / reduce_lanes (16 rows per lane, overlapping last
-tile, partial last group, NaN fallback: only in the variants with 8-float vectors), split rows
+tile, partial last group, NaN fallback: 8x8 tiles with 8-float vectors, 16x8 with 16-float ones), split rows
 merged in order, and backward: grad_run (scalar, body, overlapping tail), rows in pieces."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_ncs_runs_body_tail_blocks(op, length, dtype, gen):
 
 
 @pytest.mark.skipif(
-    not has_lanes(), reason="this CPU variant has no lane path (8-float vectors only)"
+    not has_lanes(), reason="this CPU variant has no lane path (8- or 16-float vectors only)"
 )
 @pytest.mark.usefixtures("threads")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

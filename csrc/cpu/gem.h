@@ -53,13 +53,13 @@ C10_ALWAYS_INLINE void gem_term(const Vectorized<acc_t>& v, const Vectorized<acc
   const Vec z = at::vec::clamp_min(v, eps) * inv_m;
   if constexpr (kLog) {
     // z may underflow to 0: the clamp keeps 0 * log(z) at 0 (and NaN stays NaN).
-    const Vec lg = at::vec::clamp_min(z.log(), Vec(std::numeric_limits<acc_t>::lowest()));
+    const Vec lg = at::vec::clamp_min(vec_log(z), Vec(std::numeric_limits<acc_t>::lowest()));
     const Vec pw = vec_power<kPow>(z, lg, p, n);
     const Vec pw_lg = pw * lg;
     sum += kMasked ? (pw & mask) : pw;
     log_sum += kMasked ? (pw_lg & mask) : pw_lg;
   } else {
-    const Vec pw = vec_power<kPow>(z, kPow == kPowExp ? z.log() : z, p, n);
+    const Vec pw = vec_power<kPow>(z, kPow == kPowExp ? vec_log(z) : z, p, n);
     sum += kMasked ? (pw & mask) : pw;
   }
 }

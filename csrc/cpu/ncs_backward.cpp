@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/backward.h"
 #include "cpu/kernels.h"
@@ -36,38 +37,31 @@ struct NcsBackward {
       }
       return;
     }
-    const Vec eps(a.eps);
     const Vec Av[2] = {Vec(A), Vec(A)};
     const Vec Bv[2] = {Vec(B), Vec(B)};
-    const acc_t local_index =
-        index >= start && index < end ? static_cast<acc_t>(index - start) : acc_t(-1);
-    const Vec iv[2] = {Vec(local_index), Vec(local_index)};
-    const Vec lane0 = Vec::arange(acc_t(0), acc_t(1));
-    const Vec lane1 = Vec::arange(acc_t(V), acc_t(1));
-    const Vec step(static_cast<acc_t>(W));
-    auto rows = [&](auto pow_c) {
-      constexpr int kPow = decltype(pow_c)::value;
-      Vec cur[2] = {lane0, lane1};
-      Vec out[2];
-      int64_t i = 0;
-      for (; i + W <= len; i += W) {
-        Math::template grad_chunk<kPow>(Av, Bv, iv, cur, x + i, e, eps, out);
-        IO::store(gx + i, out[0], out[1]);
-        cur[0] += step;
-        cur[1] += step;
-      }
-      if (i < len) {
-        // The last chunk overlaps the previous one; those lanes get the same values again.
-        const Vec base(static_cast<acc_t>(len - W));
-        const Vec tail_cur[2] = {lane0 + base, lane1 + base};
-        Math::template grad_chunk<kPow>(Av, Bv, iv, tail_cur, x + len - W, e, eps, out);
-        IO::store(gx + len - W, out[0], out[1]);
-      }
-    };
-    if constexpr (kGem) {
-      dispatch_power<0>(e.integral, false, rows);
+    if constexpr (!kGem) {
+      // One converted chunk, copied along the row, and the element at index.
+      __at_align__ scalar_t plain[W], hit[W];
+      Math::constant_chunks(Av, Bv, plain, hit);
+      fill_run<sizeof(plain)>(gx, len, plain);
+      if (kMax && index >= start && index < end) gx[index - start] = hit[0];
     } else {
-      rows(std::integral_constant<int, 1>());
+      const Vec eps(a.eps);
+      auto rows = [&](auto pow_c) {
+        constexpr int kPow = decltype(pow_c)::value;
+        Vec out[2];
+        int64_t i = 0;
+        for (; i + W <= len; i += W) {
+          Math::template grad_chunk<kPow>(Av, Bv, x + i, e, eps, out);
+          IO::store(gx + i, out[0], out[1]);
+        }
+        if (i < len) {
+          // The last chunk overlaps the previous one; those lanes get the same values again.
+          Math::template grad_chunk<kPow>(Av, Bv, x + len - W, e, eps, out);
+          IO::store(gx + len - W, out[0], out[1]);
+        }
+      };
+      dispatch_power<0>(e.integral, false, rows);
     }
   }
 

@@ -25,13 +25,15 @@ struct NcsSumMaxRun {
   static_assert(!kGem, "GeM is ncs_forward_gem.cpp's");
 
   // Moves the running (max, index) of a run past x[b, e) (a multiple of W long), given the
-  // block's lane maxima and NaN flags from track_max: a NaN block hands over its last NaN;
-  // otherwise a block whose max beats the running one hands over its first occurrence of it.
-  // With the run's tail, [e, tail_end) follows, read as the chunk at tail_end - W.
+  // block's lane maxima (NaN-blind) and whether its NaN probe (a sum of its elements) is NaN:
+  // a block with a NaN hands over its last NaN; otherwise a block whose max beats the running
+  // one hands over its first occurrence of it. With the run's tail, [e, tail_end) follows, read
+  // as the chunk at tail_end - W.
   static inline void resolve_block(const scalar_t* x, int64_t b, int64_t e, int64_t tail_end,
-                                   const Vec (&block_max)[2], const Vec (&block_nan)[2],
-                                   acc_t& run_max, int64_t& run_index) {
-    if ((block_nan[0] | block_nan[1]).zero_mask() != kNoLane<acc_t>) {
+                                   const Vec& block_max, bool maybe_nan, acc_t& run_max,
+                                   int64_t& run_index) {
+    if (maybe_nan) {
+      // A NaN probe without a NaN (inf - inf) finds none here and goes on as without.
       for (int64_t k = tail_end - 1; k >= b; --k) {
         if (is_nan(static_cast<acc_t>(x[k]))) {
           run_max = static_cast<acc_t>(x[k]);
@@ -41,18 +43,16 @@ struct NcsSumMaxRun {
       }
     }
     if (is_nan(run_max)) return;
-    const acc_t m = max_of_lanes(at::vec::clamp_min(block_max[0], block_max[1]));
+    const acc_t m = max_of_lanes(block_max);
     if (!(m > run_max)) return;
     run_max = m;
     const Vec target(m);
     for (int64_t j = b; j < tail_end; j = j + W < e || j + W == tail_end ? j + W : tail_end - W) {
       Vec v[2];
       IO::load(x + j, v[0], v[1]);
-      // zero_mask sets the bits of lanes that do not match.
-      const int matches = (~(v[0] == target).zero_mask() & kNoLane<acc_t>) |
-                          ((~(v[1] == target).zero_mask() & kNoLane<acc_t>) << V);
+      const uint32_t matches = equal_lanes(v[0], target) | (equal_lanes(v[1], target) << V);
       if (matches) {
-        run_index = j + __builtin_ctz(static_cast<unsigned>(matches));
+        run_index = j + __builtin_ctz(matches);
         return;
       }
     }
@@ -75,27 +75,29 @@ struct NcsSumMaxRun {
     const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
     Vec sum0 = zero, sum1 = zero;
     Vec v0, v1;
-    // Max blocks fit in L1, where resolve_block finds the index again.
+    // Max blocks fit in L1, where resolve_block finds the index again. Their NaN probe is the
+    // sum of their elements: the block sums (avg, mixed, cat), or a sum of its own (max).
     for (int64_t i = 0; i < full_end;) {
       const int64_t max_block_end = std::min(full_end, i + kMaxBlockChunks * W);
       const int64_t max_block_begin = i;
-      Vec max0 = neg_inf, max1 = neg_inf, nan0 = zero, nan1 = zero;
+      Vec max0 = neg_inf, max1 = neg_inf, probe = zero;
       while (i < max_block_end) {
         const int64_t sum_block_end = std::min(max_block_end, i + kSumBlockChunks * W);
         Vec bsum0 = zero, bsum1 = zero;
         for (; i < sum_block_end; i += W) {
           IO::load(x + i, v0, v1);
-          if constexpr (kSum) {
-            bsum0 += v0;
-            bsum1 += v1;
-          }
+          bsum0 += v0;
+          bsum1 += v1;
           if constexpr (kMax) {
-            track_max<false>(v0, zero, max0, nan0);
-            track_max<false>(v1, zero, max1, nan1);
+            max0 = at::vec::clamp_min(v0, max0);
+            max1 = at::vec::clamp_min(v1, max1);
           }
         }
-        sum0 += bsum0;
-        sum1 += bsum1;
+        if constexpr (kSum) {
+          sum0 += bsum0;
+          sum1 += bsum1;
+        }
+        if constexpr (kMax) probe += bsum0 + bsum1;
       }
       const bool with_tail = tail && max_block_end == full_end;
       if (with_tail) {
@@ -103,19 +105,21 @@ struct NcsSumMaxRun {
         Vec mask[2];
         tail_mask(tail, mask);
         IO::load(x + len - W, v0, v1);
+        const Vec new0 = v0 & mask[0], new1 = v1 & mask[1];
         if constexpr (kSum) {
-          sum0 += v0 & mask[0];
-          sum1 += v1 & mask[1];
+          sum0 += new0;
+          sum1 += new1;
         }
         if constexpr (kMax) {
-          track_max<true>(v0, mask[0], max0, nan0);
-          track_max<true>(v1, mask[1], max1, nan1);
+          probe += new0 + new1;
+          max0 = at::vec::clamp_min(masked_for_max(v0, mask[0]), max0);
+          max1 = at::vec::clamp_min(masked_for_max(v1, mask[1]), max1);
         }
       }
       if constexpr (kMax) {
-        const Vec block_max[2] = {max0, max1}, block_nan[2] = {nan0, nan1};
-        resolve_block(x, max_block_begin, max_block_end, with_tail ? len : max_block_end, block_max,
-                      block_nan, st.max, st.index);
+        const bool maybe_nan = probe.isnan().zero_mask() != kNoLane<acc_t>;
+        resolve_block(x, max_block_begin, max_block_end, with_tail ? len : max_block_end,
+                      at::vec::clamp_min(max0, max1), maybe_nan, st.max, st.index);
       }
     }
     if constexpr (kSum) st.sum = sum_of_lanes(sum0 + sum1);
@@ -126,22 +130,28 @@ struct NcsSumMaxRun {
   // max is tracked with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and
   // -inf) is reduced again by reduce_run, which applies the exact rule.
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
+    constexpr int K = kLaneVecs;
     const int64_t S = a.S;
+    const LanePrefetch pf = lane_prefetch<scalar_t>(S);
     __at_align__ acc_t sums[kBatch], maxima[kBatch], indices[kBatch];
     const Vec zero(acc_t(0));
-    Vec sum[2] = {zero, zero}, ix[2] = {zero, zero};
-    Vec mx[2] = {Vec(-std::numeric_limits<acc_t>::infinity()),
-                 Vec(-std::numeric_limits<acc_t>::infinity())};
-    // Both halves of the batch advance together: two independent dependency chains. Max only:
-    // the sum is the NaN probe.
+    Vec sum[K], ix[K], mx[K];
+    for (int k = 0; k < K; ++k) {
+      sum[k] = zero;
+      ix[k] = zero;
+      mx[k] = Vec(-std::numeric_limits<acc_t>::infinity());
+    }
+    // The vectors of the batch advance together: independent dependency chains. Max only: the
+    // sum is the NaN probe.
     auto step = [&](const Vec& v, const Vec& cur, int k) {
       sum[k] += v;
-      ix[k] = at::vec::clamp_min(ix[k], (v > mx[k]) & cur);
+      ix[k] = where_greater(v, mx[k], cur, ix[k]);
       mx[k] = at::vec::clamp_min(v, mx[k]);
     };
     int64_t s0 = 0;
     for (; s0 + 8 <= S; s0 += 8) {
-      for (int k = 0; k < 2; ++k) {
+      prefetch_batch(x, pf, s0, s0 + 8);
+      for (int k = 0; k < K; ++k) {
         Vec t[8];
         load_tile(x + k * V * S + s0, S, t);
         for (int j = 0; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(s0 + j)), k);
@@ -150,13 +160,14 @@ struct NcsSumMaxRun {
     if (s0 < S) {
       // The last tile overlaps the previous one; its first columns were already counted.
       const int64_t base = S - 8;
-      for (int k = 0; k < 2; ++k) {
+      prefetch_batch(x, pf, s0, S);
+      for (int k = 0; k < K; ++k) {
         Vec t[8];
         load_tile(x + k * V * S + base, S, t);
         for (int64_t j = s0 - base; j < 8; ++j) step(t[j], Vec(static_cast<acc_t>(base + j)), k);
       }
     }
-    for (int k = 0; k < 2; ++k) {
+    for (int k = 0; k < K; ++k) {
       sum[k].store(sums + k * V);
       mx[k].store(maxima + k * V);
       ix[k].store(indices + k * V);

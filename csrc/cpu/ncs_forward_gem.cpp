@@ -109,18 +109,20 @@ struct NcsGemRun {
   // terms are added. A row whose sum is NaN is reduced again by reduce_run, which settles it.
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
     const int64_t S = a.S;
+    const LanePrefetch pf = lane_prefetch<scalar_t>(S);
     const int64_t c0 = r0 % a.C;
     const Power power = a.power_of(c0);
     const bool per_lane_p = !a.uniform_p;
-    Vec p[2] = {power.vec[0], power.vec[1]};
+    constexpr int K = kLaneVecs;
+    Vec p[K];
+    for (int k = 0; k < K; ++k) p[k] = power.vec[0];
     if (per_lane_p) {
       __at_align__ acc_t pl[kBatch];
       for (int64_t i = 0, c = c0; i < kBatch; ++i) {
         pl[i] = a.param(c);
         if (++c == a.C) c = 0;
       }
-      p[0] = Vec::loadu(pl);
-      p[1] = Vec::loadu(pl + V);
+      for (int k = 0; k < K; ++k) p[k] = Vec::loadu(pl + k * V);
     }
     __at_align__ acc_t sums[kBatch], log_sums[kBatch], maxima[kBatch];
     Stat::with_power(power, per_lane_p, a.with_log, [&](auto pow_c, auto log_c) {
@@ -129,13 +131,19 @@ struct NcsGemRun {
       const Vec eps(a.eps);
       const Vec zero(acc_t(0));
       const int n = power.integral;
-      const Vec headroom[2] = {gem_headroom(p[0]), gem_headroom(p[1])};
-      Vec sum[2][1] = {{zero}, {zero}}, log_sum[2][1] = {{zero}, {zero}};
-      GemRef<acc_t> g[2] = {gem_start(eps), gem_start(eps)};
-      // Columns [j0, 8) of the tile at column `base`, for both halves of the batch. (t is the
+      Vec headroom[K], sum[K][1], log_sum[K][1];
+      GemRef<acc_t> g[K];
+      for (int k = 0; k < K; ++k) {
+        headroom[k] = gem_headroom(p[k]);
+        sum[k][0] = zero;
+        log_sum[k][0] = zero;
+        g[k] = gem_start(eps);
+      }
+      // Columns [j0, 8) of the tile at column `base`, for every vector of the batch. (t is the
       // lambda's own: the tile then stays in registers.)
       auto tile = [&](int64_t base, int64_t j0) {
-        for (int k = 0; k < 2; ++k) {
+        prefetch_batch(x, pf, base + j0, base + 8);
+        for (int k = 0; k < K; ++k) {
           Vec t[8];
           load_tile(x + k * V * S + base, S, t);
           Vec block_max = t[j0];
@@ -151,7 +159,7 @@ struct NcsGemRun {
       for (; s0 + 8 <= S; s0 += 8) tile(s0, 0);
       // The last tile overlaps the previous one; its first columns were already counted.
       if (s0 < S) tile(S - 8, s0 - (S - 8));
-      for (int k = 0; k < 2; ++k) {
+      for (int k = 0; k < K; ++k) {
         gem_to_max<kPow, kLog, 1>(g[k], g[k].max, p[k], n, sum[k], log_sum[k]);
         sum[k][0].store(sums + k * V);
         log_sum[k][0].store(log_sums + k * V);

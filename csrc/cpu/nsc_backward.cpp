@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu/backward.h"
@@ -32,9 +33,13 @@ struct NscBackward {
     const Power uniform = kGem ? a.grad_power_of(0) : Power{};
     at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
       // e: each channel's p - 1.
-      std::vector<acc_t> A(C + kBatch), B(C + kBatch), local_index(C), e(kGem ? C : 0);
+      std::vector<acc_t> A(C + kBatch), B(C + kBatch), e(kGem ? C : 0);
       std::vector<int64_t> index(C + kBatch);
       int64_t coefficients_of = -1;
+      // The constant modes: the sample's converted rows of A (plain) and A + B (hit).
+      std::vector<scalar_t> plain(kGem ? 0 : C), hit(kMax ? C : 0);
+      std::vector<char> stage;
+      int64_t converted_of = -1;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / blocks.count;
         const int64_t s0 = (t - n * blocks.count) * rows;
@@ -47,12 +52,6 @@ struct NscBackward {
           coefficients_of = n;
           if constexpr (kGem) {
             for (int64_t c = 0; c < C; ++c) e[c] = a.param(c) - acc_t(1);
-          }
-        }
-        if constexpr (kMax) {
-          for (int64_t c = 0; c < C; ++c) {
-            local_index[c] =
-                index[c] >= s0 && index[c] < s1 ? static_cast<acc_t>(index[c] - s0) : acc_t(-1);
           }
         }
         const scalar_t* xn = x + n * S * C;
@@ -68,38 +67,51 @@ struct NscBackward {
           }
           continue;
         }
-        const Vec eps(a.eps);
         const int64_t full_end = C - C % W;
-        auto chunk = [&](int64_t s, int64_t c, const Vec(&cur)[2]) {
-          const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
-          Vec Bv[2], iv[2];
-          if constexpr (kMax || kGem) {
-            Bv[0] = Vec::loadu(B.data() + c);
-            Bv[1] = Vec::loadu(B.data() + c + V);
+        if constexpr (!kGem) {
+          // Each row is the sample's row of converted A, but at the channels whose index it is
+          // (max modes), which get A + B: a copy, then those elements.
+          if (converted_of != n) {
+            auto convert = [&](int64_t c) {
+              const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
+              const Vec Bv[2] = {Vec::loadu(B.data() + c), Vec::loadu(B.data() + c + V)};
+              __at_align__ scalar_t hit_chunk[W];
+              Math::constant_chunks(Av, Bv, plain.data() + c, hit_chunk);
+              if constexpr (kMax) std::memcpy(hit.data() + c, hit_chunk, sizeof(hit_chunk));
+            };
+            for (int64_t c = 0; c < full_end; c += W) convert(c);
+            if (full_end < C) convert(C - W);
+            converted_of = n;
           }
+          copy_to_rows(plain.data(), C, gn + s0 * C, C, s1 - s0, stage);
           if constexpr (kMax) {
-            iv[0] = Vec::loadu(local_index.data() + c);
-            iv[1] = Vec::loadu(local_index.data() + c + V);
+            for (int64_t c = 0; c < C; ++c) {
+              if (index[c] >= s0 && index[c] < s1) gn[index[c] * C + c] = hit[c];
+            }
           }
-          Vec out[2];
-          const scalar_t* xc = xn + s * C + c;
-          if (kGem && !a.uniform_p) {
-            const Power per_channel{
-                -1, acc_t(0), {Vec::loadu(e.data() + c), Vec::loadu(e.data() + c + V)}};
-            Math::template grad_chunk<kPowExp>(Av, Bv, iv, cur, xc, per_channel, eps, out);
-          } else if (uniform.integral >= 0) {
-            Math::template grad_chunk<kPowRuntimeInt>(Av, Bv, iv, cur, xc, uniform, eps, out);
-          } else {
-            Math::template grad_chunk<kPowExp>(Av, Bv, iv, cur, xc, uniform, eps, out);
+        } else {
+          const Vec eps(a.eps);
+          auto chunk = [&](int64_t s, int64_t c) {
+            const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
+            const Vec Bv[2] = {Vec::loadu(B.data() + c), Vec::loadu(B.data() + c + V)};
+            Vec out[2];
+            const scalar_t* xc = xn + s * C + c;
+            if (!a.uniform_p) {
+              const Power per_channel{
+                  -1, acc_t(0), {Vec::loadu(e.data() + c), Vec::loadu(e.data() + c + V)}};
+              Math::template grad_chunk<kPowExp>(Av, Bv, xc, per_channel, eps, out);
+            } else if (uniform.integral >= 0) {
+              Math::template grad_chunk<kPowRuntimeInt>(Av, Bv, xc, uniform, eps, out);
+            } else {
+              Math::template grad_chunk<kPowExp>(Av, Bv, xc, uniform, eps, out);
+            }
+            IO::store(gn + s * C + c, out[0], out[1]);
+          };
+          for (int64_t s = s0; s < s1; ++s) {
+            for (int64_t c = 0; c < full_end; c += W) chunk(s, c);
+            // The last chunk overlaps the previous one; those lanes get the same values again.
+            if (full_end < C) chunk(s, C - W);
           }
-          IO::store(gn + s * C + c, out[0], out[1]);
-        };
-        for (int64_t s = s0; s < s1; ++s) {
-          const Vec cur_s(static_cast<acc_t>(s - s0));
-          const Vec cur[2] = {cur_s, cur_s};
-          for (int64_t c = 0; c < full_end; c += W) chunk(s, c, cur);
-          // The last chunk overlaps the previous one; those lanes get the same values again.
-          if (full_end < C) chunk(s, C - W, cur);
         }
       }
     });

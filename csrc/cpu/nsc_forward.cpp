@@ -47,10 +47,7 @@ struct NscSumMaxRun {
   // The max modes' version. Without NaNs the scan step is a strict compare, a max keeping the
   // old value on ties and an index blend; a NaN probe (a sum, which any NaN turns into NaN; a
   // false alarm only costs time) or a NaN running max tells when the block (now in L1) must be
-  // scanned again with the exact rule, from the state before it. The rows of the next block are
-  // prefetched: a block's rows are far apart, too many streams for the hardware prefetcher.
-  // Past the end of the rows too: the next piece or sample follows in memory, and a prefetch
-  // never faults.
+  // scanned again with the exact rule, from the state before it.
   template <bool kMasked>
   static void reduce_channels_max(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
                                   int64_t c, const Vec (&mask)[2], int64_t C, Buffers& b) {
@@ -61,20 +58,15 @@ struct NscSumMaxRun {
       ix[k] = Vec::loadu(b.index.data() + c + k * V);
     }
     const Vec mx0[2] = {mx[0], mx[1]}, ix0[2] = {ix[0], ix[1]};
-    // Integer arithmetic: the address may lie past the end of x.
-    const uintptr_t ahead = static_cast<uintptr_t>(kRowBlock * C) * sizeof(scalar_t);
     Vec v[2];
     for (int64_t r = s0; r < s1; ++r) {
-      const scalar_t* row = xn + r * C + c;
-      __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row) + ahead));
-      IO::load(row, v[0], v[1]);
+      IO::load(xn + r * C + c, v[0], v[1]);
       const Vec cur(static_cast<acc_t>(r - piece_start));
       for (int k = 0; k < 2; ++k) {
         probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
         const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
-        const Vec take = value > mx[k];
+        ix[k] = where_greater(value, mx[k], cur, ix[k]);
         mx[k] = at::vec::clamp_min(mx[k], value);
-        ix[k] = Vec::blendv(ix[k], cur, take);
       }
     }
     if constexpr (kSum) {

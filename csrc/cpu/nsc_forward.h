@@ -72,22 +72,36 @@ struct NscForward {
     const int64_t full_end = C - tail;
     Vec mask[2];
     tail_mask(tail, mask);
-    Statistic<kMode, scalar_t>::with_power(uniform, !a.uniform_p, a.with_log,
-                                           [&](auto pow_c, auto log_c) {
-                                             constexpr int kPow = decltype(pow_c)::value;
-                                             constexpr bool kLog = decltype(log_c)::value;
-                                             for (int64_t s = s0; s < s1; s += kRowBlock) {
-                                               const int64_t s_end = std::min(s1, s + kRowBlock);
-                                               for (int64_t c = 0; c < full_end; c += W) {
-                                                 Run::template reduce_channels<false, kPow, kLog>(
-                                                     xn, s0, s, s_end, c, mask, a, uniform, b);
-                                               }
-                                               if (tail) {
-                                                 Run::template reduce_channels<true, kPow, kLog>(
-                                                     xn, s0, s, s_end, C - W, mask, a, uniform, b);
-                                               }
-                                             }
-                                           });
+    // A block's rows lie kRowBlock apart in the loops below, too many streams for the hardware
+    // prefetchers: the next block (contiguous, and past s1 the next piece or sample, which
+    // follows in memory) is prefetched into L2 in address order, one slice per chunk of
+    // channels, while this one is reduced.
+    const int64_t block_bytes = kRowBlock * C * static_cast<int64_t>(sizeof(scalar_t));
+    const auto slice =
+        static_cast<uintptr_t>(ceil_div(ceil_div(block_bytes, ceil_div(C, W)), 64) * 64);
+    Statistic<kMode, scalar_t>::with_power(
+        uniform, !a.uniform_p, a.with_log, [&](auto pow_c, auto log_c) {
+          constexpr int kPow = decltype(pow_c)::value;
+          constexpr bool kLog = decltype(log_c)::value;
+          for (int64_t s = s0; s < s1; s += kRowBlock) {
+            const int64_t s_end = std::min(s1, s + kRowBlock);
+            // Integer arithmetic: the addresses may lie past the end of x.
+            uintptr_t next = reinterpret_cast<uintptr_t>(xn) +
+                             static_cast<uintptr_t>(s_end * C) * sizeof(scalar_t);
+            const uintptr_t next_end = next + static_cast<uintptr_t>(block_bytes);
+            for (int64_t c = 0; c < full_end; c += W) {
+              prefetch_l2(next, std::min(next + slice, next_end));
+              next += slice;
+              Run::template reduce_channels<false, kPow, kLog>(xn, s0, s, s_end, c, mask, a,
+                                                               uniform, b);
+            }
+            if (tail) {
+              prefetch_l2(next, std::min(next + slice, next_end));
+              Run::template reduce_channels<true, kPow, kLog>(xn, s0, s, s_end, C - W, mask, a,
+                                                              uniform, b);
+            }
+          }
+        });
   }
 
   static void run(const scalar_t* x, const Args& a, const Outputs& o) {

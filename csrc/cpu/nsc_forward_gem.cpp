@@ -24,9 +24,7 @@ struct NscGemRun {
   using Buffers = ChannelBuffers<acc_t>;
 
   // Each channel keeps its running maximum in b.max and its reference in b.ref, raised once per
-  // kGemBlockRows rows (read into registers first) before their terms are added. The rows of the
-  // next block are prefetched, as in reduce_channels_max: with the extra work per element, the
-  // hardware prefetcher alone no longer keeps up.
+  // kGemBlockRows rows (read into registers first) before their terms are added.
   template <bool kMasked, int kPow, bool kLog>
   static void reduce_channels(const scalar_t* xn, int64_t, int64_t s0, int64_t s1, int64_t c,
                               const Vec (&mask)[2], const Args& a, const Power& power, Buffers& b) {
@@ -46,16 +44,10 @@ struct NscGemRun {
       g[k].ref = Vec::loadu(b.ref.data() + c + k * V);
       g[k].inv = Vec(acc_t(1)) / g[k].ref;
     }
-    // Integer arithmetic: the address may lie past the end of x.
-    const uintptr_t ahead = static_cast<uintptr_t>(kRowBlock * C) * sizeof(scalar_t);
     auto rows = [&](int64_t r, auto rows_c) {
       constexpr int kRows = decltype(rows_c)::value;
       Vec v[kRows][2];
-      for (int i = 0; i < kRows; ++i) {
-        const scalar_t* row = xn + (r + i) * C + c;
-        __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row) + ahead));
-        IO::load(row, v[i][0], v[i][1]);
-      }
+      for (int i = 0; i < kRows; ++i) IO::load(xn + (r + i) * C + c, v[i][0], v[i][1]);
       for (int k = 0; k < 2; ++k) {
         // Masked lanes (channels of the previous chunk) read 0, which never raises max >= eps.
         Vec block_max = kMasked ? v[0][k] & mask[k] : v[0][k];

@@ -96,8 +96,6 @@ struct TokenBackward {
       return;
     }
     const Vec eps(a.eps);
-    const Vec none[2] = {Vec(acc_t(-1)), Vec(acc_t(-1))};
-    const Vec cur[2] = {Vec(acc_t(0)), Vec(acc_t(0))};
     auto chunk = [&](int64_t c) {
       const Vec Av[2] = {Vec::loadu(A + c), Vec::loadu(A + c + V)};
       Vec out[2];
@@ -105,11 +103,11 @@ struct TokenBackward {
         const Vec Bv[2] = {Vec::loadu(B + c), Vec::loadu(B + c + V)};
         if (!a.uniform_p) {
           const Power per_channel{-1, acc_t(0), {Vec::loadu(e + c), Vec::loadu(e + c + V)}};
-          Math::template grad_chunk<kPowExp>(Av, Bv, none, cur, xs + c, per_channel, eps, out);
+          Math::template grad_chunk<kPowExp>(Av, Bv, xs + c, per_channel, eps, out);
         } else if (uniform.integral >= 0) {
-          Math::template grad_chunk<kPowRuntimeInt>(Av, Bv, none, cur, xs + c, uniform, eps, out);
+          Math::template grad_chunk<kPowRuntimeInt>(Av, Bv, xs + c, uniform, eps, out);
         } else {
-          Math::template grad_chunk<kPowExp>(Av, Bv, none, cur, xs + c, uniform, eps, out);
+          Math::template grad_chunk<kPowExp>(Av, Bv, xs + c, uniform, eps, out);
         }
       } else {
         out[0] = Av[0];
