@@ -2,8 +2,9 @@
 that makes the path matter (docs/PATHS.md lists them; the geometry and the checks are in
 tests/paths_common.py): reduce_run (scalar runs below W, vector body, masked tail chunk, max
 blocks and resolve_block), forward_ncs_lanes / reduce_lanes (16 rows per lane, overlapping last
-tile, partial last group, NaN fallback: 8x8 tiles with 8-float vectors, 16x8 with 16-float ones), split rows
-merged in order, and backward: grad_run (scalar, body, overlapping tail), rows in pieces."""
+tile, partial last group, NaN fallback: 8x8 tiles with 8-float vectors, 16x8 with 16-float
+ones), split rows merged in order, and backward: grad_run (scalar, body, overlapping tail), rows
+in pieces."""
 
 from __future__ import annotations
 
