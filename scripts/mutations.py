@@ -3,13 +3,15 @@ found exactly once, replaced by `new`), and why a correct suite must catch it.
 
 A mutation names the tests it runs (`tests`) only to save time; without it the whole CPU suite
 runs (`DEFAULT_TESTS`, stopping at the first failure). Add a mutation here when a kernel gains a
-path; keep each one small and its text unique.
+path; keep each one small and its text unique. The CPU kernels' list is in mutations_cpu.py, the
+token kernels' (CPU and Triton) in mutations_tokens.py.
 """
 
 from __future__ import annotations
 
 from mutations_base import Mutation
 from mutations_cpu import CPU_MUTATIONS
+from mutations_tokens import TOKEN_CPU_MUTATIONS, TOKEN_TRITON_MUTATIONS
 
 # Most-likely killers first: pytest stops at the first failure (-x).
 DEFAULT_TESTS = (
@@ -82,7 +84,7 @@ TRITON_MUTATIONS = [
     ),
     Mutation(
         "triton-split-combine-tie",
-        TRITON,
+        TRITON_ROWS,
         "take = (piece_max > row_max) | (piece_max != piece_max)",
         "take = (piece_max >= row_max) | (piece_max != piece_max)",
         "the split combine takes a later split's equal maximum",
@@ -90,7 +92,7 @@ TRITON_MUTATIONS = [
     ),
     Mutation(
         "triton-split-combine-index",
-        TRITON,
+        TRITON_ROWS,
         "row_index = tl.where(take, piece_index, row_index)",
         "row_index = tl.where(take, piece_index + 1, row_index)",
         "the split combine shifts the index taken from a split by one",
@@ -237,4 +239,11 @@ OPS_MUTATIONS = [
     ),
 ]
 
-MUTATIONS = CPU_MUTATIONS + TRITON_MUTATIONS + PY_MUTATIONS + OPS_MUTATIONS
+MUTATIONS = (
+    CPU_MUTATIONS
+    + TRITON_MUTATIONS
+    + PY_MUTATIONS
+    + OPS_MUTATIONS
+    + TOKEN_CPU_MUTATIONS
+    + TOKEN_TRITON_MUTATIONS
+)

@@ -3,9 +3,9 @@
     python gapkernels/triton/aot.py [--arch 90 --arch 80] [--jobs 2] [--json OUT] [--markdown OUT]
 
 compiles (triton.compile on an ASTSource, as triton/tools/compile.py does, for
-GPUTarget("cuda", arch, 32)) each kernel of gapkernels/triton/kernels.py in the variants that
-aot_jobs.py lists (every tile the config chooser can return, every mode, dtype, weight kind and
-index width that changes the code).
+GPUTarget("cuda", arch, 32)) each kernel of gapkernels/triton/kernels.py and token_kernels.py in
+the variants that aot_jobs.py lists (every tile the config chooser can return, every mode, dtype,
+weight kind and index width that changes the code; fewer for the token kernels).
 
 Each compile runs ptxas; its `-v` report gives registers, spill stores/loads (bytes) and the
 compiled kernel's metadata its shared memory. A compile error is reported and makes the exit
@@ -97,8 +97,7 @@ def _compile(job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernels = _KERNELS
-    fn = getattr(kernels, job["kernel"])
+    fn = next(getattr(m, job["kernel"]) for m in _KERNELS if hasattr(m, job["kernel"]))
     const = {k: v for k, v in job["const"].items() if not k.startswith("_")}
     n_one = job["const"].get("_n_one", False)
     s64 = job["const"].get("_s64", False)
@@ -158,10 +157,10 @@ def _init_worker():
         knobs.nvidia.dump_ptxas_log = True  # Triton's own ptxas run prints its -v report
     except (ImportError, AttributeError):
         pass
-    _KERNELS = _load("kernels")
+    _KERNELS = (_load("kernels"), _load("token_kernels"))
 
 
-_KERNELS = None
+_KERNELS: tuple = ()
 
 
 def run(arches, jobs_count: int) -> list[dict]:

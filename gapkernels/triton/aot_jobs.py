@@ -1,5 +1,5 @@
 """The compiles of gapkernels/triton/aot.py: which kernel variants, and the argument types of each
-kernel (plain data, no Triton). Each kernel of gapkernels/triton/kernels.py is compiled:
+kernel (plain data, no Triton). Each pool kernel of gapkernels/triton/kernels.py is compiled:
 
 - for every architecture, the forward and the backward kernel on every tile
   configs.tile_configs() lists (every tile the config chooser can return), in the modes whose
@@ -12,6 +12,12 @@ kernel (plain data, no Triton). Each kernel of gapkernels/triton/kernels.py is c
   2**31 can take (full-row NCS tiles, every NSC tile); every mode, x dtype, weight kind, a
   strided weight and N == 1 (Triton passes an int 1 as a constant) on the largest tile of each
   layout, and the combine kernel in every weight kind and output dtype.
+
+The token kernels of gapkernels/triton/token_kernels.py share the pool kernels' tiles, stages and
+math, so fewer of their variants are compiled (TOKEN_MODES, with a mask, in their heaviest
+weight variant): for every architecture the SPLIT forward on the tiles where S can be split and
+the combine kernel in every mode; for the first also the unsplit forward and the backward on the
+largest tile of each layout, and VARLEN's forward (split) and backward on the largest NSC tile.
 
 Loaded by aot.py without importing torch (configs.py is imported relative to this module).
 """
@@ -44,16 +50,12 @@ TILE_MODES = {"pool_forward_kernel": (2, 4), "pool_backward_kernel": (3, 4)}
 
 def _tile_job(kernel, arch, tile, mode, dtype, const, flags):
     """A forward or backward compile on `tile`: its constexprs, then `const`, then `flags`."""
-    const = dict(
-        MODE=mode,
-        CHANNELS_LAST=tile.channels_last,
-        ROWS=tile.rows,
-        BLOCK_S=tile.block_s,
-        INDEX_64=False,
-        **const,
-    )
-    const.update(flags)
-    return _job(kernel, arch, dtype, tile.num_warps, **const)
+    tile_const = dict(MODE=mode, CHANNELS_LAST=tile.channels_last, ROWS=tile.rows)
+    tile_const.update(BLOCK_S=tile.block_s, **const)
+    if kernel.startswith("pool_"):
+        tile_const.update(INDEX_64=False)
+    tile_const.update(flags)
+    return _job(kernel, arch, dtype, tile.num_warps, **tile_const)
 
 
 def _forward(arch, tile, mode, dtype="fp32", **flags):
@@ -66,15 +68,59 @@ def _backward(arch, tile, mode, dtype="fp32", **flags):
     return _tile_job("pool_backward_kernel", arch, tile, mode, dtype, const, flags)
 
 
-def _combine(arch, mode, dtype="fp32", **flags):
+def _combine(arch, mode, dtype="fp32", kernel="pool_combine_kernel", **flags):
     const = dict(MODE=mode, **_heaviest(mode), ROWS=configs.COMBINE_ROWS)
     const.update(flags)
-    return _job("pool_combine_kernel", arch, dtype, configs.COMBINE_WARPS, **const)
+    return _job(kernel, arch, dtype, configs.COMBINE_WARPS, **const)
+
+
+TOKEN_MODES = {"token_forward_kernel": (2, 4), "token_backward_kernel": (3, 4)}
+
+
+def _token_job(kernel, arch, tile, mode, **flags):
+    """A token forward or backward compile on `tile`, with a mask, in the heaviest weight
+    variant; `flags` (SPLIT, VARLEN, ...) override."""
+    const = dict(VARLEN=False, HAS_MASK=True, WEIGHT_KIND=_heaviest(mode)["WEIGHT_KIND"])
+    if kernel == "token_forward_kernel":
+        const.update(WITH_LOG=mode == 4, SPLIT=False)
+    else:
+        const.update(AUX_COLUMNS=3 if mode == 4 else 1)
+    return _tile_job(kernel, arch, tile, mode, "fp32", const, flags)
+
+
+def token_jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
+    """The token kernels' compiles for one architecture (see the module's docstring)."""
+    forward, backward = "token_forward_kernel", "token_backward_kernel"
+    tiles = [t for t in configs.tile_configs() if t.max_block_s]
+    jobs = [
+        _token_job(forward, arch, tile, mode, SPLIT=True)
+        for tile in tiles
+        for mode in TOKEN_MODES[forward]
+    ]
+    jobs += [_combine(arch, mode, kernel="token_combine_kernel") for mode in MODES]
+    if not all_variants:
+        return jobs
+    for channels_last in (False, True):
+        tile = max(
+            (t for t in tiles if t.channels_last == channels_last),
+            key=lambda t: (t.rows * t.block_s, t.block_s),
+        )
+        jobs += [_token_job(forward, arch, tile, mode) for mode in TOKEN_MODES[forward]]
+        jobs += [_token_job(backward, arch, tile, mode) for mode in TOKEN_MODES[backward]]
+    # varlen: NSC; the largest NSC tile with the longest BLOCK_S, the one a split takes
+    jobs.append(_token_job(forward, arch, tile, 2, SPLIT=True, VARLEN=True, HAS_MASK=False))
+    jobs.append(_token_job(backward, arch, tile, 3, VARLEN=True, HAS_MASK=False))
+    return jobs
 
 
 def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
-    """The compiles for one architecture: every tile with TILE_MODES (SPLIT and INDEX_64 where
-    reachable); with `all_variants`, also every mode, dtype, weight kind and int
+    """Every compile for one architecture: the pool kernels', then the token kernels'."""
+    return pool_jobs_for(arch, all_variants) + token_jobs_for(arch, all_variants)
+
+
+def pool_jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
+    """The pool kernels' compiles for one architecture: every tile with TILE_MODES (SPLIT and
+    INDEX_64 where reachable); with `all_variants`, also every mode, dtype, weight kind and int
     specialization on the largest tile of each layout, and the combine kernel's variants."""
     jobs = []
     tiles = configs.tile_configs()
@@ -147,11 +193,19 @@ def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
     return jobs
 
 
-KERNELS = ("pool_forward_kernel", "pool_combine_kernel", "pool_backward_kernel")
+KERNELS = (
+    "pool_forward_kernel",
+    "pool_combine_kernel",
+    "pool_backward_kernel",
+    "token_forward_kernel",
+    "token_combine_kernel",
+    "token_backward_kernel",
+)
 
-# Argument types by name: "*x" a pointer to x's element type; "N", "S" (S and s_per_*) an int
-# argument, i32, but the constant 1 under _n_one (N) and i64 under _s64 (S); "W" the weight stride,
-# the constant 1 unless _weight_stride is 'any'. The combine kernel's N and S are plain i32.
+# Argument types by name: "*x" a pointer to x's element type; "N" (N, and the token kernels' B),
+# "S" (S and s_per_*) an int argument, i32, but the constant 1 under _n_one (N) and i64 under _s64
+# (S); "W" the weight stride, the constant 1 unless _weight_stride is 'any'. The combine kernels'
+# N, B and S are plain i32. The token kernels' mask is passed as uint8.
 _ARG_TYPES = dict(
     x_ptr="*x",
     grad_out_ptr="*x",
@@ -162,7 +216,10 @@ _ARG_TYPES = dict(
     partial_stats_ptr="*fp32",
     indices_ptr="*i64",
     partial_index_ptr="*i64",
+    spans_ptr="*i64",
+    mask_ptr="*u8",
     N="N",
+    B="N",
     C="i32",
     S="S",
     s_per_split="S",
@@ -175,7 +232,7 @@ _ARG_TYPES = dict(
 
 
 def arg_type(kernel: str, name: str) -> str:
-    if kernel == "pool_combine_kernel" and name in ("N", "S"):
+    if kernel in ("pool_combine_kernel", "token_combine_kernel") and name in ("N", "B", "S"):
         return "i32"
     return _ARG_TYPES[name]
 
@@ -194,7 +251,7 @@ def describe(job) -> str:
     kind = c.pop("WEIGHT_KIND", 0)
     if kind:
         parts.append(f"weight={WEIGHT_KINDS[kind]}")
-    for flag in ("WITH_LOG", "SPLIT", "INDEX_64"):
+    for flag in ("WITH_LOG", "SPLIT", "INDEX_64", "HAS_MASK", "VARLEN"):
         if c.pop(flag, False):
             parts.append(flag.lower())
     aux = c.pop("AUX_COLUMNS", None)

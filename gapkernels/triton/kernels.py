@@ -22,8 +22,16 @@ from .layout import (
     _piece,
     _row_block,
 )
-from .pool_math import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, _gem_merge, _gem_scan
-from .rows import _element_grad, _empty_lanes, _grad_terms, _reduce_lanes, _write_results
+from .pool_math import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, _gem_scan
+from .rows import (
+    _combine_rows,
+    _element_grad,
+    _empty_lanes,
+    _grad_terms,
+    _reduce_lanes,
+    _store_partials,
+    _write_results,
+)
 
 __all__ = [
     "MODE_AVG",
@@ -102,20 +110,9 @@ def pool_forward_kernel(
 
     stats = _reduce_lanes(lane_sum, lane_log, lane_max, lane_index, p, row, S, MODE, WITH_LOG)
     if SPLIT:
-        total, total_log, row_max, row_index = stats
         rows_total = tl.cast(N, tl.int64) * C
-        partial = partial_stats_ptr + tl.cast(split, tl.int64) * 3 * rows_total + row
-        tl.store(partial, total, mask=row_mask)
-        if NEEDS_MAX or MODE == MODE_GEM:
-            tl.store(partial + rows_total, row_max, mask=row_mask)
-        if WITH_LOG:
-            tl.store(partial + 2 * rows_total, total_log, mask=row_mask)
-        if NEEDS_MAX:
-            tl.store(
-                partial_index_ptr + tl.cast(split, tl.int64) * rows_total + row,
-                row_index.to(tl.int64),
-                mask=row_mask,
-            )
+        partials = (partial_stats_ptr, partial_index_ptr)
+        _store_partials(stats, partials, split, row, row_mask, rows_total, MODE, WITH_LOG)
     else:
         outputs = (out_ptr, aux_ptr, indices_ptr)
         _write_results(
@@ -142,51 +139,15 @@ def pool_combine_kernel(
     WITH_LOG: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """Combines the splits' partial statistics in split order (the scan order of S, so the
-    max rule of torch applies to them as it does to elements; GEM merges the pieces' states
-    in that order) and writes the results."""
-    NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
+    """Combines the splits' partial statistics in split order (rows.py's `_merge_pieces`) and
+    writes the results."""
     weight = (weight_ptr, weight_stride, scalar)
-    rows_total = tl.cast(N, tl.int64) * C
-    row = tl.cast(tl.program_id(0), tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = row < rows_total
-    channel = row % C
-    total = tl.zeros([ROWS], tl.float32)
-    total_log = tl.zeros([ROWS], tl.float32)
-    row_index = tl.zeros([ROWS], tl.int64)
-    if MODE == MODE_GEM:
-        p = _load_weight(weight, channel, row_mask, WEIGHT_KIND)
-        row_max = tl.zeros([ROWS], tl.float32)  # the empty GeM state
-    else:
-        row_max = tl.full([ROWS], float("-inf"), tl.float32)
-    partial = partial_stats_ptr + row
-    index_ptr = partial_index_ptr + row
-    for _ in range(0, splits):
-        piece_total = tl.load(partial, mask=row_mask, other=0.0)
-        if MODE == MODE_GEM:
-            piece_max = tl.load(partial + rows_total, mask=row_mask, other=1.0)
-            if WITH_LOG:
-                piece_log = tl.load(partial + 2 * rows_total, mask=row_mask, other=0.0)
-            else:
-                piece_log = piece_total
-            row_max, total, total_log = _gem_merge(
-                row_max, total, total_log, piece_max, piece_total, piece_log, p, WITH_LOG
-            )
-        else:
-            total += piece_total
-        if NEEDS_MAX:
-            piece_max = tl.load(partial + rows_total, mask=row_mask, other=float("-inf"))
-            piece_index = tl.load(index_ptr, mask=row_mask, other=0)
-            take = (piece_max > row_max) | (piece_max != piece_max)
-            row_max = tl.where(take, piece_max, row_max)
-            row_index = tl.where(take, piece_index, row_index)
-        partial += 3 * rows_total
-        index_ptr += rows_total
-    stats = (total, total_log, row_max, row_index)
-    outputs = (out_ptr, aux_ptr, indices_ptr)
-    _write_results(
-        stats, (row, channel, row_mask), weight, outputs, C, S, MODE, WEIGHT_KIND, WITH_LOG
+    partials = (partial_stats_ptr, partial_index_ptr)
+    stats, rows = _combine_rows(
+        partials, weight, N, C, S, splits, MODE, WEIGHT_KIND, WITH_LOG, ROWS
     )
+    outputs = (out_ptr, aux_ptr, indices_ptr)
+    _write_results(stats, rows, weight, outputs, C, S, MODE, WEIGHT_KIND, WITH_LOG)
 
 
 @triton.jit

@@ -51,6 +51,42 @@ def index_64(n: int, c: int, s: int, config: configs.LaunchConfig) -> bool:
     return s + config.s_per_program + config.block_s >= 2**31 or 3 * (n * c + config.rows) >= 2**31
 
 
+def split_partials(splits: int, rows: int, mode: int, x: torch.Tensor):
+    """(partial_stats, partial_index) of a forward split into `splits` pieces of its `rows` rows
+    (rows.py's `_store_partials`); `x` (never read) where it does not split or has no max."""
+    if splits <= 1:
+        return x, x
+    stats = torch.empty((splits, 3, rows), dtype=torch.float32, device=x.device)
+    if mode not in MAX_MODES:
+        return stats, x
+    return stats, torch.empty((splits, rows), dtype=torch.int64, device=x.device)
+
+
+def launch_combine(kernel, leading, sizes, weights, outputs, mode: int, with_log: bool) -> None:
+    """A combine kernel (pool_combine_kernel; token_combine_kernel, whose `leading` tensors also
+    hold the spans) over N*C rows: `leading` its first tensor arguments, `sizes` = (N, C, S,
+    splits), `weights` = (weight_arg, weight_stride, scalar, weight_kind), `outputs` = (out, aux,
+    indices) as the forward kernel got them."""
+    n, c, s, splits = sizes
+    weight_arg, weight_stride, scalar, weight_kind = weights
+    wrap_triton(kernel)[(-(-n * c // configs.COMBINE_ROWS),)](
+        *leading,
+        weight_arg,
+        *outputs,
+        n,
+        c,
+        s,
+        splits,
+        weight_stride,
+        scalar,
+        MODE=mode,
+        WEIGHT_KIND=weight_kind,
+        WITH_LOG=with_log,
+        ROWS=configs.COMBINE_ROWS,
+        num_warps=configs.COMBINE_WARPS,
+    )
+
+
 FORWARD_SCHEMA, BACKWARD_SCHEMA = gk_ops.FORWARD_SCHEMA, gk_ops.BACKWARD_SCHEMA
 
 
@@ -78,17 +114,7 @@ def pool_forward(
     indices_arg = indices if indices.numel() else x
     config = configs.forward_config(n, c, s, channels_last)
     split = config.s_programs > 1
-    if split:
-        partial_stats = torch.empty(
-            (config.s_programs, 3, n * c), dtype=torch.float32, device=x.device
-        )
-        partial_index = (
-            torch.empty((config.s_programs, n * c), dtype=torch.int64, device=x.device)
-            if mode in MAX_MODES
-            else x
-        )
-    else:
-        partial_stats = partial_index = x
+    partial_stats, partial_index = split_partials(config.s_programs, n * c, mode, x)
     index_64_ = index_64(n, c, s, config)
     with _device_of(x):
         wrap_triton(pool_forward_kernel)[(config.row_programs, config.s_programs)](
@@ -117,24 +143,14 @@ def pool_forward(
             num_warps=config.num_warps,
         )
         if split:
-            wrap_triton(pool_combine_kernel)[(-(-n * c // configs.COMBINE_ROWS),)](
-                partial_stats,
-                partial_index,
-                weight_arg,
-                out,
-                aux_arg,
-                indices_arg,
-                n,
-                c,
-                s,
-                config.s_programs,
-                weight_stride,
-                scalar,
-                MODE=mode,
-                WEIGHT_KIND=weight_kind,
-                WITH_LOG=with_log,
-                ROWS=configs.COMBINE_ROWS,
-                num_warps=configs.COMBINE_WARPS,
+            launch_combine(
+                pool_combine_kernel,
+                (partial_stats, partial_index),
+                (n, c, s, config.s_programs),
+                (weight_arg, weight_stride, scalar, weight_kind),
+                (out, aux_arg, indices_arg),
+                mode,
+                with_log,
             )
     return out, aux, indices
 

@@ -1,7 +1,8 @@
 """The stages that the pool kernels (kernels.py) and the token kernels (token_kernels.py) share,
-for a block of rows: the lanes' empty state and their reduction to one statistic per row, the
-results of complete rows (each mode's finishing step), and backward a row's gradient terms and an
-element's gradient. The math itself is in pool_math.py.
+for a block of rows: the lanes' empty state and their reduction to one statistic per row, a split
+row's partial statistics and their merge in split order, the results of complete rows (each
+mode's finishing step), and backward a row's gradient terms and an element's gradient. The math
+itself is in pool_math.py.
 
 Tuples keep the argument lists short: `weight` = (weight_ptr, weight_stride, scalar) as in
 layout.py, `rows` = (row, channel, row_mask), `stats` = (total, total_log, row_max, row_index)
@@ -21,6 +22,7 @@ from .pool_math import (
     _combine_lanes,
     _gem_grad,
     _gem_grad_scale,
+    _gem_merge,
     _gem_reduce_lanes,
     _gem_value,
     _mixed_value,
@@ -58,6 +60,121 @@ def _reduce_lanes(
             row_max = total
             row_index = row
     return total, total_log, row_max, row_index
+
+
+@triton.jit
+def _store_partials(
+    stats,
+    partials,
+    split,
+    row,
+    row_mask,
+    rows_total,
+    MODE: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+):
+    """A split program's `stats` of its piece of its rows, into `partials` = (partial_stats_ptr,
+    partial_index_ptr): [splits, 3, rows_total] float32 (sum / max / log-sum; GEM: r-sum / M /
+    l-sum) and [splits, rows_total] int64 (the max's index), for `_merge_pieces`."""
+    NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
+    total, total_log, row_max, row_index = stats
+    partial_stats_ptr, partial_index_ptr = partials
+    partial = partial_stats_ptr + tl.cast(split, tl.int64) * 3 * rows_total + row
+    tl.store(partial, total, mask=row_mask)
+    if NEEDS_MAX or MODE == MODE_GEM:
+        tl.store(partial + rows_total, row_max, mask=row_mask)
+    if WITH_LOG:
+        tl.store(partial + 2 * rows_total, total_log, mask=row_mask)
+    if NEEDS_MAX:
+        tl.store(
+            partial_index_ptr + tl.cast(split, tl.int64) * rows_total + row,
+            row_index.to(tl.int64),
+            mask=row_mask,
+        )
+
+
+@triton.jit
+def _merge_pieces(
+    partials,
+    row,
+    row_mask,
+    rows_total,
+    splits,
+    p,
+    S,
+    MODE: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+):
+    """`stats` of rows `row` (int64) from the `splits` pieces `_store_partials` wrote to
+    `partials`, merged in split order (the scan order of S, so the max rule of torch applies to
+    them as it does to elements; GEM merges the pieces' states in that order). A piece that saw
+    no element (token kernels: its max index is S, its GEM maximum M is 0) is passed over; the
+    first piece that saw one is taken whatever its maximum (a row of -inf has its first
+    position's index). `p`: GEM's exponent (ROWS,)."""
+    NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
+    total = tl.zeros(row.shape, tl.float32)
+    total_log = tl.zeros(row.shape, tl.float32)
+    row_index = tl.zeros(row.shape, tl.int64) + S  # S: no piece seen yet
+    if MODE == MODE_GEM:
+        row_max = tl.zeros(row.shape, tl.float32)  # the empty GeM state
+    else:
+        row_max = tl.full(row.shape, float("-inf"), tl.float32)
+    partial_stats_ptr, partial_index_ptr = partials
+    partial = partial_stats_ptr + row
+    index_ptr = partial_index_ptr + row
+    for _ in range(0, splits):
+        piece_total = tl.load(partial, mask=row_mask, other=0.0)
+        if MODE == MODE_GEM:
+            piece_max = tl.load(partial + rows_total, mask=row_mask, other=0.0)
+            if WITH_LOG:
+                piece_log = tl.load(partial + 2 * rows_total, mask=row_mask, other=0.0)
+            else:
+                piece_log = piece_total
+            merged_max, merged, merged_log = _gem_merge(
+                row_max, total, total_log, piece_max, piece_total, piece_log, p, WITH_LOG
+            )
+            seen = piece_max != 0.0  # y >= eps > 0 for every element seen
+            row_max = tl.where(seen, merged_max, row_max)
+            total = tl.where(seen, merged, total)
+            total_log = tl.where(seen, merged_log, total_log)
+        else:
+            total += piece_total
+        if NEEDS_MAX:
+            piece_max = tl.load(partial + rows_total, mask=row_mask, other=float("-inf"))
+            piece_index = tl.load(index_ptr, mask=row_mask, other=S)
+            first = (row_index == S) & (piece_index != S)
+            take = (piece_max > row_max) | (piece_max != piece_max) | first
+            row_max = tl.where(take, piece_max, row_max)
+            row_index = tl.where(take, piece_index, row_index)
+        partial += 3 * rows_total
+        index_ptr += rows_total
+    return total, total_log, row_max, row_index
+
+
+@triton.jit
+def _combine_rows(
+    partials,
+    weight,
+    N,
+    C,
+    S,
+    splits,
+    MODE: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """A combine kernel's block of ROWS of the N*C rows (grid axis 0): their `stats` merged from
+    the `splits` pieces (`_merge_pieces`), and `rows` (int64)."""
+    rows_total = tl.cast(N, tl.int64) * C
+    row = tl.cast(tl.program_id(0), tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = row < rows_total
+    channel = row % C
+    p = 0.0  # GeM's exponent (ROWS,)
+    if MODE == MODE_GEM:
+        p = _load_weight(weight, channel, row_mask, WEIGHT_KIND)
+    stats = _merge_pieces(partials, row, row_mask, rows_total, splits, p, S, MODE, WITH_LOG)
+    return stats, (row, channel, row_mask)
 
 
 @triton.jit

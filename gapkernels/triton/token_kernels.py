@@ -2,6 +2,13 @@
 positions [begin, end) of its sample's flat spatial index (`spans`, int64 (B, 4): begin, end,
 count, origin), where the optional (N, S) `mask` is nonzero.
 
+Long rows: as the pool kernels' forward, the forward may split each row over the grid's second
+axis (SPLIT): program k reduces the k-th of `splits` pieces of the row's own range [begin, end)
+(`_token_piece`: whole BLOCK_S steps from begin, so a short row leaves the last pieces empty),
+writes its partial statistics, and `token_combine_kernel` merges them in order (rows.py's
+`_merge_pieces`: deterministic) and finishes the rows. The backward cuts each row's own range
+the same way over its second axis.
+
 The same tile as the pool kernels of gapkernels/triton/kernels.py (ROWS rows by BLOCK_S
 positions; NCS: consecutive (n, c) rows, each with its own span; NSC: a block of channels of one
 row), their stages (rows.py: the lanes' reduction with the max rule and GeM's rescaling, the
@@ -26,7 +33,15 @@ import triton.language as tl
 
 from .layout import _load_weight, _offsets
 from .pool_math import MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, _gem_scan
-from .rows import _element_grad, _empty_lanes, _grad_terms, _reduce_lanes, _write_results
+from .rows import (
+    _combine_rows,
+    _element_grad,
+    _empty_lanes,
+    _grad_terms,
+    _reduce_lanes,
+    _store_partials,
+    _write_results,
+)
 
 SPAN_COLUMNS: tl.constexpr = tl.constexpr(4)  # begin, end, count, origin
 
@@ -78,6 +93,47 @@ def _takes_part(s, begin, end, b, mask_ptr, S, row_mask, HAS_MASK: tl.constexpr)
 
 
 @triton.jit
+def _token_piece(begin, end, piece, pieces, BLOCK_S: tl.constexpr):
+    """Piece `piece` of `pieces` of each row's range [begin, end): [piece_begin, piece_end),
+    pieces of whole BLOCK_S steps from begin (the last ones empty when the range is short)."""
+    length = tl.maximum(end - begin, 0)
+    per_piece = tl.cdiv(tl.cdiv(length, pieces), BLOCK_S) * BLOCK_S
+    piece_begin = tl.minimum(begin + piece * per_piece, end)
+    piece_end = tl.minimum(piece_begin + per_piece, end)
+    return piece_begin, piece_end
+
+
+@triton.jit
+def _token_write(
+    stats,
+    count,
+    origin,
+    rows,
+    weight,
+    outputs,
+    C,
+    MODE: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+):
+    """Writes complete rows from their `stats` (max index absolute, S where nothing was seen):
+    finished with their count, the index relative to the origin; an empty row (count 0) as the
+    module's docstring says."""
+    total, total_log, row_max, row_index = stats
+    empty = count == 0
+    if MODE == MODE_GEM:
+        row_max = tl.where(empty, 0.0, row_max)
+        total = tl.where(empty, 1.0, total)
+        total_log = tl.where(empty, 0.0, total_log)
+    elif MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT:
+        row_max = tl.where(empty, 0.0, row_max)
+        row_index = tl.where(empty, -1, row_index - origin)
+    count_f = tl.where(empty, 1.0, count.to(tl.float32))
+    stats = (total, total_log, row_max, row_index)
+    _write_results(stats, rows, weight, outputs, C, count_f, MODE, WEIGHT_KIND, WITH_LOG)
+
+
+@triton.jit
 def token_forward_kernel(
     x_ptr,
     spans_ptr,
@@ -86,6 +142,8 @@ def token_forward_kernel(
     out_ptr,
     aux_ptr,
     indices_ptr,
+    partial_stats_ptr,
+    partial_index_ptr,
     B,
     C,
     S,
@@ -98,10 +156,14 @@ def token_forward_kernel(
     HAS_MASK: tl.constexpr,
     WEIGHT_KIND: tl.constexpr,
     WITH_LOG: tl.constexpr,
+    SPLIT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Reads each position that takes part once; writes out, aux and indices. Grid: row blocks."""
+    """Reads each position that takes part once. Grid: (row blocks, pieces of each row's range).
+    Without SPLIT (one piece) it writes out, aux and indices; with SPLIT, each program writes
+    its rows' partial statistics of its piece (rows.py's `_store_partials`) for
+    token_combine_kernel."""
     NEEDS_SUM: tl.constexpr = MODE != MODE_MAX and MODE != MODE_GEM
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
     weight = (weight_ptr, weight_stride, scalar)
@@ -109,6 +171,8 @@ def token_forward_kernel(
         tl.program_id(0), B, C, S, ROWS, CHANNELS_LAST, VARLEN
     )
     begin, end, count, origin = _span(spans_ptr, b, row_mask)
+    if SPLIT:
+        begin, end = _token_piece(begin, end, tl.program_id(1), tl.num_programs(1), BLOCK_S)
     lo = tl.min(tl.where(row_mask, begin, S))
     hi = tl.max(tl.where(row_mask, end, 0))
 
@@ -134,23 +198,49 @@ def token_forward_kernel(
             lane_max = tl.where(take, v, lane_max)
             lane_index = tl.where(take, s[None, :], lane_index)
 
-    empty = count == 0
-    count_f = tl.where(empty, 1.0, count.to(tl.float32))
-    total, total_log, row_max, row_index = _reduce_lanes(
-        lane_sum, lane_log, lane_max, lane_index, p, row, S, MODE, WITH_LOG
+    stats = _reduce_lanes(lane_sum, lane_log, lane_max, lane_index, p, row, S, MODE, WITH_LOG)
+    if SPLIT:
+        partials = (partial_stats_ptr, partial_index_ptr)
+        rows_total = tl.cast(B, tl.int64) * C
+        split = tl.program_id(1)
+        _store_partials(stats, partials, split, row, row_mask, rows_total, MODE, WITH_LOG)
+    else:
+        rows = (row, channel, row_mask)
+        outputs = (out_ptr, aux_ptr, indices_ptr)
+        _token_write(stats, count, origin, rows, weight, outputs, C, MODE, WEIGHT_KIND, WITH_LOG)
+
+
+@triton.jit
+def token_combine_kernel(
+    partial_stats_ptr,
+    partial_index_ptr,
+    spans_ptr,
+    weight_ptr,
+    out_ptr,
+    aux_ptr,
+    indices_ptr,
+    B,
+    C,
+    S,
+    splits,
+    weight_stride,
+    scalar,
+    MODE: tl.constexpr,
+    WEIGHT_KIND: tl.constexpr,
+    WITH_LOG: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """Merges the pieces of a SPLIT token_forward_kernel in order (rows.py's `_merge_pieces`)
+    and writes out, aux and indices as the unsplit forward does. Grid: blocks of ROWS rows."""
+    weight = (weight_ptr, weight_stride, scalar)
+    partials = (partial_stats_ptr, partial_index_ptr)
+    stats, rows = _combine_rows(
+        partials, weight, B, C, S, splits, MODE, WEIGHT_KIND, WITH_LOG, ROWS
     )
-    if MODE == MODE_GEM:
-        row_max = tl.where(empty, 0.0, row_max)
-        total = tl.where(empty, 1.0, total)
-        total_log = tl.where(empty, 0.0, total_log)
-    elif NEEDS_MAX:
-        row_max = tl.where(empty, 0.0, row_max)
-        row_index = tl.where(empty, -1, row_index - origin)
-    stats = (total, total_log, row_max, row_index)
+    row, _, row_mask = rows
+    _, _, count, origin = _span(spans_ptr, row // C, row_mask)
     outputs = (out_ptr, aux_ptr, indices_ptr)
-    _write_results(
-        stats, (row, channel, row_mask), weight, outputs, C, count_f, MODE, WEIGHT_KIND, WITH_LOG
-    )
+    _token_write(stats, count, origin, rows, weight, outputs, C, MODE, WEIGHT_KIND, WITH_LOG)
 
 
 @triton.jit
@@ -166,7 +256,6 @@ def token_backward_kernel(
     B,
     C,
     S,
-    s_per_program,
     weight_stride,
     scalar,
     eps,
@@ -181,7 +270,7 @@ def token_backward_kernel(
 ):
     """Writes each element of grad_x once: the gradient where the position takes part, 0
     elsewhere (padded: all of [0, S); VARLEN: the row's sequence [origin, end)).
-    Grid: (row blocks, pieces of s_per_program positions of the rows' own range)."""
+    Grid: (row blocks, pieces of each row's own range, as `_token_piece` cuts it)."""
     weight = (weight_ptr, weight_stride, scalar)
     row, b, channel, row_mask, base = _token_rows(
         tl.program_id(0), B, C, S, ROWS, CHANNELS_LAST, VARLEN
@@ -193,8 +282,9 @@ def token_backward_kernel(
     else:
         own_begin = tl.zeros_like(origin)
         own_end = tl.zeros_like(origin) + S
-    piece_begin = own_begin + tl.program_id(1) * s_per_program
-    piece_end = tl.minimum(piece_begin + s_per_program, own_end)
+    piece_begin, piece_end = _token_piece(
+        own_begin, own_end, tl.program_id(1), tl.num_programs(1), BLOCK_S
+    )
     lo = tl.min(tl.where(row_mask, piece_begin, S))
     hi = tl.max(tl.where(row_mask, piece_end, 0))
     grad_dtype = grad_x_ptr.dtype.element_ty

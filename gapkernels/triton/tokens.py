@@ -2,8 +2,12 @@
 gapkernels/token_ops.py, docs/DESIGN.md "Token pooling"), as `torch.library.triton_op`s; their
 fake kernels and autograd come from `token_ops.register_token_ops`.
 
-No split of S over several programs yet: one program reduces a block of rows over their whole
-span (NOT MEASURED on a GPU; a split and a combine as in pool.py would help few-row inputs).
+The launch geometry is the pool kernels' (configs.forward_config / backward_config) for B output
+rows of a typical length: S when padded, the mean sequence length total / B for varlen (known
+without reading cu_seqlens). Where the pool forward would split S over several programs, the
+token forward splits each row's own range into as many pieces and merges them with
+token_combine_kernel (deterministic: the pieces depend on the spans only); the backward cuts each
+row's own range into the pool backward's number of pieces. NOT MEASURED on a GPU.
 """
 
 import torch
@@ -13,8 +17,12 @@ from gapkernels import ops as gk_ops
 from gapkernels import token_ops
 from gapkernels.ops import MAX_MODES, MODE_CAT, MODE_GEM, aux_columns
 from gapkernels.triton import checks, configs
-from gapkernels.triton.pool import _device_of, _weight_args
-from gapkernels.triton.token_kernels import token_backward_kernel, token_forward_kernel
+from gapkernels.triton.pool import _device_of, _weight_args, launch_combine, split_partials
+from gapkernels.triton.token_kernels import (
+    token_backward_kernel,
+    token_combine_kernel,
+    token_forward_kernel,
+)
 
 FORWARD_OP = "gapkernels_triton::token_pool_forward"
 BACKWARD_OP = "gapkernels_triton::token_pool_backward"
@@ -31,14 +39,12 @@ def _mask_arg(mask, x):
     return x if mask is None else mask.view(torch.uint8)
 
 
-def _tile(x: torch.Tensor, rows_out: int, channels_last: bool):
-    """(rows, block_s, row programs) for `rows_out` output rows; varlen sizes its tile by the
-    mean sequence length (known without reading cu_seqlens)."""
+def _launch(choose, x: torch.Tensor, rows_out: int, channels_last: bool) -> configs.LaunchConfig:
+    """configs.forward_config or backward_config (`choose`) for `rows_out` output rows of the
+    typical length: S (padded), or the mean sequence length (varlen)."""
     n, c, s = x.shape
     typical = max(1, s // max(rows_out, 1)) if n != rows_out else s
-    rows, block_s, _ = configs._tile(rows_out, c, typical, channels_last)
-    programs = rows_out * -(-c // rows) if channels_last else -(-rows_out * c // rows)
-    return rows, block_s, programs
+    return choose(rows_out, c, typical, channels_last)
 
 
 @triton_op(FORWARD_OP, mutates_args=(), schema=token_ops.TOKEN_FORWARD_SCHEMA)
@@ -67,16 +73,22 @@ def token_pool_forward(
     if rows_out == 0 or c == 0:
         return out, aux, indices
     weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
-    rows, block_s, programs = _tile(x, rows_out, channels_last)
+    aux_arg = aux if aux.numel() else x
+    indices_arg = indices if indices.numel() else x
+    config = _launch(configs.forward_config, x, rows_out, channels_last)
+    split = config.s_programs > 1
+    partial_stats, partial_index = split_partials(config.s_programs, rows_out * c, mode, x)
     with _device_of(x):
-        wrap_triton(token_forward_kernel)[(programs,)](
+        wrap_triton(token_forward_kernel)[(config.row_programs, config.s_programs)](
             x,
             spans,
             _mask_arg(mask, x),
             weight_arg,
             out,
-            aux if aux.numel() else x,
-            indices if indices.numel() else x,
+            aux_arg,
+            indices_arg,
+            partial_stats,
+            partial_index,
             rows_out,
             c,
             s,
@@ -89,10 +101,21 @@ def token_pool_forward(
             HAS_MASK=mask is not None,
             WEIGHT_KIND=weight_kind,
             WITH_LOG=with_log,
-            ROWS=rows,
-            BLOCK_S=block_s,
-            num_warps=configs._num_warps(rows * block_s),
+            SPLIT=split,
+            ROWS=config.rows,
+            BLOCK_S=config.block_s,
+            num_warps=config.num_warps,
         )
+        if split:
+            launch_combine(
+                token_combine_kernel,
+                (partial_stats, partial_index, spans),
+                (rows_out, c, s, config.s_programs),
+                (weight_arg, weight_stride, scalar, weight_kind),
+                (out, aux_arg, indices_arg),
+                mode,
+                with_log,
+            )
     return out, aux, indices
 
 
@@ -117,15 +140,10 @@ def token_pool_backward(
     grad_x = gk_ops.grad_input_like(x)
     if rows_out == 0 or c == 0:
         return grad_x.zero_()
-    rows, block_s, programs = _tile(x, rows_out, channels_last)
-    if varlen:  # one piece per row: its sequence, however long
-        s_per_program, pieces = s, 1
-    else:
-        s_per_program = configs.BACKWARD_TILES_PER_PROGRAM * block_s
-        pieces = -(-s // s_per_program)
+    config = _launch(configs.backward_config, x, rows_out, channels_last)
     weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
     with _device_of(x):
-        wrap_triton(token_backward_kernel)[(programs, pieces)](
+        wrap_triton(token_backward_kernel)[(config.row_programs, config.s_programs)](
             grad_out,
             x,
             spans,
@@ -137,7 +155,6 @@ def token_pool_backward(
             rows_out,
             c,
             s,
-            s_per_program,
             weight_stride,
             scalar,
             eps,
@@ -147,9 +164,9 @@ def token_pool_backward(
             HAS_MASK=mask is not None,
             WEIGHT_KIND=weight_kind,
             AUX_COLUMNS=aux.shape[-1] if mode == MODE_GEM else 1,
-            ROWS=rows,
-            BLOCK_S=block_s,
-            num_warps=configs._num_warps(rows * block_s),
+            ROWS=config.rows,
+            BLOCK_S=config.block_s,
+            num_warps=config.num_warps,
         )
     return grad_x
 
