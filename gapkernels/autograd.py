@@ -15,8 +15,8 @@ Two routes lead here, with one set of formulas:
   (gapkernels._C) is loaded, the C++ ops have it in C++ (`csrc/ops.cpp`, the Autograd key): first
   order runs there entirely (weight gradients included); a differentiated backward calls
   `cpp_op_grads` below, and forward mode on the op itself `pool_tangent`. Without the
-  accelerator, `register_op_autograd` below registers the same at the Autograd key in Python:
-  PoolFunctionFwdAD, so that forward mode and torch.func work on the op itself too (the
+  accelerator, `register_op_autograd` below registers the same at the Autograd key in Python
+  (PoolFunctionFwdAD's formulas, and forward mode on the op itself from `pool_tangent`; the
   autograd.Function that `torch.library.register_autograd` makes has no forward mode, and the
   kernel it registers skips that Function when nothing requires grad, so a tangent would be
   dropped silently). The Triton ops register theirs with `register_pool_ops` in
@@ -329,6 +329,25 @@ class PoolFunctionFwdAD(PoolFunction):
         return tangent, None, None
 
 
+class _PoolFunctionEager(torch.autograd.Function):
+    """PoolFunctionFwdAD without setup_context (the forward takes ctx), for eager calls that no
+    torch.func transform sees (they need setup_context): Function.apply then binds no arguments
+    to the forward's signature, which costs as much as a small pooling. Where it is used: the C++
+    ops without the accelerator (the public functions' eager calls, and the ops' Python Autograd
+    kernel)."""
+
+    @staticmethod
+    def forward(ctx, x3, mode, weight, scalar, eps, with_log, backend):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+        ctx.save_for_forward(*save_pool_context(ctx, (x3, mode, weight, scalar, eps), output))
+        ctx.backend = backend
+        return output
+
+    backward = PoolFunction.backward
+    jvp = PoolFunctionFwdAD.jvp
+
+
 def _differentiable(x3: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether this call can be differentiated (so it must go through PoolFunction)."""
     if torch.is_grad_enabled() and (
@@ -382,7 +401,7 @@ class _BackwardOpFunction(torch.autograd.Function):
 
 def _pool_forward_autograd(keyset, x3, mode, weight, scalar, eps, with_log):
     """pool_forward at the Autograd key, without the accelerator, as csrc/ops.cpp's: reverse
-    mode through PoolFunctionFwdAD (forward mode too, when both are asked for), forward mode
+    mode through _PoolFunctionEager (forward mode too, when both are asked for), forward mode
     alone (torch.autograd.forward_ad, torch.func.jvp / jacfwd) from pool_tangent, set on `out`."""
     if torch.is_grad_enabled() and (
         x3.requires_grad or (weight is not None and weight.requires_grad)
@@ -395,7 +414,7 @@ def _pool_forward_autograd(keyset, x3, mode, weight, scalar, eps, with_log):
                 "jacrev, hessian) of the op itself are not supported; gapkernels' functions "
                 "support every torch.func transform"
             )
-        return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, "cpu")
+        return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, "cpu")
     with torch._C._AutoDispatchBelowAutograd():
         out, aux, indices = torch.ops.gapkernels.pool_forward.default.redispatch(
             keyset & torch._C._after_autograd_keyset, x3, mode, weight, scalar, eps, with_log
@@ -456,13 +475,16 @@ def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
     A plain eager call of the C++ ops with the accelerator is the op itself: their autograd is
     in C++ (csrc/ops.cpp), cheaper than `autograd.Function.apply`, which binds its arguments with
     `inspect.signature` on every call. torch.func transforms and forward mode need
-    PoolFunctionFwdAD, and compiled graphs PoolFunction. A call that nothing can differentiate
-    of an op whose autograd is Python (Triton's, and the C++ ones without the accelerator) skips
-    autograd entirely."""
+    PoolFunctionFwdAD (the C++ ops without the accelerator, outside torch.func: its twin
+    _PoolFunctionEager, which binds nothing), and compiled graphs PoolFunction. A call that
+    nothing can differentiate of an op whose autograd is Python (Triton's, and the C++ ones
+    without the accelerator) skips autograd entirely."""
     if torch.compiler.is_compiling():
         return PoolFunction.apply(x3, mode, weight, scalar, eps, with_log, backend)
     if ACCEL and backend != "triton" and not _transformed():
         return _CPP_FORWARD(x3, mode, weight, scalar, eps, with_log)
     if _differentiable(x3, weight):
+        if backend != "triton" and not torch._C._are_functorch_transforms_active():
+            return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, backend)
         return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, backend)
     return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
