@@ -342,9 +342,17 @@ class _PoolFunctionEager(torch.autograd.Function):
             output = _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
         ctx.save_for_forward(*save_pool_context(ctx, (x3, mode, weight, scalar, eps), output))
         ctx.backend = backend
+        # No zero gradients made for aux and indices (non-differentiable, never read), as in
+        # csrc/ops.cpp: two allocations and fills per backward.
+        ctx.set_materialize_grads(False)
         return output
 
-    backward = PoolFunction.backward
+    @staticmethod
+    def backward(ctx, grad_out, _grad_aux, _grad_indices):
+        if grad_out is None:  # nothing reached out (materialize_grads is off)
+            return (None,) * 7
+        return PoolFunction.backward(ctx, grad_out, None, None)
+
     jvp = PoolFunctionFwdAD.jvp
 
 
