@@ -221,12 +221,24 @@ def grads_from_context(ctx, pair: OpPair, grad_out):
     )
 
 
+# The C++ op pair, looked up once (torch.ops attribute lookups cost a few us per call).
+_CPP_PAIR: OpPair | None = (
+    (torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default)
+    if _ext.loaded()
+    else None
+)
+
+
 def _pair(backend: str) -> OpPair:
     if backend == "triton":
         from gapkernels import triton as gk_triton
 
         return gk_triton.pool_forward, gk_triton.pool_backward
-    return torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default
+    if _CPP_PAIR is None:
+        raise RuntimeError(
+            f"gapkernels: the C++ ops are not loaded: {_ext.unavailable_reason('CPU')}"
+        )
+    return _CPP_PAIR
 
 
 def cpp_op_grads(grad_out, x3, aux, indices, mode, weight, scalar, eps, need_x, need_w):
