@@ -15,13 +15,15 @@ Environment:
 The CPU kernels (csrc/cpu/) are built once per instruction set into their own libraries,
 gapkernels/_cpu_<variant>.*.so, each registering the same CPU kernels; gapkernels/_ext.py loads
 exactly one at import, the best this CPU runs (the answer torch.backends.cpu.get_cpu_capability()
-gives), or the one GAPKERNELS_CPU_CAPABILITY names. The main library gapkernels._C holds the op
-schemas, the C++ autograd and the eager entry (csrc/ops.cpp; no CUDA code, so a CPU-only torch
-loads it). The CUDA kernels are in their own library, gapkernels/_cuda.abi3.so, built on the
-LibTorch stable ABI for torch 2.11 and later (TORCH_TARGET_VERSION), which needs only
-libtorch_cuda, libtorch_cpu and libc10 of torch (cudart is linked statically); gapkernels/_ext.py
-loads it only where torch is a CUDA build. Which machine builds never matters: every x86-64 build
-holds every variant.
+gives), or the one GAPKERNELS_CPU_CAPABILITY names. The op schemas are in their own library,
+gapkernels/_ops.abi3.so (csrc/schemas.cpp, LibTorch stable ABI), loaded first. gapkernels._C, the
+accelerator, holds the C++ autograd and the eager entry (csrc/ops.cpp; torch's unstable API, no
+CUDA code): it is optional, and gapkernels/_ext.py loads it only under the torch it was built
+against (recorded in gapkernels/_build_info.json). The CUDA kernels are in their own library,
+gapkernels/_cuda.abi3.so, built on the LibTorch stable ABI for torch 2.11 and later
+(TORCH_TARGET_VERSION), which needs only libtorch_cuda, libtorch_cpu and libc10 of torch (cudart
+is linked statically); gapkernels/_ext.py loads it only where torch is a CUDA build. Which
+machine builds never matters: every x86-64 build holds every variant.
 """
 
 import glob
@@ -155,6 +157,8 @@ def cpu_extensions() -> list:
 # The checks every device shares (torch-free, on a TensorInfo each library fills): compiled into
 # each CPU kernel library and into the CUDA library, not into gapkernels._C.
 SHARED_SOURCES = ["csrc/checks.cpp"]
+# The op schemas: gapkernels._ops alone.
+SCHEMA_SOURCES = ["csrc/schemas.cpp"]
 
 # The LibTorch stable ABI: the oldest torch the CUDA library runs on, as TORCH_TARGET_VERSION
 # ([major][minor][patch] bytes, then a 5-byte ABI tag). The same macro makes every ATen/c10
@@ -163,15 +167,31 @@ STABLE_TARGET = "2.11"
 STABLE_TARGET_FLAG = "-DTORCH_TARGET_VERSION=0x020b000000000000"
 
 
+def ops_extension():
+    """gapkernels._ops: the op schemas (csrc/schemas.cpp) on the LibTorch stable ABI, so that one
+    build defines the ops under every torch from STABLE_TARGET on; no Python API (py_limited_api,
+    loaded with torch.ops.load_library) and nothing of CUDA."""
+    ext = CppExtension(
+        "gapkernels._ops",
+        list(SCHEMA_SOURCES),
+        py_limited_api=True,
+        extra_compile_args={"cxx": ["-O2", "-g0", "-fvisibility=hidden", STABLE_TARGET_FLAG]},
+    )
+    ext.libraries = ["c10", "torch_cpu"]  # the stable C shim; not libtorch.so (cpp_extension's)
+    return ext
+
+
 def extension():
-    # gapkernels._C: every .cpp under csrc/ at any depth (the schemas, autograd and eager entry in
-    # ops.cpp), except under csrc/cpu/ (cpu_extensions), csrc/cuda/ (cuda_extension) and the
-    # shared checks, which only the kernel libraries call. No CUDA code: a CppExtension that a
-    # CPU-only torch loads. MANIFEST.in ships all of csrc/ in the sdist.
+    # gapkernels._C, the accelerator: every .cpp under csrc/ at any depth (the C++ autograd and
+    # eager entry in ops.cpp), except under csrc/cpu/ (cpu_extensions), csrc/cuda/
+    # (cuda_extension), the schemas (ops_extension) and the shared checks, which only the kernel
+    # libraries call. No CUDA code: a CppExtension that a CPU-only torch loads. MANIFEST.in ships
+    # all of csrc/ in the sdist.
     sources = [
         f
         for f in sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-        if not f.startswith(("csrc/cpu/", "csrc/cuda/")) and f not in SHARED_SOURCES
+        if not f.startswith(("csrc/cpu/", "csrc/cuda/"))
+        and f not in SHARED_SOURCES + SCHEMA_SOURCES
     ]
     return CppExtension(
         "gapkernels._C",
@@ -225,7 +245,12 @@ def build_info(cuda: bool) -> dict:
     (gapkernels/_build_info.json)."""
     nvcc = nvcc_version(CUDA_HOME) if cuda else None
     return {
+        # the torch gapkernels._C (the accelerator, unstable API) is built against and loads
+        # under: gapkernels/_ext.py compares both with the running torch's
         "torch": torch.__version__,
+        "torch_git_version": torch.version.git_version,
+        # the oldest torch the stable libraries (_ops, _cuda) load under
+        "stable_target": STABLE_TARGET,
         "cuda_kernels": cuda,
         # the CUDA kernels' library and the oldest torch it loads under (the stable ABI target)
         "cuda_library": "gapkernels._cuda" if cuda else None,
@@ -262,6 +287,7 @@ class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
 if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
     setup(
         ext_modules=[
+            ops_extension(),
             extension(),
             *cpu_extensions(),
             *[ext for ext in [cuda_extension()] if ext is not None],

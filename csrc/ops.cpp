@@ -1,6 +1,11 @@
-// The schema of every gapkernels op, defined once, and the ops' autograd (the Autograd dispatch
-// key, in C++ so that a call costs no Python). The checks shared by all devices are in
-// checks.cpp; the CPU kernels are in separate libraries (gapkernels/_cpu_*.so, see setup.py).
+// The accelerator, gapkernels._C (optional): the ops' autograd at the Autograd dispatch key, in
+// C++ so that a call costs no Python, and the public functions' eager entry `_C.pool`. It uses
+// torch's unstable C++ API, so gapkernels/_ext.py loads it only under the torch it was built
+// against (gapkernels/_build_info.json); elsewhere the ops' autograd is registered from Python
+// (gapkernels/ops.py, the same formulas) and the public functions call the ops themselves. The
+// schemas are in csrc/schemas.cpp (gapkernels/_ops, stable ABI), the kernels in their own
+// libraries (gapkernels/_cpu_*.so, _cuda.abi3.so; see setup.py).
+#include <ATen/ATen.h>
 #include <Python.h>
 #include <torch/autograd.h>
 #include <torch/csrc/Exceptions.h>
@@ -8,7 +13,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
-#include "pool_common.h"
+#include "pool_math.h"
 
 namespace {
 
@@ -394,21 +399,4 @@ PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
 TORCH_LIBRARY_IMPL(gapkernels, Autograd, m) {
   m.impl("pool_forward", &gapkernels::pool_forward_autograd);
   m.impl("pool_backward", &gapkernels::pool_backward_autograd);
-}
-
-TORCH_LIBRARY(gapkernels, m) {
-  m.def(
-      "pool_forward(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "pool_backward(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
-      "Tensor? weight, float scalar, float eps) -> Tensor");
-  // Token pooling (docs/DESIGN.md, "Token pooling"; fake kernels and autograd:
-  // gapkernels/token_ops.py, the same schema as the Triton pair's).
-  m.def(
-      "token_pool_forward(Tensor x, Tensor spans, Tensor? mask, bool varlen, int mode, "
-      "Tensor? weight, float scalar, float eps, bool with_log) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "token_pool_backward(Tensor grad_out, Tensor x, Tensor spans, Tensor? mask, bool varlen, "
-      "Tensor aux, Tensor indices, int mode, Tensor? weight, float scalar, float eps) -> Tensor");
 }

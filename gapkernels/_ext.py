@@ -1,14 +1,23 @@
 """Loads the compiled libraries and says why when it cannot.
 
-gapkernels._C holds the op schemas, the C++ autograd and the eager entry; it is loaded first. The
-CUDA kernels are in gapkernels/_cuda.abi3.so (built on the LibTorch stable ABI, setup.py), loaded
-after _C and only where torch is a CUDA build, since the library needs torch's libtorch_cuda.so;
-whether a GPU is visible does not matter. The CPU kernels are built once per
-instruction set into gapkernels/_cpu_<variant>.*.so (setup.py), each registering the same CPU
-kernels; exactly one is loaded: the best this CPU runs, which is the answer torch gives
-(`torch.backends.cpu.get_cpu_capability()`, so ATEN_CPU_CAPABILITY lowers it too), or the one
-GAPKERNELS_CPU_CAPABILITY names. A request this CPU or this build cannot honour is an error at
-import, not a silent fallback.
+In this order, each after the one before it:
+
+1. gapkernels/_ops.abi3.so: the op schemas (csrc/schemas.cpp), built on the LibTorch stable ABI,
+   so that one build defines the ops under every torch from its target (setup.py) on.
+2. The CPU kernels, built once per instruction set into gapkernels/_cpu_<variant>.*.so
+   (setup.py), each registering the same CPU kernels; exactly one is loaded: the best this CPU
+   runs, which is the answer torch gives (`torch.backends.cpu.get_cpu_capability()`, so
+   ATEN_CPU_CAPABILITY lowers it too), or the one GAPKERNELS_CPU_CAPABILITY names. A request this
+   CPU or this build cannot honour is an error at import, not a silent fallback.
+3. The CUDA kernels, gapkernels/_cuda.abi3.so (stable ABI), only where torch is a CUDA build,
+   since the library needs torch's libtorch_cuda.so; whether a GPU is visible does not matter.
+4. gapkernels._C, the accelerator: the ops' autograd in C++ and the public functions' eager entry
+   (`_C.pool`), on torch's unstable C++ API. It is loaded only under the torch it was built
+   against (torch.__version__ and torch.version.git_version, recorded in
+   gapkernels/_build_info.json by setup.py), and never with GAPKERNELS_NO_ACCEL=1. Without it
+   the ops' autograd is registered from Python (gapkernels/ops.py, the same formulas) and the
+   public functions call the ops themselves: the same results, more Python per call
+   (docs/LATENCY.md). `accel_reason` says why it is not loaded.
 
 A missing extension (never built) is a missing backend: `auto` falls back to another one.
 A broken extension (built, but fails to load) is an error that `auto` does not hide.
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import platform
 
@@ -118,7 +128,56 @@ def cpu_vector_bytes(variant: str, machine: str | None = None) -> int:
     return 32
 
 
-_C = None
+ACCEL_ENV_VAR = "GAPKERNELS_NO_ACCEL"
+BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+
+
+def read_build_info(path: str = BUILD_INFO) -> dict | None:
+    """What setup.py recorded when it built the extension (gapkernels/_build_info.json), or None
+    (not built, or built before the record existed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def accel_mismatch(record: dict | None, version: str, git_version: str) -> str | None:
+    """None when the build record says gapkernels._C was built against the torch whose
+    `__version__` and `version.git_version` are given, else why it cannot be loaded."""
+    rebuild = (
+        "the ops run without it (their autograd in Python: the same results, slower small "
+        "calls); to have it, rebuild gapkernels against this torch (`pip install "
+        "--no-build-isolation .` in its checkout)"
+    )
+    if record is None:
+        return f"no build record ({BUILD_INFO}) says which torch it was built against; {rebuild}"
+    built, built_git = record.get("torch"), record.get("torch_git_version")
+    if built is None or built_git is None:
+        return f"the build record does not name the torch it was built against; {rebuild}"
+    if (built, built_git) != (version, git_version):
+        return (
+            f"it was built against torch {built} (git {built_git[:12]}), and torch {version} "
+            f"(git {git_version[:12]}) is running; {rebuild}"
+        )
+    return None
+
+
+def accel_disabled(value: str | None) -> bool:
+    """Whether GAPKERNELS_NO_ACCEL (`value`, None when unset) turns the accelerator off."""
+    if value in (None, "", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ValueError(
+        f"{ACCEL_ENV_VAR}={value!r}: expected 1 (do not load gapkernels._C, the accelerator) or "
+        "0 / unset (load it where it matches the running torch)"
+    )
+
+
+_C = None  # the accelerator, when loaded
+accel_reason: str | None = None  # why it is not loaded
+ops_library: str | None = None  # the op schemas' file, when loaded
 missing_reason: str | None = None  # the extension was never built
 broken_reason: str | None = None  # it was built but does not load
 cpu_variant: str | None = None  # the CPU kernels loaded: "default", "avx2" or "avx512"
@@ -128,47 +187,61 @@ cuda_library: str | None = None  # the CUDA kernels' file, when loaded
 cuda_missing_reason: str | None = None  # why they are not loaded: not built, or a CPU torch
 cuda_broken_reason: str | None = None  # they were built but failed to load
 
-try:
-    _C = importlib.import_module("gapkernels._C")  # registers the schemas and the autograd
-except ModuleNotFoundError as exc:
-    if exc.name != "gapkernels._C":
-        broken_reason = f"gapkernels._C failed to import: {exc!r}"
-    else:
-        missing_reason = "the gapkernels C++/CUDA extension (gapkernels._C) is not built"
-except (ImportError, OSError) as exc:
-    broken_reason = (
-        f"gapkernels._C is present but failed to load ({exc}); it was probably built against "
-        f"another torch than {torch.__version__}"
-    )
 
-if _C is not None:
+def _library_path(name: str) -> str | None:
+    """The built library gapkernels/<name>.*.so, or None."""
+    spec = importlib.util.find_spec(f"gapkernels.{name}")
+    return spec.origin if spec is not None else None
+
+
+def _load_ops() -> None:
+    """Loads the op schemas, or records why not."""
+    global ops_library, missing_reason, broken_reason
+    path = _library_path("_ops")
+    if path is None:
+        missing_reason = (
+            "the gapkernels C++ extension is not built (no gapkernels/_ops.*.so, the op schemas)"
+        )
+        return
+    try:
+        torch.ops.load_library(path)  # defines the ops (STABLE_TORCH_LIBRARY)
+    except (OSError, RuntimeError) as exc:
+        broken_reason = (
+            f"the op schemas {path} failed to load under torch {torch.__version__} ({exc}); "
+            "gapkernels supports torch >= 2.11"
+        )
+        return
+    ops_library = path
+
+
+def _load_cpu() -> None:
+    """Loads the CPU kernels of the chosen variant, or records why not."""
+    global cpu_variant, cpu_variant_reason, cpu_library, broken_reason
     cpu_variant, cpu_variant_reason = choose_cpu_variant(
         os.environ.get(CPU_ENV_VAR),
         torch.backends.cpu.get_cpu_capability(),
         cpu_supported_variants(),
         cpu_built_variants(),
     )
-    if cpu_variant is not None:
-        spec = importlib.util.find_spec(f"gapkernels._cpu_{cpu_variant}")
-        cpu_library = spec.origin if spec is not None else None
-        try:
-            torch.ops.load_library(cpu_library)  # registers the CPU kernels
-        except (OSError, RuntimeError) as exc:
-            broken_reason = (
-                f"the CPU kernels {cpu_library} failed to load ({exc}); they were probably built "
-                f"against another torch than {torch.__version__}"
-            )
+    if cpu_variant is None:
+        return
+    cpu_library = _library_path(f"_cpu_{cpu_variant}")
+    try:
+        torch.ops.load_library(cpu_library)  # registers the CPU kernels
+    except (OSError, RuntimeError) as exc:
+        broken_reason = (
+            f"the CPU kernels {cpu_library} failed to load ({exc}); they were probably built "
+            f"against another torch than {torch.__version__}"
+        )
 
 
 def cuda_library_path() -> str | None:
     """The built CUDA kernel library (gapkernels/_cuda.*.so), or None."""
-    spec = importlib.util.find_spec("gapkernels._cuda")
-    return spec.origin if spec is not None else None
+    return _library_path("_cuda")
 
 
 def _load_cuda() -> None:
-    """Loads the CUDA kernels (after _C, which defines the schemas they register for), or records
-    why not."""
+    """Loads the CUDA kernels, or records why not."""
     global cuda_library, cuda_missing_reason, cuda_broken_reason
     path = cuda_library_path()
     if torch.version.cuda is None:
@@ -198,11 +271,40 @@ def _load_cuda() -> None:
     cuda_library = path
 
 
-if _C is not None:
+def _load_accel() -> None:
+    """Imports gapkernels._C where it matches the running torch, or records why not."""
+    global _C, accel_reason
+    if accel_disabled(os.environ.get(ACCEL_ENV_VAR)):
+        accel_reason = f"{ACCEL_ENV_VAR}=1 is set"
+        return
+    if _library_path("_C") is None:
+        accel_reason = "gapkernels._C is not built"
+        return
+    accel_reason = accel_mismatch(read_build_info(), torch.__version__, torch.version.git_version)
+    if accel_reason is not None:
+        return
+    try:
+        _C = importlib.import_module("gapkernels._C")  # registers the ops' C++ autograd
+    except (ImportError, OSError) as exc:
+        accel_reason = f"gapkernels._C failed to import ({exc})"
+
+
+_load_ops()
+if ops_library is not None:
+    _load_cpu()
     _load_cuda()
+    _load_accel()
+else:
+    accel_reason = "the op schemas (gapkernels/_ops) are not loaded"
 
 
 def loaded() -> bool:
+    """Whether the op schemas are loaded (gapkernels::* exist; which kernels: has_kernel)."""
+    return ops_library is not None
+
+
+def accel_loaded() -> bool:
+    """Whether gapkernels._C (the ops' C++ autograd and the eager entry) is loaded."""
     return _C is not None
 
 
@@ -216,7 +318,7 @@ def broken(dispatch_key: str) -> bool:
 KERNEL_KEYS = frozenset(
     key
     for key in ("CPU", "CUDA")
-    if _C is not None
+    if ops_library is not None
     and torch._C._dispatch_has_kernel_for_dispatch_key("gapkernels::pool_forward", key)
 )
 

@@ -11,11 +11,16 @@ Two routes lead here, with one set of formulas:
   then raises torch's "jvp is not implemented" error instead of giving zeros).
 - The ops' own autograd, for callers of `torch.ops.gapkernels*.pool_forward` itself, for
   `opcheck`, and for the public functions' plain eager calls (no `torch.func`, no forward mode,
-  not compiling), where `PoolFunction`'s Python costs more than the op. The C++ ops register it in
-  C++ (`csrc/ops.cpp`, the Autograd key): first order runs there entirely (weight gradients
-  included); a differentiated backward calls `cpp_op_grads` below, and forward mode on the op
-  itself `pool_tangent`. The Triton ops register it in Python (`register_pool_ops` in
-  `gapkernels/ops.py`).
+  not compiling), where `PoolFunction`'s Python costs more than the op. Where the accelerator
+  (gapkernels._C) is loaded, the C++ ops have it in C++ (`csrc/ops.cpp`, the Autograd key): first
+  order runs there entirely (weight gradients included); a differentiated backward calls
+  `cpp_op_grads` below, and forward mode on the op itself `pool_tangent`. Without the
+  accelerator, `register_op_autograd` below registers the same at the Autograd key in Python
+  (PoolFunctionFwdAD's formulas, and forward mode on the op itself from `pool_tangent`; the
+  autograd.Function that `torch.library.register_autograd` makes has no forward mode, and the
+  kernel it registers skips that Function when nothing requires grad, so a tangent would be
+  dropped silently). The Triton ops register theirs with `register_pool_ops` in
+  `gapkernels/ops.py`.
 
 First-order backward (grad mode off inside backward: `loss.backward()`, `autograd.grad` without
 `create_graph`) runs the backend's fused backward kernel, and the weight gradients from the
@@ -38,6 +43,7 @@ import torch.autograd.forward_ad as fwAD
 
 from gapkernels import _ext
 from gapkernels.ops import (
+    BACKWARD_OP_NOT_DIFFERENTIABLE,
     MAX_MODES,
     MODE_AVG,
     MODE_GEM,
@@ -215,12 +221,24 @@ def grads_from_context(ctx, pair: OpPair, grad_out):
     )
 
 
+# The C++ op pair, looked up once (torch.ops attribute lookups cost a few us per call).
+_CPP_PAIR: OpPair | None = (
+    (torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default)
+    if _ext.loaded()
+    else None
+)
+
+
 def _pair(backend: str) -> OpPair:
     if backend == "triton":
         from gapkernels import triton as gk_triton
 
         return gk_triton.pool_forward, gk_triton.pool_backward
-    return torch.ops.gapkernels.pool_forward.default, torch.ops.gapkernels.pool_backward.default
+    if _CPP_PAIR is None:
+        raise RuntimeError(
+            f"gapkernels: the C++ ops are not loaded: {_ext.unavailable_reason('CPU')}"
+        )
+    return _CPP_PAIR
 
 
 def cpp_op_grads(grad_out, x3, aux, indices, mode, weight, scalar, eps, need_x, need_w):
@@ -231,13 +249,17 @@ def cpp_op_grads(grad_out, x3, aux, indices, mode, weight, scalar, eps, need_x, 
     )
 
 
-def _no_cpp_ops(*args):
-    raise RuntimeError(f"gapkernels: the C++ extension is not loaded: {_ext.missing_reason}")
+def _no_accel(*args):
+    raise RuntimeError(
+        f"gapkernels: the accelerator (gapkernels._C) is not loaded: {_ext.accel_reason}"
+    )
 
 
-_CPP_FORWARD: Callable[..., Any] = _no_cpp_ops
+# Whether the C++ ops' autograd and the eager entry are the accelerator's (gapkernels._C).
+ACCEL = _ext.accel_loaded()
+_CPP_FORWARD: Callable[..., Any] = _no_accel
 # _C.pool(x, nhwc, mode, weight, scalar, eps, with_log): see entry_applies and csrc/ops.cpp.
-cpp_entry: Callable[..., Any] = _no_cpp_ops
+cpp_entry: Callable[..., Any] = _no_accel
 if _ext._C is not None:
     _ext._C._set_python_callbacks(cpp_op_grads, pool_tangent)
     _CPP_FORWARD = torch.ops.gapkernels.pool_forward.default
@@ -319,6 +341,33 @@ class PoolFunctionFwdAD(PoolFunction):
         return tangent, None, None
 
 
+class _PoolFunctionEager(torch.autograd.Function):
+    """PoolFunctionFwdAD without setup_context (the forward takes ctx), for eager calls that no
+    torch.func transform sees (they need setup_context): Function.apply then binds no arguments
+    to the forward's signature, which costs as much as a small pooling. Where it is used: the C++
+    ops without the accelerator (the public functions' eager calls, and the ops' Python Autograd
+    kernel)."""
+
+    @staticmethod
+    def forward(ctx, x3, mode, weight, scalar, eps, with_log, backend):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+        ctx.save_for_forward(*save_pool_context(ctx, (x3, mode, weight, scalar, eps), output))
+        ctx.backend = backend
+        # No zero gradients made for aux and indices (non-differentiable, never read), as in
+        # csrc/ops.cpp: two allocations and fills per backward.
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_aux, _grad_indices):
+        if grad_out is None:  # nothing reached out (materialize_grads is off)
+            return (None,) * 7
+        return PoolFunction.backward(ctx, grad_out, None, None)
+
+    jvp = PoolFunctionFwdAD.jvp
+
+
 def _differentiable(x3: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether this call can be differentiated (so it must go through PoolFunction)."""
     if torch.is_grad_enabled() and (
@@ -335,30 +384,127 @@ def _transformed() -> bool:
 
 def entry_applies(x: torch.Tensor) -> bool:
     """Whether a public function's call on `x` (on a C++ backend) can take `_C.pool`, which
-    takes the (N, C, S) view and calls the op in C++: a plain tensor in plain eager mode (not
-    compiling, no torch.func transform or forward mode, no __torch_function__ to honor).
-    `functional._run`'s eager path inlines the same test (a call costs 3% of a small pooling)."""
+    takes the (N, C, S) view and calls the op in C++: the accelerator is loaded, and x is a plain
+    tensor in plain eager mode (not compiling, no torch.func transform or forward mode, no
+    __torch_function__ to honor). `functional._run`'s eager path inlines the same test (a call
+    costs 3% of a small pooling)."""
     return (
-        not torch.compiler.is_compiling()
+        ACCEL
+        and not torch.compiler.is_compiling()
         and type(x) is torch.Tensor
         and not _transformed()
         and not torch._C._is_torch_function_mode_enabled()
     )
 
 
+def _dual_parts(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(primal, tangent) of t under forward-mode AD (tangent None when it has none)."""
+    if t is None:
+        return None, None
+    primal, tangent = fwAD.unpack_dual(t)
+    return primal, tangent
+
+
+class _BackwardOpFunction(torch.autograd.Function):
+    """pool_backward where something requires grad: its output's derivative raises (the op has
+    none of its own), as csrc/ops.cpp's PoolBackwardFunction does."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.gapkernels.pool_backward.default(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"gapkernels::pool_backward: {BACKWARD_OP_NOT_DIFFERENTIABLE}")
+
+
+def _pool_forward_autograd(keyset, x3, mode, weight, scalar, eps, with_log):
+    """pool_forward at the Autograd key, without the accelerator, as csrc/ops.cpp's: reverse
+    mode through _PoolFunctionEager (forward mode too, when both are asked for), forward mode
+    alone (torch.autograd.forward_ad, torch.func.jvp / jacfwd) from pool_tangent, set on `out`."""
+    if torch.is_grad_enabled() and (
+        x3.requires_grad or (weight is not None and weight.requires_grad)
+    ):
+        if torch._C._are_functorch_transforms_active():
+            # An autograd.Function cannot be applied from inside a dispatcher kernel under
+            # torch.func (the accelerator's C++ Function is refused there too).
+            raise RuntimeError(
+                "gapkernels::pool_forward: torch.func's reverse-mode transforms (grad, vjp, "
+                "jacrev, hessian) of the op itself are not supported; gapkernels' functions "
+                "support every torch.func transform"
+            )
+        return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, "cpu")
+    with torch._C._AutoDispatchBelowAutograd():
+        out, aux, indices = torch.ops.gapkernels.pool_forward.default.redispatch(
+            keyset & torch._C._after_autograd_keyset, x3, mode, weight, scalar, eps, with_log
+        )
+    if fwAD._current_level >= 0:
+        x_primal, t_x = _dual_parts(x3)
+        w_primal, t_w = _dual_parts(weight)
+        if mode not in (MODE_MIXED, MODE_GEM):
+            t_w = None
+        if t_x is not None or t_w is not None:
+            tangent = pool_tangent(x_primal, aux, indices, mode, w_primal, scalar, eps, t_x, t_w)
+            if tangent is not None:
+                out = fwAD.make_dual(out, tangent)
+    return out, aux, indices
+
+
+def _pool_backward_autograd(keyset, grad_out, x3, aux, indices, mode, weight, scalar, eps):
+    """pool_backward at the Autograd key, without the accelerator: no derivative of its own, in
+    either mode, and an error (not a silent zero) when one is asked for."""
+    args = (grad_out, x3, aux, indices, mode, weight, scalar, eps)
+    tensors = (grad_out, x3, aux, weight)
+    if fwAD._current_level >= 0 and any(_dual_parts(t)[1] is not None for t in tensors):
+        raise RuntimeError(
+            "gapkernels::pool_backward: forward-mode AD of the backward op itself is not "
+            "supported; differentiate through the forward (gapkernels' functions or "
+            "pool_forward), whose backward is differentiable to any order"
+        )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _BackwardOpFunction.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.gapkernels.pool_backward.default.redispatch(
+            keyset & torch._C._after_autograd_keyset, *args
+        )
+
+
+_OP_AUTOGRAD: list[torch.library.Library] = []  # kept alive: the registrations last as long
+
+
+def register_op_autograd() -> None:
+    """Registers the C++ ops' autograd in Python, where the accelerator (whose C++ autograd
+    registers the same) is not loaded; one Autograd kernel per op, in either case."""
+    if ACCEL or _OP_AUTOGRAD:
+        return
+    lib = torch.library.Library("gapkernels", "FRAGMENT")
+    lib.impl("pool_forward", _pool_forward_autograd, "Autograd", with_keyset=True)
+    lib.impl("pool_backward", _pool_backward_autograd, "Autograd", with_keyset=True)
+    _OP_AUTOGRAD.append(lib)
+
+
+if _ext.loaded():
+    register_op_autograd()
+
+
 def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
     """The differentiable (out, aux, indices) of one pool op on `backend` ("cpu"/"cuda" use the
     C++ ops, "triton" the Triton ones).
 
-    A plain eager call of the C++ ops is the op itself: their autograd is in C++ (csrc/ops.cpp),
-    cheaper than `autograd.Function.apply`, which binds its arguments with `inspect.signature`
-    on every call. torch.func transforms and forward mode need PoolFunctionFwdAD, and compiled
-    graphs PoolFunction. A Triton call that nothing can differentiate skips autograd entirely
-    (the Triton ops' own Autograd kernel is Python)."""
+    A plain eager call of the C++ ops with the accelerator is the op itself: their autograd is
+    in C++ (csrc/ops.cpp), cheaper than `autograd.Function.apply`, which binds its arguments with
+    `inspect.signature` on every call. torch.func transforms and forward mode need
+    PoolFunctionFwdAD (the C++ ops without the accelerator, outside torch.func: its twin
+    _PoolFunctionEager, which binds nothing), and compiled graphs PoolFunction. A call that
+    nothing can differentiate of an op whose autograd is Python (Triton's, and the C++ ones
+    without the accelerator) skips autograd entirely."""
     if torch.compiler.is_compiling():
         return PoolFunction.apply(x3, mode, weight, scalar, eps, with_log, backend)
-    if backend != "triton" and not _transformed():
+    if ACCEL and backend != "triton" and not _transformed():
         return _CPP_FORWARD(x3, mode, weight, scalar, eps, with_log)
     if _differentiable(x3, weight):
+        if backend != "triton" and not torch._C._are_functorch_transforms_active():
+            return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, backend)
         return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, backend)
     return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)

@@ -163,6 +163,7 @@ def _run(
     )
     if (  # autograd.entry_applies(x), inlined; not compiling here
         name != "triton"
+        and autograd.ACCEL
         and type(x) is torch.Tensor
         and not torch._C._are_functorch_transforms_active()
         and fwAD._current_level < 0

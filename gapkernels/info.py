@@ -2,13 +2,12 @@
 
 Versions (gapkernels, Python, torch, CUDA, Triton), what the extension was built with (CUDA
 architectures, CPU kernel variants, the torch it was built against), which CPU kernel variant is
-loaded and why, which backends load on each device and why not, and where `auto`'s GPU table
-comes from.
+loaded and why, whether the accelerator (gapkernels._C) is loaded and why not, which backends load
+on each device and why not, and where `auto`'s GPU table comes from.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -18,17 +17,13 @@ import torch
 import gapkernels
 from gapkernels import _ext, auto_table, backends
 
-BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+BUILD_INFO = _ext.BUILD_INFO
 
 
 def build_info() -> dict | None:
     """What setup.py recorded when it built the extension, or None (not built, or built before
     the record existed)."""
-    try:
-        with open(BUILD_INFO, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return _ext.read_build_info(BUILD_INFO)
 
 
 def _triton_version() -> str:
@@ -72,6 +67,14 @@ def _cuda_library_line() -> str:
     return f"  CUDA kernels: not loaded: {reason}"
 
 
+def _accel_line() -> str:
+    """Whether the accelerator (gapkernels._C: the ops' C++ autograd and eager entry) is loaded,
+    and why not."""
+    if _ext.accel_loaded():
+        return f"  accelerator (gapkernels._C): loaded from {getattr(_ext._C, '__file__', '?')}"
+    return f"  accelerator (gapkernels._C): not loaded: {_ext.accel_reason}"
+
+
 def _cuda_library_built(info: dict) -> str:
     """The CUDA library and its oldest torch, as the build record names them ("" in records of
     builds that had the CUDA kernels in _C)."""
@@ -96,20 +99,25 @@ def report() -> str:
         "GPU        "
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"),
         "",
-        "extension (gapkernels._C):",
+        "extension:",
     ]
     if _ext.loaded():
-        lines.append(f"  loaded from {getattr(_ext._C, '__file__', '?')}")
+        lines.append(f"  op schemas: loaded from {_ext.ops_library}")
         lines.append(f"  kernels: CPU {_ext.has_kernel('CPU')}, CUDA {_ext.has_kernel('CUDA')}")
         lines += _cpu_variant_lines()
         lines.append(_cuda_library_line())
+        if _ext.broken_reason is not None:
+            lines.append(f"  broken: {_ext.broken_reason}")
     else:
         lines.append(f"  not loaded: {_ext.broken_reason or _ext.missing_reason}")
+    lines.append(_accel_line())
     if info is None:
         lines.append("  build record: none (gapkernels/_build_info.json is written by setup.py)")
     else:
         lines += [
-            f"  built against torch {info.get('torch')} for {info.get('machine')}",
+            f"  built against torch {info.get('torch')} (git "
+            f"{str(info.get('torch_git_version'))[:12]}) for {info.get('machine')}; stable "
+            f"libraries for torch >= {info.get('stable_target') or '-'}",
             f"  CUDA kernels: {info.get('cuda_kernels')}{_cuda_library_built(info)}; "
             f"architectures {info.get('cuda_arch_list') or '-'}; nvcc {info.get('nvcc') or '-'}",
             "  CPU variants built: "

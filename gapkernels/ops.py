@@ -90,9 +90,17 @@ def gem_finish(big_m: torch.Tensor, r: torch.Tensor, p) -> torch.Tensor:
     return torch.where(torch.isinf(big_m), big_m, out)
 
 
+# What differentiating a backward op raises (as csrc/ops.cpp's PoolBackwardFunction does).
+BACKWARD_OP_NOT_DIFFERENTIABLE = (
+    "differentiating the backward op itself is not supported; differentiate through the forward "
+    "(gapkernels' functions or pool_forward), whose backward is differentiable to any order"
+)
+
+
 def register_pool_ops(forward_op, backward_op, autograd: bool = True) -> None:
     """Registers the fake kernels and (with `autograd`) the Python autograd of one backend's
-    (forward, backward) op pair. The C++ ops register their autograd in C++ (csrc/ops.cpp)."""
+    (forward, backward) op pair. The C++ ops' autograd is the accelerator's (csrc/ops.cpp) where
+    it is loaded, else gapkernels.autograd's `register_op_autograd`: never both."""
     torch.library.register_fake(forward_op)(pool_forward_fake)
     torch.library.register_fake(backward_op)(pool_backward_fake)
     if not autograd:
@@ -112,11 +120,7 @@ def register_pool_ops(forward_op, backward_op, autograd: bool = True) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
     def backward_of_backward(ctx, *grads):
-        raise RuntimeError(
-            f"{backward_op}: differentiating the backward op itself is not supported; "
-            "differentiate through the forward (gapkernels' functions or pool_forward), whose "
-            "backward is differentiable to any order"
-        )
+        raise RuntimeError(f"{backward_op}: {BACKWARD_OP_NOT_DIFFERENTIABLE}")
 
     torch.library.register_autograd(backward_op, backward_of_backward)
 

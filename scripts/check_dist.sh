@@ -126,6 +126,9 @@ site = os.path.realpath(os.environ["SITE"]) + os.sep
 where = os.path.realpath(gapkernels.__file__)
 assert where.startswith(site), f"imported {where}, not the wheel installed in {site}"
 assert _ext.loaded(), _ext.broken_reason or _ext.missing_reason
+assert os.path.realpath(_ext.ops_library).startswith(site), _ext.ops_library
+# built against this torch (the wheel's _build_info.json says so): the accelerator loads
+assert _ext.accel_loaded(), _ext.accel_reason
 assert os.path.realpath(_ext._C.__file__).startswith(site), _ext._C.__file__
 assert _ext.has_kernel("CPU") and not _ext.has_kernel("CUDA"), sorted(_ext.KERNEL_KEYS)
 variant = os.environ["GAPKERNELS_CPU_CAPABILITY"]
@@ -183,11 +186,11 @@ names = zipfile.ZipFile(wheel).namelist()
 info = f"gapkernels-{version}.dist-info/"
 problems = []
 for wanted in ("gapkernels/__init__.py", "gapkernels/_version.py", "gapkernels/py.typed",
-               info + "METADATA", info + "licenses/LICENSE"):
+               "gapkernels/_build_info.json", info + "METADATA", info + "licenses/LICENSE"):
     if wanted not in names:
         problems.append(f"missing: {wanted}")
 variants = ["default", "avx2", "avx512"] if platform.machine() in ("x86_64", "AMD64") else ["default"]
-for lib in ["_C", *(f"_cpu_{v}" for v in variants)]:
+for lib in ["_ops", "_C", *(f"_cpu_{v}" for v in variants)]:
     if not any(re.fullmatch(rf"gapkernels/{lib}\.[^/]*\.so", n) for n in names):
         problems.append(f"missing: the compiled library gapkernels/{lib}.*.so")
 for name in names:

@@ -89,6 +89,11 @@ def test_setup_splits_sources_between_the_libraries(setup_py, monkeypatch):
     monkeypatch.setenv("GAPKERNELS_NO_CUDA", "1")
     main = setup_py["extension"]()
     assert main.name == "gapkernels._C" and "csrc/ops.cpp" in main.sources
+    assert "csrc/schemas.cpp" not in main.sources  # the schemas are _ops's alone
+    schemas = setup_py["ops_extension"]()
+    assert schemas.name == "gapkernels._ops" and schemas.sources == ["csrc/schemas.cpp"]
+    assert schemas.py_limited_api  # the stable ABI: no Python API, one build for every torch
+    assert setup_py["STABLE_TARGET_FLAG"] in schemas.extra_compile_args["cxx"]
     assert "csrc/checks.cpp" not in main.sources  # only the kernel libraries call the checks
     assert not any(f.startswith(("csrc/cpu/", "csrc/cuda/")) for f in main.sources)
     assert not any(f.startswith("-m") for f in main.extra_compile_args["cxx"])

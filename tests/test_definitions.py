@@ -12,7 +12,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from gapkernels import _ext, ops
+from gapkernels import _ext, ops, token_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,10 +49,18 @@ def test_triton_kernel_modes_match_python():
 
 @pytest.mark.skipif(not _ext.loaded(), reason="the C++ extension is not built")
 def test_cpp_schemas_match_python():
-    fwd = str(torch.ops.gapkernels.pool_forward.default._schema)
-    bwd = str(torch.ops.gapkernels.pool_backward.default._schema)
-    assert fwd == "gapkernels::pool_forward" + ops.FORWARD_SCHEMA
-    assert bwd == "gapkernels::pool_backward" + ops.BACKWARD_SCHEMA
+    """As csrc/schemas.cpp (gapkernels/_ops) registers them."""
+    cpp = torch.ops.gapkernels
+    assert str(cpp.pool_forward.default._schema) == "gapkernels::pool_forward" + ops.FORWARD_SCHEMA
+    assert str(cpp.pool_backward.default._schema) == (
+        "gapkernels::pool_backward" + ops.BACKWARD_SCHEMA
+    )
+    assert str(cpp.token_pool_forward.default._schema) == (
+        "gapkernels::token_pool_forward" + token_ops.TOKEN_FORWARD_SCHEMA
+    )
+    assert str(cpp.token_pool_backward.default._schema) == (
+        "gapkernels::token_pool_backward" + token_ops.TOKEN_BACKWARD_SCHEMA
+    )
 
 
 @pytest.mark.skipif(not _ext.loaded(), reason="the C++ extension is not built")

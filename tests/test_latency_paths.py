@@ -1,5 +1,8 @@
 """The eager fast paths (docs/LATENCY.md): `_C.pool`, the ops' C++ autograd and the cached
-backend choice give the same values, gradients and errors as the routes they short-cut."""
+backend choice give the same values, gradients and errors as the routes they short-cut. Without
+the accelerator (gapkernels._C) the same public calls take the Python route, and the tests of
+values, gradients, strides and modes hold there too (tests/test_accel.py runs them so); those of
+`_C.pool` itself skip."""
 
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ from gapkernels.ops import MODE_AVG
 from helpers import OP_CASES, assert_close, make_input, make_weight, run_op
 
 pytestmark = pytest.mark.skipif(
-    not gapkernels._ext.loaded(), reason="the fast paths are the C++ extension's"
+    not gapkernels._ext.has_kernel("CPU"), reason="the fast paths are the C++ extension's"
+)
+needs_accel = pytest.mark.skipif(
+    not gapkernels._ext.accel_loaded(),
+    reason=f"_C.pool is the accelerator's, not loaded: {gapkernels._ext.accel_reason}",
 )
 
 SHAPES = [(2, 3, 4, 5), (1, 5, 7), (2, 3, 2, 3, 2)]
@@ -65,6 +72,7 @@ def test_entry_double_backward(op, wkind, layout, gen):
         assert_close(a, b, torch.float64, scale=10)
 
 
+@needs_accel
 def test_entry_records_one_node():
     """The (N, C, S) view is taken inside the C++ autograd node: no view node of its own."""
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
@@ -97,11 +105,13 @@ def test_entry_skipped_under_a_torch_function_mode():
 
 
 def test_entry_applies_only_to_plain_eager_tensors():
+    """... and only with the accelerator, whose entry it is."""
     x = torch.randn(2, 3, 4)
-    assert gk_autograd.entry_applies(x)
+    assert gk_autograd.entry_applies(x) == gapkernels._ext.accel_loaded()
     assert not gk_autograd.entry_applies(torch.nn.Parameter(x))
 
 
+@needs_accel
 def test_entry_reports_the_ops_errors():
     """A bad weight reaches the op's own check, raised as the same error type."""
     x = torch.randn(2, 3, 4)

@@ -66,14 +66,12 @@ def test_cuda_library_is_loaded_and_registers_every_cuda_op():
 
 
 @needs_library
-def test_the_main_library_has_no_cuda_kernels_and_the_cuda_library_adds_them():
-    """In a fresh process without the gapkernels package: _C alone defines the ops and registers
+def test_the_schema_library_has_no_cuda_kernels_and_the_cuda_library_adds_them():
+    """In a fresh process without the gapkernels package: _ops alone defines the ops and registers
     no CUDA kernel; loading _cuda after it registers them."""
-    main = _ext._C.__file__
     code = f"""
-import importlib.util, torch
-spec = importlib.util.spec_from_file_location("_C", {main!r})
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import torch
+torch.ops.load_library({_ext.ops_library!r})
 has = lambda op: torch._C._dispatch_has_kernel_for_dispatch_key("gapkernels::" + op, "CUDA")
 print(sorted(op for op in {sorted(CUDA_OPS)!r} if has(op)))
 torch.ops.load_library({LIB!r})
@@ -95,32 +93,42 @@ def test_cuda_library_links_only_torch_cpu_cuda_and_c10():
     assert "libtorch_cuda.so" in torch_libs  # aoti_torch_get_current_cuda_stream lives there
 
 
+def undefined_symbols(path: str) -> list[str]:
+    """The symbols `path` needs from other libraries, demangled where c++filt is there (so that
+    torch's types inside std:: names show too)."""
+    _binutils()
+    out = subprocess.run(
+        ["nm", "-D", "--undefined-only", path], capture_output=True, text=True, check=True
+    ).stdout
+    names = [line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()]
+    if shutil.which("c++filt"):
+        names = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    return names
+
+
+def cpp_torch_symbols(names: list[str]) -> list[str]:
+    """The ATen/c10/torch C++ symbols among `names`: any one ties a library to one torch build."""
+    return [n for n in names if re.search(r"\b(at|c10|torch|caffe2)::|_ZN?K?(2at|3c10|5torch)", n)]
+
+
 @needs_library
 def test_cuda_library_uses_no_cpp_symbol_of_torch():
     """Every undefined symbol is C (the stable shim: aoti_torch_*, torch_*), CUDA's, or the C++
     runtime's: no ATen/c10/torch C++ symbol, which would tie the library to one torch build."""
-    _binutils()
-    out = subprocess.run(
-        ["nm", "-D", "--undefined-only", LIB], capture_output=True, text=True, check=True
-    ).stdout
-    names = [line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()]
-    if shutil.which("c++filt"):  # demangled, so that torch's types inside std:: names show too
-        names = subprocess.run(
-            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
-        ).stdout.splitlines()
+    names = undefined_symbols(LIB)
     assert any(n.startswith("aoti_torch_") for n in names)  # the shim is really what it calls
-    cpp_torch = [
-        n for n in names if re.search(r"\b(at|c10|torch|caffe2)::|_ZN?K?(2at|3c10|5torch)", n)
-    ]
-    assert cpp_torch == []
+    assert cpp_torch_symbols(names) == []
 
 
-def test_no_cuda_library_in_the_main_and_cpu_libraries():
-    """A CPU-only torch loads _C and the CPU kernels: neither needs a CUDA library."""
+def test_no_cuda_library_in_the_schema_accelerator_and_cpu_libraries():
+    """A CPU-only torch loads _ops, _C and the CPU kernels: none needs a CUDA library."""
     if not _ext.loaded():
         pytest.skip("the C++ extension is not built")
     _binutils()
-    paths = [_ext._C.__file__, *(_ext.cpu_library and [_ext.cpu_library] or [])]
+    libraries = (_ext.ops_library, _ext._library_path("_C"), _ext.cpu_library)
+    paths = [path for path in libraries if path is not None]
     for path in paths:
         cuda = [n for n in _needed(path) if "cuda" in n or n.startswith("libcudart")]
         assert cuda == [], (path, cuda)
