@@ -108,7 +108,8 @@ def test_cuda_split_rows_match_cpu_kernels(op, case, shape, gen):
 
 
 def _special_rows(n, s, gen):
-    """Ties, NaNs and infinities at slot (8), chunk (2048) and piece edges; an all -inf row."""
+    """Ties, NaNs and infinities at slot edges (8 elements) and in different pieces of a split
+    row (9000 positions: NCS pieces of 1856, NSC of 3000); an all -inf row."""
     x = torch.randn(n, s, generator=gen)
     nan, inf = float("nan"), float("inf")
     x[0, [7, 8, 2047, 2048, 4095, 4096]] = 7.0  # a tie across slots and chunks: the first wins

@@ -28,9 +28,10 @@ __device__ __forceinline__ Exponent<acc_type<scalar_t>> gem_exponent(const Forwa
 // Writes out / aux / indices of row r = n * C + c from its complete statistics over `elements`
 // positions (a max index: from `origin`).
 template <typename scalar_t, Stat kStat>
-__device__ void write_row(const ForwardArgs<scalar_t>& a, int64_t r, int64_t n, int64_t c,
-                          const Stats<acc_type<scalar_t>, kStat>& t, Exponent<acc_type<scalar_t>> e,
-                          int64_t elements, int64_t origin) {
+__device__ __forceinline__ void write_row(const ForwardArgs<scalar_t>& a, int64_t r, int64_t n,
+                                          int64_t c, const Stats<acc_type<scalar_t>, kStat>& t,
+                                          Exponent<acc_type<scalar_t>> e, int64_t elements,
+                                          int64_t origin) {
   using acc_t = acc_type<scalar_t>;
   using St = Stats<acc_t, kStat>;
   const acc_t count = static_cast<acc_t>(elements);
@@ -68,7 +69,8 @@ __device__ void write_row(const ForwardArgs<scalar_t>& a, int64_t r, int64_t n, 
 // A token row where nothing took part: out 0, index -1, MIXED aux 0, GEM aux (M, r, l) =
 // (0, 1, 0), so that the gradients computed from aux are 0.
 template <typename scalar_t, Stat kStat>
-__device__ void write_empty_row(const ForwardArgs<scalar_t>& a, int64_t r, int64_t n, int64_t c) {
+__device__ __forceinline__ void write_empty_row(const ForwardArgs<scalar_t>& a, int64_t r,
+                                                int64_t n, int64_t c) {
   using acc_t = acc_type<scalar_t>;
   using St = Stats<acc_t, kStat>;
   const scalar_t zero = from_acc<scalar_t>(acc_t(0));

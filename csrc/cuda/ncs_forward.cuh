@@ -22,8 +22,9 @@ namespace {
 // adds its slots in increasing v, each in increasing element order; the last, partial slot (the
 // piece's length % VEC elements) belongs to lane (length / VEC) % group, after its full slots. A
 // misaligned piece loads the same slots with narrower accesses (load_slot), so the same values
-// give the same bits at any address. kMasked: an element whose mask byte is false is left out
-// (its slot is loaded all the same).
+// give the same bits at any address. kMasked: an element whose mask byte is false is left out,
+// and the elements are read one at a time, in the same order (one inlined scan step: a mask test
+// on every element of unrolled slots held so many registers that GeM's steps spilled).
 template <bool kMasked, typename scalar_t, Stat kStat>
 __device__ __forceinline__ void ncs_scan_piece(Stats<acc_type<scalar_t>, kStat>& t,
                                                const scalar_t* start, int64_t begin, int64_t length,
@@ -32,6 +33,17 @@ __device__ __forceinline__ void ncs_scan_piece(Stats<acc_type<scalar_t>, kStat>&
                                                Exponent<acc_type<scalar_t>> e) {
   constexpr int VEC = vec_size<scalar_t>();
   using VecT = Pack<scalar_t, VEC>;
+  if constexpr (kMasked) {
+#pragma unroll 1
+    for (int64_t first = static_cast<int64_t>(lane) * VEC; first < length; first += group * VEC) {
+      const int64_t last = first + VEC < length ? first + VEC : length;  // slot first / VEC
+#pragma unroll 1
+      for (int64_t i = first; i < last; ++i) {
+        if (mask[begin + i]) t.add(to_acc(start[i]), begin + i, eps, e);
+      }
+    }
+    return;
+  }
   const int bytes = slot_access_bytes(start);
   const int64_t slots = length / VEC;
   const int64_t rest = length - slots * VEC;
@@ -50,23 +62,22 @@ __device__ __forceinline__ void ncs_scan_piece(Stats<acc_type<scalar_t>, kStat>&
       if (v + u * group < slots) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const int64_t s = begin + (v + u * group) * VEC + j;
-          if (!kMasked || mask[s]) t.add(to_acc(loaded[u].v[j]), s, eps, e);
+          t.add(to_acc(loaded[u].v[j]), begin + (v + u * group) * VEC + j, eps, e);
         }
       }
     }
   }
   if (rest > 0 && lane == static_cast<int>(slots & (group - 1))) {
     const int64_t tail = slots * VEC;
-    for (int64_t i = 0; i < rest; ++i) {
-      const int64_t s = begin + tail + i;
-      if (!kMasked || mask[s]) t.add(to_acc(start[tail + i]), s, eps, e);
-    }
+    for (int64_t i = 0; i < rest; ++i) t.add(to_acc(start[tail + i]), begin + tail + i, eps, e);
   }
 }
 
+// Token rows: at least 1 block per SM named, so that ptxas does not hold the kernel to 64 or 80
+// registers and spill (it did, on sm_80 and sm_90, for GeM and max); the pooling kernels keep
+// their bounds (0: none named).
 template <typename scalar_t, Stat kStat, typename Positions>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kIsTokens<Positions> ? 1 : 0)
     ncs_pool_forward_kernel(ForwardArgs<scalar_t> a, NcsGeometry g, Positions positions) {
   using acc_t = acc_type<scalar_t>;
   const int group = 1 << g.group_log2;
