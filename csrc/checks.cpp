@@ -108,6 +108,58 @@ PoolShape check_backward(const TensorInfo& grad_out, const TensorInfo& x, const 
   return s;
 }
 
+PoolShape check_token_form(const TensorInfo& x, PoolShape shape, const TensorInfo& spans,
+                           const TensorInfo* mask, bool varlen, const char* op) {
+  if (!(spans.dim == 2 && spans.size(1) == 4 && spans.dtype == ScalarType::Long)) {
+    fail(op, ": spans must be int64 (B, 4), got ", spans.dtype, " ",
+         shape_str(spans.sizes, spans.dim));
+  }
+  if (!(spans.contiguous && spans.same_device(x))) {
+    fail(op, ": spans must be contiguous on ", device_str(x));
+  }
+  if (varlen) {
+    if (!(shape.N == 1 && mask == nullptr)) {
+      fail(op, ": varlen takes x as (1, C, total) and no mask");
+    }
+    if (!(shape.channels_last || shape.C == 1 || shape.S == 1)) {
+      fail(op, ": varlen takes the packed (total, C) batch as (1, C, total) with NSC strides");
+    }
+    shape.channels_last = true;
+  } else if (spans.size(0) != shape.N) {
+    fail(op, ": spans must have N=", shape.N, " rows, got ", spans.size(0));
+  }
+  if (mask != nullptr) {
+    const TensorInfo& m = *mask;
+    if (!(m.dtype == ScalarType::Bool && m.dim == 2 && m.size(0) == shape.N &&
+          m.size(1) == shape.S && m.contiguous && m.same_device(x))) {
+      fail(op, ": mask must be a contiguous bool (", shape.N, ", ", shape.S, ") tensor on ",
+           device_str(x), ", got ", m.dtype, " ", shape_str(m.sizes, m.dim), " on ", device_str(m));
+    }
+  }
+  return shape;
+}
+
+void check_token_backward(const TensorInfo& grad_out, const TensorInfo& x, int64_t rows,
+                          int64_t channels, const TensorInfo& aux, const TensorInfo& indices,
+                          Mode mode, const char* op) {
+  const int64_t out_c = mode == Mode::Cat ? 2 * channels : channels;
+  if (!(grad_out.dim == 2 && grad_out.size(0) == rows && grad_out.size(1) == out_c &&
+        grad_out.dtype == x.dtype && grad_out.contiguous && grad_out.same_device(x))) {
+    fail(op, ": grad_out must be contiguous ", x.dtype, " (", rows, ", ", out_c, "), got ",
+         shape_str(grad_out.sizes, grad_out.dim));
+  }
+  if (mode_has_max(mode) &&
+      !(indices.dim == 2 && indices.size(0) == rows && indices.size(1) == channels &&
+        indices.dtype == ScalarType::Long && indices.contiguous && indices.same_device(x))) {
+    fail(op, ": indices must be the int64 (B, C) tensor token_pool_forward returned");
+  }
+  if (mode == Mode::Gem &&
+      !(aux.dim == 3 && aux.size(0) == rows && aux.size(1) == channels && aux.size(2) >= 2 &&
+        aux.dtype == acc_dtype(x.dtype) && aux.contiguous && aux.same_device(x))) {
+    fail(op, ": aux must be the (B, C, K>=2) tensor token_pool_forward returned");
+  }
+}
+
 ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log) {
   ForwardSizes r{};
   r.out[0] = s.N;

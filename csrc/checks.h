@@ -75,6 +75,20 @@ PoolShape check_forward(const TensorInfo& x, int64_t mode, const TensorInfo* wei
 PoolShape check_backward(const TensorInfo& grad_out, const TensorInfo& x, const TensorInfo& aux,
                          const TensorInfo& indices, int64_t mode, const TensorInfo* weight);
 
+// Token pooling's normalized form (docs/DESIGN.md "Token pooling") against x's view `shape`
+// (from check_forward): spans int64 (B, 4), contiguous, on x's device, B = N unless varlen; the
+// optional mask (nullptr: none) bool (N, S), contiguous, on x's device; varlen: x is the packed
+// batch as (1, C, total) with NSC strides and no mask. Returns the shape the kernels read (varlen:
+// NSC). The messages are the CPU token kernels' (csrc/cpu/token_cpu.cpp), word for word.
+PoolShape check_token_form(const TensorInfo& x, PoolShape shape, const TensorInfo& spans,
+                           const TensorInfo* mask, bool varlen, const char* op);
+
+// token_pool_backward's grad_out (B, C or 2C), indices (B, C) and aux (B, C, K >= 2) as
+// token_pool_forward returned them, for x of C channels.
+void check_token_backward(const TensorInfo& grad_out, const TensorInfo& x, int64_t rows,
+                          int64_t channels, const TensorInfo& aux, const TensorInfo& indices,
+                          Mode mode, const char* op);
+
 // The sizes of pool_forward's results (docs/DESIGN.md): out (N, C or 2C), aux (N, C, K) of
 // acc_dtype, indices (N, C) int64 for the modes with a max, else (0,).
 struct ForwardSizes {

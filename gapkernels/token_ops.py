@@ -1,6 +1,7 @@
 """The token op pair (schema, argument checks, fake kernels, autograd), shared by every backend
-that implements it: today the Triton ops `gapkernels_triton::token_pool_forward/backward`; the
-C++ ops `gapkernels::token_pool_forward/backward` are to register the same schema.
+that implements it: the Triton ops `gapkernels_triton::token_pool_forward/backward` and the C++
+ops `gapkernels::token_pool_forward/backward` (one pair, with CPU and CUDA kernels: backends
+"cpu" and "cuda"), all with the same schema.
 
 The kernels see one normalized form (docs/DESIGN.md, "Token pooling"): `x` is the usual 3-D
 view (N, C, S) (NCS or NSC; varlen: the packed (total, C) batch as (1, C, total) with NSC
@@ -190,8 +191,12 @@ class TokenPoolFunction(torch.autograd.Function):
 
 def register_token_ops(forward_op, backward_op, backend: str = "triton") -> None:
     """Registers one backend's token op pair: fake kernels, autograd, and the name
-    TokenPoolFunction runs it under."""
+    TokenPoolFunction runs it under. A pair already registered for another backend (the C++ ops
+    serve "cpu" and "cuda") only gets the new name."""
+    registered = (forward_op, backward_op) in _PAIRS.values()
     _PAIRS[backend] = (forward_op, backward_op)
+    if registered:
+        return
     torch.library.register_fake(forward_op)(token_forward_fake)
     torch.library.register_fake(backward_op)(token_backward_fake)
 

@@ -5,13 +5,15 @@ The public functions branch here only when one of those arguments is given, so t
 is untouched. Here: every check (before any kernel), the backend choice, the normalized form
 the kernels see (`spans`, `mask`; see gapkernels/token_ops.py) and the call.
 
-Backends: the C++ CPU kernels (gapkernels::token_pool_forward/backward, csrc/cpu/token_*.cpp)
-and Triton have token kernels; the C++ CUDA kernels do not have them yet. `auto` runs the CPU
-kernels on CPU tensors (the plain-torch composite, gapkernels.reference_tokens, where the
-extension is not built), Triton on CUDA tensors (the composite when Triton cannot run); an
-explicit `backend="cuda"` raises NotImplementedError. Under torch.func transforms and
-forward-mode AD the composite runs too (same math, every transform). While torch.onnx exports,
-the composite runs (plain torch ops).
+Backends: the C++ CPU kernels and the C++ CUDA kernels (the same ops,
+gapkernels::token_pool_forward/backward: csrc/cpu/token_*.cpp, csrc/cuda/token_cuda.cpp with the
+CUDA pool kernels' templates) and Triton have token kernels. `auto` runs the CPU kernels on CPU
+tensors (the plain-torch composite, gapkernels.reference_tokens, where the extension is not
+built); on CUDA tensors it makes the pooling ops' choice (gapkernels.backends: the CUDA kernels,
+then Triton, by the auto table), with Triton standing in for a CUDA library without token
+kernels and the composite where neither can run. The C++ CUDA token kernels are compiled but
+have not run on a GPU yet. Under torch.func transforms and forward-mode AD the composite runs
+too (same math, every transform). While torch.onnx exports, the composite runs (plain torch ops).
 """
 
 from __future__ import annotations
@@ -152,38 +154,53 @@ def check_cu_seqlens(x, cu_seqlens, start, fn: str) -> None:
 FORWARD_OP = "gapkernels::token_pool_forward"
 
 
-def _cpu_token_kernels() -> bool:
-    """Whether the extension has the C++ CPU token kernels (registers their fake kernels and
-    autograd on the first call that finds them)."""
-    if "cpu" in token_ops._PAIRS:
+def _cpp_token_kernels(key: str) -> bool:
+    """Whether the extension has the C++ token kernels for dispatch key `key` ("CPU", "CUDA");
+    registers the op pair's fake kernels and autograd on the first call that finds them (one op
+    pair, a kernel per device: backends "cpu" and "cuda" share the registration)."""
+    name = key.lower()
+    if name in token_ops._PAIRS:
         return True
     if not _ext.loaded() or not hasattr(torch.ops.gapkernels, "token_pool_forward"):
         return False
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CPU"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, key):
         return False
     ops = torch.ops.gapkernels
     token_ops.register_token_ops(
-        ops.token_pool_forward.default, ops.token_pool_backward.default, "cpu"
+        ops.token_pool_forward.default, ops.token_pool_backward.default, name
     )
     return True
 
 
+def _cpu_token_kernels() -> bool:
+    return _cpp_token_kernels("CPU")
+
+
+def _cuda_token_kernels() -> bool:
+    return _cpp_token_kernels("CUDA")
+
+
 # At import, so that a first token call inside torch.compile finds the fake kernels registered.
 _cpu_token_kernels()
+_cuda_token_kernels()
 
 
-def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
-    """'cpu', 'triton' or 'reference' (the composite) for a token call on x."""
+def _auto_on_cuda(x: torch.Tensor, input_fmt: str, fn: str) -> str:
+    """The pooling ops' auto choice for x (gapkernels.backends: by device, dtype, layout and size),
+    with Triton standing in for a CUDA library that has no token kernels."""
+    choice = backends.resolve("auto", x, input_fmt, fn, traced=torch.compiler.is_compiling())
+    if choice == "cuda" and not _cuda_token_kernels():
+        choice = "triton" if backends.unavailable_reason("triton", x) is None else "reference"
+    return choice
+
+
+def resolve(backend: str, x: torch.Tensor, fn: str, input_fmt: str = "NCHW") -> str:
+    """'cpu', 'cuda', 'triton' or 'reference' (the composite) for a token call on x (laid out as
+    input_fmt says: auto's choice on a GPU depends on the layout)."""
     if not isinstance(backend, str) or backend not in backends.BACKENDS:
         raise ValueError(
             f"{fn}: backend must be one of {', '.join(map(repr, backends.BACKENDS))}, "
             f"got {backend!r}"
-        )
-    if backend == "cuda":
-        raise NotImplementedError(
-            f"{fn}: backend='cuda' has no token-pooling kernels yet (mask, lengths, start, "
-            "varlen_pool); use backend='auto' (Triton on CUDA tensors, or the plain-torch "
-            "composite), 'triton' or 'reference'"
         )
     if backend == "auto":
         env = os.environ.get(backends.ENV_VAR)
@@ -192,8 +209,7 @@ def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
                 f"{fn}: {backends.ENV_VAR}={env!r} is not a backend; expected one of "
                 f"{', '.join(map(repr, backends.BACKENDS))}"
             )
-        # A fused backend without token kernels in the environment means: as auto.
-        backend = env if env in ("cpu", "triton", "reference") else "auto"
+        backend = env or "auto"
     if (
         export.onnx_exporting()
         or torch._C._are_functorch_transforms_active()
@@ -203,11 +219,11 @@ def resolve(backend: str, x: torch.Tensor, fn: str) -> str:
     if backend == "auto":
         if x.device.type == "cpu":
             return "cpu" if _cpu_token_kernels() else "reference"
-        if x.device.type == "cuda" and backends.unavailable_reason("triton", x) is None:
-            return "triton"
+        if x.device.type == "cuda":
+            return _auto_on_cuda(x, input_fmt, fn)
         return "reference"
     reason = backends.unavailable_reason(backend, x)
-    if reason is None and backend == "cpu" and not _cpu_token_kernels():
+    if reason is None and backend in ("cpu", "cuda") and not _cpp_token_kernels(backend.upper()):
         reason = "the extension was built without the token kernels; rebuild it"
     if reason is not None:
         raise RuntimeError(f"{fn}: backend={backend!r} is not available: {reason}")
@@ -306,7 +322,7 @@ def pool(
     else:
         weight = fixed
     check_token_args(x, fmt, mask, lengths, start, fn)
-    name = resolve(backend, x, fn)
+    name = resolve(backend, x, fn, fmt)
     if name == "reference":
         out, indices = reference_tokens.pool_padded(x, mode, weight, eps, fmt, mask, lengths, start)
     else:
@@ -359,7 +375,8 @@ def varlen_pool(
             functional._check_gem_args(weight, eps, fn, True)
     if return_indices and mode not in (MODE_MAX, MODE_MIXED, MODE_CAT):
         raise ValueError(f"{fn}: return_indices needs a pool_type with a max, got {pool_type!r}")
-    name = resolve(backend, x, fn)
+    # auto's layout is that of the (1, C, total) NSC view the kernels read (a view: no copy)
+    name = resolve(backend, x.t().unsqueeze(0), fn)
     if name == "reference" or x.shape[0] == 0:
         out, indices = reference_tokens.pool_varlen(x, cu_seqlens, mode, weight, eps, start)
     else:

@@ -8,7 +8,8 @@
 # run the stages as separate calls, each with timeout_s=600:
 #   1. bash scripts/gpu_validate.sh test       whole pytest suite                (~build + tests)
 #   2. bash scripts/gpu_validate.sh sanitize   compute-sanitizer memcheck + racecheck on a
-#                                              small tests/test_cuda*.py selection
+#                                              small tests/test_cuda*.py and
+#                                              tests/test_tokens_cuda.py selection
 #   3. bash scripts/gpu_validate.sh bench      python -m gapkernels.bench --device cuda
 # Logs go to $OUT (at most 8 files per call): summary.txt, build.log, and one log per stage;
 # benchmark results to $OUT/bench/. Each stage is cut off so that the call ends before
@@ -101,14 +102,17 @@ pytest_workers() {
 }
 
 # The sanitizers see every out-of-bounds access only when each tensor is its own allocation.
-SANITIZE_SELECTION="max_semantics or (unaligned and float16) or (bitwise and (subwarp_rows or ncs_split or nsc_odd_c_split) and float32) or few_long_rows"
-RACECHECK_SELECTION="bitwise and channels_last and (subwarp_rows or nsc_odd_c_split) and (float16 or float64)"
+# The token kernels' part: spans clamped, empty rows, varlen (rows found by position), the max
+# rules and rows split into pieces (the combine pass), on the CUDA token kernels.
+TOKEN_SELECTION="tokens_cuda and (varlen or empty_rows or clamped or max_rules or (split_rows and mask_start and (mixed or gem)))"
+SANITIZE_SELECTION="max_semantics or (unaligned and float16) or (bitwise and (subwarp_rows or ncs_split or nsc_odd_c_split) and float32) or few_long_rows or ($TOKEN_SELECTION)"
+RACECHECK_SELECTION="(bitwise and channels_last and (subwarp_rows or nsc_odd_c_split) and (float16 or float64)) or (tokens_cuda and split_rows and nsc_split and (max or gem))"
 
 sanitize() {
     local tool=$1 selection=$2
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
         --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-        tests/test_cuda_alignment.py -k "$selection"
+        tests/test_cuda_alignment.py tests/test_tokens_cuda.py -k "$selection"
 }
 
 bench() {

@@ -1,9 +1,10 @@
 """The CUDA kernels' own library, gapkernels/_cuda.abi3.so, built on the LibTorch stable ABI
-(csrc/cuda/pool_cuda.cpp, csrc/stable_common.h): it loads under a CUDA build of torch with or
-without a GPU, registers the CUDA kernel of every op it implements, needs nothing of torch
-beyond the stable C shim (no ATen/c10 C++ symbols, no libtorch_python, no libc10_cuda, no shared
-cudart), and its argument checks are the CPU kernels' (one copy, csrc/checks.cpp), message for
-message. The kernels themselves run only on a GPU (tests/test_cuda*.py)."""
+(csrc/cuda/pool_cuda.cpp, token_cuda.cpp, csrc/stable_common.h): it loads under a CUDA build of
+torch with or without a GPU, registers the CUDA kernel of every op it implements, needs nothing
+of torch beyond the stable C shim (no ATen/c10 C++ symbols, no libtorch_python, no libc10_cuda,
+no shared cudart), and its argument checks are the CPU kernels' (one copy, csrc/checks.cpp),
+message for message (the token ops': test_tokens_cuda_checks.py). The kernels themselves run
+only on a GPU (tests/test_cuda*.py, test_tokens_cuda.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 
 import pytest
 import torch
+from cuda_common import CUDA_KEY, assert_same_check_message
 
 from gapkernels import _ext, info
 
@@ -25,7 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECORD = info.build_info() or {}
 BUILT_WITH_CUDA = bool(RECORD.get("cuda_kernels"))
 LIB = _ext.cuda_library_path() if _ext.loaded() else None
-CUDA_OPS = {"pool_forward", "pool_backward"}  # the ops csrc/cuda/pool_cuda.cpp implements
+# the ops csrc/cuda/pool_cuda.cpp and token_cuda.cpp implement
+CUDA_OPS = {"pool_forward", "pool_backward", "token_pool_forward", "token_pool_backward"}
 AVG, MAX, MIXED, CAT, GEM = range(5)
 
 # Skipped only where this build has no CUDA library (its record says so) or torch cannot load one;
@@ -134,13 +137,7 @@ def test_no_cuda_library_in_the_schema_accelerator_and_cpu_libraries():
         assert cuda == [], (path, cuda)
 
 
-# --- the checks: the stable library's messages are the CPU kernels' --------------------------
-# redispatch runs one dispatch key's kernel whatever the tensors' devices, so the CUDA kernel's
-# checks run here on CPU (and meta) tensors; a valid CPU input then stops at "must be a CUDA
-# tensor", before anything touches CUDA.
-
-CPU_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+# --- the checks: the stable library's messages are the CPU kernels' (cuda_common.py) ---------
 
 
 def _x(n=2, c=3, s=4, dtype=torch.float32):
@@ -178,13 +175,7 @@ FORWARD_CASES = {  # id: (x, mode, weight), message fragment
 def test_forward_checks_give_the_cpu_kernels_messages(case):
     make, fragment = FORWARD_CASES[case]
     args = (*make(), 0.5, 1e-6, False)
-    op = torch.ops.gapkernels.pool_forward.default
-    with pytest.raises(RuntimeError) as cpu:
-        op.redispatch(CPU_KEY, *args)
-    with pytest.raises(RuntimeError) as cuda:
-        op.redispatch(CUDA_KEY, *args)
-    assert fragment in str(cpu.value)
-    assert str(cuda.value) == str(cpu.value)
+    assert_same_check_message(torch.ops.gapkernels.pool_forward.default, args, fragment)
 
 
 def _backward_args(mode=GEM, **change):
@@ -227,14 +218,7 @@ BACKWARD_CASES = {  # id: pool_backward's arguments, message fragment
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=list(BACKWARD_CASES))
 def test_backward_checks_give_the_cpu_kernels_messages(case):
     make, fragment = BACKWARD_CASES[case]
-    args = make()
-    op = torch.ops.gapkernels.pool_backward.default
-    with pytest.raises(RuntimeError) as cpu:
-        op.redispatch(CPU_KEY, *args)
-    with pytest.raises(RuntimeError) as cuda:
-        op.redispatch(CUDA_KEY, *args)
-    assert fragment in str(cpu.value)
-    assert str(cuda.value) == str(cpu.value)
+    assert_same_check_message(torch.ops.gapkernels.pool_backward.default, make(), fragment)
 
 
 @needs_library
@@ -328,7 +312,8 @@ def test_setup_builds_the_cuda_library_on_the_stable_abi(monkeypatch):
     ext = setup["cuda_extension"]()
     assert ext.name == "gapkernels._cuda" and ext.py_limited_api
     kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").rglob("*.cu"))
-    assert ext.sources == [*kernels, "csrc/cuda/pool_cuda.cpp", "csrc/checks.cpp"]
+    hosts = ["csrc/cuda/pool_cuda.cpp", "csrc/cuda/token_cuda.cpp"]
+    assert ext.sources == [*kernels, *hosts, "csrc/checks.cpp"]
     for compiler in ("cxx", "nvcc"):
         flags = ext.extra_compile_args[compiler]
         assert "-DTORCH_TARGET_VERSION=0x020b000000000000" in flags and "-DUSE_CUDA" in flags

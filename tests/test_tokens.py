@@ -21,7 +21,7 @@ from tokens_common import (
 )
 
 import gapkernels
-from gapkernels import reference
+from gapkernels import reference, tokens
 from helpers import DTYPES, assert_close
 
 
@@ -266,15 +266,15 @@ def test_nlc_without_token_args_is_nhwc(gen):
 def test_backends_for_tokens(monkeypatch):
     x = torch.randn(2, 3, 5)
     lengths = torch.tensor([5, 2])
-    with pytest.raises(NotImplementedError, match="backend='cuda' has no token-pooling"):
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available: .* CUDA tensors"):
         gapkernels.global_avg_pool(x, lengths=lengths, backend="cuda")
-    with pytest.raises(NotImplementedError, match="no token-pooling"):
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
         gapkernels.varlen_pool(x[0].t(), torch.tensor([0, 5]), backend="cuda")
-    monkeypatch.setenv("GAPKERNELS_BACKEND", "cuda")  # no token kernels there: as auto
-    torch.testing.assert_close(
-        gapkernels.global_avg_pool(x, lengths=lengths),
-        reference.global_avg_pool(x, lengths=lengths),
-    )
+    monkeypatch.setenv("GAPKERNELS_BACKEND", "reference")  # the environment names auto's choice
+    assert tokens.resolve("auto", x, "f") == "reference"
+    monkeypatch.setenv("GAPKERNELS_BACKEND", "cuda")  # as for the pooling ops: an error on the CPU
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        gapkernels.global_avg_pool(x, lengths=lengths)
     monkeypatch.setenv("GAPKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="GAPKERNELS_BACKEND='nope'"):
         gapkernels.global_avg_pool(x, lengths=lengths)

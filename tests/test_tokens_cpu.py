@@ -14,7 +14,10 @@ from tokens_common import (
     TOKEN_OPS,
     call,
     check_compile_fullgraph,
+    check_empty_rows_op,
     check_gem_double_backward,
+    check_gradcheck,
+    check_spans_clamped_op,
     check_token_opcheck,
     check_varlen,
     cu_seqlens_of,
@@ -155,60 +158,18 @@ def test_cpu_long_rows_and_threads(layout, gen):
     assert_close(runs[0][0], ref, torch.float32)
 
 
-def test_cpu_empty_rows_outputs_and_aux(gen):
-    """An empty row: out 0, index -1, MIXED aux 0, GEM aux (0, 1, 0), zero gradient."""
-    x = torch.randn(3, 20, 5, generator=gen).abs()  # NCS (3, 5, 20)
-    x3 = x.transpose(1, 2).contiguous()
-    spans = torch.tensor([[2, 2, 0, 0], [0, 20, 20, 0], [5, 9, 4, 0]])
-    for x_ in (x3, x.transpose(1, 2)):  # NCS, NSC
-        for mode, w, with_log in (
-            (2, torch.full((5,), 0.3), False),
-            (4, torch.tensor([3.0]), True),
-        ):
-            out, aux, idx = OPS.token_pool_forward(
-                x_, spans, None, False, mode, w, 0.5, 1e-6, with_log
-            )
-            assert (out[0] == 0).all()
-            if mode == 2:
-                assert (idx[0] == -1).all() and (aux[0] == 0).all()
-            else:
-                assert aux[0].tolist() == [[0.0, 1.0, 0.0]] * 5
-            g = OPS.token_pool_backward(
-                torch.ones_like(out), x_, spans, None, False, aux, idx, mode, w, 0.5, 1e-6
-            )
-            assert g.stride() == x_.stride()
-            assert (g[0] == 0).all() and (g[2][:, :5] == 0).all() and (g[2][:, 9:] == 0).all()
+def test_cpu_empty_rows_outputs_and_aux():
+    check_empty_rows_op("cpu")
 
 
-def test_cpu_spans_out_of_range_are_clamped(gen):
-    """Span values are not trusted (inside torch.compile they are not checked): clamped."""
-    x = torch.randn(2, 3, 10, generator=gen)
-    spans = torch.tensor([[-5, 100, 10, 0], [12, 3, 0, 0]])
-    out, _, idx = OPS.token_pool_forward(x, spans, None, False, 1, None, 0.5, 0.0, False)
-    torch.testing.assert_close(out[0], x[0].amax(1))
-    assert (out[1] == 0).all() and (idx[1] == -1).all()
+def test_cpu_spans_out_of_range_are_clamped():
+    check_spans_clamped_op("cpu")
 
 
 @pytest.mark.parametrize("layout, case", [("nlc", "mask"), ("ncl", "lengths_start")])
 @pytest.mark.parametrize("op", ["avg", "max", "mixed", "catavgmax", "gem"])
 def test_cpu_gradcheck_float64(op, layout, case, gen):
-    x, fmt, _, spatial = make_tokens(layout, 3, 5, 6, torch.float64, gen, positive=op == "gem")
-    kw, _ = token_args(case, 3, spatial, gen)
-    weight = weight_for(op, 5, dtype=torch.float64, requires_grad=True)
-    inputs = (x.detach().requires_grad_(),) + ((weight,) if weight is not None else ())
-
-    def f(*args):
-        return call(
-            op,
-            gapkernels,
-            args[0],
-            args[1] if len(args) > 1 else None,
-            input_fmt=fmt,
-            backend="cpu",
-            **kw,
-        )
-
-    assert torch.autograd.gradcheck(f, inputs)
+    check_gradcheck(op, layout, case, "cpu", gen)
 
 
 def test_cpu_double_backward_matches_reference():

@@ -4,7 +4,8 @@
 The oracle pools each row's positions that take part one row at a time, with the unmasked
 reference (whose max follows adaptive_max_pool exactly), so it shares no code with
 gapkernels.reference_tokens or the kernels. The checks (`check_*`) run one backend ("cpu",
-"triton") against the reference."""
+"cuda", "triton") against the reference; `check_*_op` call the C++ ops (CPU and CUDA kernels)
+directly."""
 
 from __future__ import annotations
 
@@ -234,3 +235,64 @@ def check_compile_fullgraph(backend, compile_backend, gen, device="cpu"):
     torch.testing.assert_close(out, head(x, packed))
     out.sum().backward()
     assert x.grad is not None and packed.grad is not None and alpha.grad is not None
+
+
+def check_empty_rows_op(device="cpu"):
+    """The C++ token ops on an empty row: out 0, index -1, MIXED aux 0, GEM aux (0, 1, 0), zero
+    gradient, NCS and NSC; a varlen call with no row gives a zero grad_x."""
+    ops = torch.ops.gapkernels
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 20, 5, generator=gen).abs().to(device)  # NSC view (3, 5, 20)
+    spans = torch.tensor([[2, 2, 0, 0], [0, 20, 20, 0], [5, 9, 4, 0]], device=device)
+    for x_ in (x.transpose(1, 2).contiguous(), x.transpose(1, 2)):  # NCS, NSC
+        for mode, w, with_log in (
+            (2, torch.full((5,), 0.3, device=device), False),
+            (4, torch.tensor([3.0], device=device), True),
+        ):
+            out, aux, idx = ops.token_pool_forward(
+                x_, spans, None, False, mode, w, 0.5, 1e-6, with_log
+            )
+            assert (out[0] == 0).all()
+            if mode == 2:
+                assert (idx[0] == -1).all() and (aux[0] == 0).all()
+            else:
+                assert aux[0].tolist() == [[0.0, 1.0, 0.0]] * 5
+            g = ops.token_pool_backward(
+                torch.ones_like(out), x_, spans, None, False, aux, idx, mode, w, 0.5, 1e-6
+            )
+            assert g.stride() == x_.stride()
+            assert (g[0] == 0).all() and (g[2][:, :5] == 0).all() and (g[2][:, 9:] == 0).all()
+            assert (g[2][:, 5:9] != 0).all()
+    packed = torch.randn(1, 12, 4, device=device).transpose(1, 2)  # (12, 4) as (1, 4, 12)
+    none = torch.zeros(0, 4, dtype=torch.int64, device=device)
+    g = ops.token_pool_backward(
+        torch.ones(0, 4, device=device), packed, none, None, True, packed, packed, 0, None, 0.5, 0.0
+    )
+    assert (g == 0).all()
+
+
+def check_spans_clamped_op(device="cpu"):
+    """Span values are not trusted (inside torch.compile they are not checked): clamped, NCS and
+    NSC."""
+    x = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(12)).to(device)
+    spans = torch.tensor([[-5, 100, 10, 0], [12, 3, 0, 0]], device=device)
+    for x_ in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+        out, _, idx = torch.ops.gapkernels.token_pool_forward(
+            x_, spans, None, False, 1, None, 0.5, 0.0, False
+        )
+        torch.testing.assert_close(out[0], x[0].amax(1))
+        assert (out[1] == 0).all() and (idx[1] == -1).all()
+
+
+def check_gradcheck(op, layout, case, backend, gen, device="cpu"):
+    """torch.autograd.gradcheck in float64 of `op` on `backend` (x and the weight)."""
+    x, fmt, _, spatial = make_tokens(layout, 3, 5, 6, torch.float64, gen, device, op == "gem")
+    kw, _ = token_args(case, 3, spatial, gen, device)
+    weight = weight_for(op, 5, device, requires_grad=True, dtype=torch.float64)
+    inputs = (x.detach().requires_grad_(),) + ((weight,) if weight is not None else ())
+
+    def f(*args):
+        w = args[1] if len(args) > 1 else None
+        return call(op, gapkernels, args[0], w, input_fmt=fmt, backend=backend, **kw)
+
+    assert torch.autograd.gradcheck(f, inputs)

@@ -1,11 +1,13 @@
 // Shared by the backward kernels (NCS, NSC): each row's gradient constants and the formula of
-// one element of grad_x (docs/DESIGN.md, the table of grad_x per mode).
+// one element of grad_x (docs/DESIGN.md, the table of grad_x per mode; a token row: with its
+// count for S, and only where a position takes part).
 #pragma once
 
 #include <cstdint>
 
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
+#include "cuda/rows.cuh"
 #include "pool_math.h"
 
 namespace gapkernels {
@@ -19,12 +21,15 @@ struct RowGradient {
   Exponent<acc_t> e;  // GeM: p - 1
 };
 
-template <typename scalar_t, Grad kGrad>
+// Row r = n * C + c's constants; a token row (span `span`) with its count for S (a count that is
+// not positive, an empty row's, whose positions never take part, as 1).
+template <typename scalar_t, Grad kGrad, typename Positions>
 __device__ __forceinline__ RowGradient<acc_type<scalar_t>> row_gradient(
-    const BackwardArgs<scalar_t>& a, int64_t n, int64_t c) {
+    const BackwardArgs<scalar_t>& a, int64_t n, int64_t c, const RowSpan& span) {
   using acc_t = acc_type<scalar_t>;
+  constexpr bool kTokens = kIsTokens<Positions>;
   const int64_t r = n * a.C + c;
-  const acc_t count = static_cast<acc_t>(a.S);
+  const acc_t count = static_cast<acc_t>(kTokens ? (span.count > 0 ? span.count : 1) : a.S);
   RowGradient<acc_t> rg{acc_t(0), acc_t(0), acc_t(0), -1, {acc_t(0), 0}};
   if constexpr (kGrad == Grad::Gem) {
     // GeM: A = g r^(1/p - 1) / S, B = 1/M. Reciprocals rather than divisions: no call (see
@@ -55,7 +60,11 @@ __device__ __forceinline__ RowGradient<acc_type<scalar_t>> row_gradient(
       rg.B = alpha * g;
     }
   }
-  if constexpr (kGrad == Grad::UniformPlusArgmax) rg.index = a.indices[r];
+  // The stored index is relative to the row's origin (an empty row's -1 is never used: none of
+  // its positions takes part).
+  if constexpr (kGrad == Grad::UniformPlusArgmax) {
+    rg.index = kTokens ? a.indices[r] + span.origin : a.indices[r];
+  }
   return rg;
 }
 
@@ -70,6 +79,18 @@ __device__ __forceinline__ acc_type<scalar_t> grad_value(const RowGradient<acc_t
   } else {
     return gem_grad(xv, eps, rg.A, rg.m, rg.B, rg.e);
   }
+}
+
+// grad_x at position s of a row of span `span`: grad_value where s takes part, else 0 (every
+// position takes part in a pooling row).
+template <typename scalar_t, Grad kGrad, bool kTokens>
+__device__ __forceinline__ acc_type<scalar_t> position_grad(
+    const RowGradient<acc_type<scalar_t>>& rg, const RowSpan& span, int64_t s,
+    acc_type<scalar_t> xv, acc_type<scalar_t> eps) {
+  if constexpr (kTokens) {
+    if (!span.takes_part(s)) return acc_type<scalar_t>(0);
+  }
+  return grad_value<scalar_t, kGrad>(rg, s, xv, eps);
 }
 
 }  // namespace gapkernels

@@ -1,56 +1,6 @@
-// Combine of split reductions: 2^group_log2 lanes per row read the row's pieces in order, merge
-// them and write the row's results.
-#include <cstdint>
-
-#include "cuda/common.cuh"
-#include "cuda/forward.cuh"
-#include "cuda/launch.h"
-#include "cuda/stats.cuh"
-#include "pool_math.h"
+// The pooling ops' combine kernels (combine.cuh), every element type and statistic.
+#include "cuda/combine.cuh"
 
 namespace gapkernels {
-namespace {
-
-template <typename scalar_t, Stat kStat>
-__global__ void __launch_bounds__(kThreads)
-    combine_pieces_kernel(ForwardArgs<scalar_t> a, int64_t rows, int group_log2) {
-  using acc_t = acc_type<scalar_t>;
-  const int group = 1 << group_log2;
-  const int lane = threadIdx.x & (group - 1);
-  const int64_t r =
-      static_cast<int64_t>(blockIdx.x) * (kThreads >> group_log2) + (threadIdx.x >> group_log2);
-  const bool valid = r < rows;
-  using St = Stats<acc_t, kStat>;
-  St t;
-  t.init();
-  const int64_t n = valid ? divide_index(r, a.C) : 0;
-  const int64_t c = valid ? r - n * a.C : 0;
-  const Exponent<acc_t> e = gem_exponent<scalar_t, kStat>(a, c);
-  if (valid) {
-    for (int64_t piece = lane; piece < a.split; piece += group) {
-      const int64_t slot = r * a.split + piece;
-      const acc_t* values = a.partial_values + St::kPartials * slot;
-      t.merge(values[0], values[1], St::kLog ? values[St::kPartials - 1] : acc_t(0),
-              a.partial_indices[slot], e);
-    }
-  }
-  t.group_reduce(group, e);
-  if (valid && lane == 0) write_row<scalar_t, kStat>(a, r, n, c, t, e);
-}
-
-}  // namespace
-
-template <typename scalar_t, Stat kStat>
-cudaError_t launch_combine_pieces(const ForwardArgs<scalar_t>& args, int64_t rows, int group_log2,
-                                  int64_t blocks, cudaStream_t stream) {
-  combine_pieces_kernel<scalar_t, kStat><<<blocks, kThreads, 0, stream>>>(args, rows, group_log2);
-  return cudaGetLastError();
-}
-
-#define GAPKERNELS_INSTANTIATE(scalar_t, stat)                      \
-  template cudaError_t launch_combine_pieces<scalar_t, Stat::stat>( \
-      const ForwardArgs<scalar_t>&, int64_t, int, int64_t, cudaStream_t);
-GAPKERNELS_FOR_EACH_SCALAR_AND_STAT(GAPKERNELS_INSTANTIATE)
-#undef GAPKERNELS_INSTANTIATE
-
+GAPKERNELS_FOR_EACH_SCALAR_AND_STAT(GAPKERNELS_INSTANTIATE_COMBINE, AllPositions)
 }  // namespace gapkernels

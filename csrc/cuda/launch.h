@@ -12,8 +12,13 @@
 //     (nsc_forward.cu, nsc_backward.cu).
 // A split reduction writes per-piece partial statistics to a buffer and a second small kernel
 // combines them in a fixed order (combine.cu). How a reduction is split depends on the shape
-// alone (pool_cuda.cpp); no floating-point atomics anywhere, so every result is bitwise
-// reproducible, at any address.
+// alone (host.h); no floating-point atomics anywhere, so every result is bitwise reproducible,
+// at any address.
+//
+// Each kernel template (ncs_forward.cuh, ...) serves the pooling ops and token pooling: its
+// `Positions` parameter says which positions of a row take part, every one (AllPositions: the
+// units ncs_forward.cu, ...) or a span and an optional mask per row (TokenPositions: the units
+// token_ncs_forward.cu, ...; rows.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,6 +44,19 @@ template <typename scalar_t>
 constexpr int vec_size() {
   return 16 / static_cast<int>(sizeof(scalar_t));
 }
+
+// Which positions of each row take part. AllPositions: all of them (the pooling ops).
+// TokenPositions: token pooling's normalized form (docs/DESIGN.md "Token pooling"): output row b
+// has spans[4b .. 4b+3] = (begin, end, count, origin); positions [begin, end) of its sample (b;
+// varlen: 0) take part where mask (N, S) is true, `count` of them; a max index is written as
+// s - origin. Values are clamped on the device (rows.cuh): none was read on the host.
+struct AllPositions {};
+struct TokenPositions {
+  const int64_t* spans;
+  const bool* mask;  // nullptr: no mask
+  int64_t rows;      // B
+  bool varlen;       // x is the packed (1, C, total) batch (NSC); row b owns [origin, end)
+};
 
 // Which statistics a forward pass gathers.
 enum class Stat : int { Sum, Max, SumMax, Pow, PowLog };
@@ -82,7 +100,7 @@ struct ForwardArgs {
   int64_t weight_stride;  // 0 (one weight) or 1 (per channel)
   acc_t scalar;
   acc_t eps;
-  int64_t N;
+  int64_t N;  // output rows (pooling: the samples; tokens: B)
   int64_t C;
   int64_t S;
   int64_t aux_columns;
@@ -111,7 +129,7 @@ struct BackwardArgs {
   acc_t scalar;
   acc_t eps;
   scalar_t* grad_x;
-  int64_t N;
+  int64_t N;  // samples of x (tokens, padded: B; varlen: 1)
   int64_t C;
   int64_t S;
   int64_t aux_columns;
@@ -119,44 +137,50 @@ struct BackwardArgs {
   bool x_vectorized;  // x's 16-byte alignment matches grad_x's (NSC: also C % VEC == 0)
 };
 
-// ncs_forward.cu: g.blocks blocks; with g.split > 1 it writes the partials, else the results.
-template <typename scalar_t, Stat kStat>
+// ncs_forward.cuh: g.blocks blocks; with g.split > 1 it writes the partials, else the results.
+template <typename scalar_t, Stat kStat, typename Positions>
 cudaError_t launch_ncs_forward(const ForwardArgs<scalar_t>& args, const NcsGeometry& g,
-                               cudaStream_t stream);
+                               const Positions& positions, cudaStream_t stream);
 
-// nsc_forward.cu: as launch_ncs_forward.
-template <typename scalar_t, Stat kStat>
+// nsc_forward.cuh: as launch_ncs_forward (args.N: the output rows).
+template <typename scalar_t, Stat kStat, typename Positions>
 cudaError_t launch_nsc_forward(const ForwardArgs<scalar_t>& args, const NscGeometry& g,
-                               cudaStream_t stream);
+                               const Positions& positions, cudaStream_t stream);
 
-// combine.cu: the results of `rows` rows from their args.split partials, 2^group_log2 lanes per
+// combine.cuh: the results of `rows` rows from their args.split partials, 2^group_log2 lanes per
 // row, in `blocks` blocks.
-template <typename scalar_t, Stat kStat>
+template <typename scalar_t, Stat kStat, typename Positions>
 cudaError_t launch_combine_pieces(const ForwardArgs<scalar_t>& args, int64_t rows, int group_log2,
-                                  int64_t blocks, cudaStream_t stream);
+                                  int64_t blocks, const Positions& positions, cudaStream_t stream);
 
-// ncs_backward.cu, nsc_backward.cu: grad_x, every element written once.
-template <typename scalar_t, Grad kGrad>
+// ncs_backward.cuh, nsc_backward.cuh: grad_x, every element written once (args.N: the samples
+// of x; a varlen batch's rows are found by position).
+template <typename scalar_t, Grad kGrad, typename Positions>
 cudaError_t launch_ncs_backward(const BackwardArgs<scalar_t>& args, const NcsGeometry& g,
-                                cudaStream_t stream);
+                                const Positions& positions, cudaStream_t stream);
 
-template <typename scalar_t, Grad kGrad>
+template <typename scalar_t, Grad kGrad, typename Positions>
 cudaError_t launch_nsc_backward(const BackwardArgs<scalar_t>& args, const NscGeometry& g,
-                                cudaStream_t stream);
+                                const Positions& positions, cudaStream_t stream);
 
-// X(scalar_t, stat) / X(scalar_t, grad) for every element type and statistic / gradient formula:
-// the kernel units' explicit instantiations.
-#define GAPKERNELS_FOR_EACH_STAT(X, scalar_t) \
-  X(scalar_t, Sum) X(scalar_t, Max) X(scalar_t, SumMax) X(scalar_t, Pow) X(scalar_t, PowLog)
-#define GAPKERNELS_FOR_EACH_GRAD(X, scalar_t) \
-  X(scalar_t, Uniform) X(scalar_t, UniformPlusArgmax) X(scalar_t, Gem)
-#define GAPKERNELS_FOR_EACH_SCALAR_AND_STAT(X) \
-  GAPKERNELS_FOR_EACH_STAT(X, float)           \
-  GAPKERNELS_FOR_EACH_STAT(X, double)          \
-  GAPKERNELS_FOR_EACH_STAT(X, __half) GAPKERNELS_FOR_EACH_STAT(X, __nv_bfloat16)
-#define GAPKERNELS_FOR_EACH_SCALAR_AND_GRAD(X) \
-  GAPKERNELS_FOR_EACH_GRAD(X, float)           \
-  GAPKERNELS_FOR_EACH_GRAD(X, double)          \
-  GAPKERNELS_FOR_EACH_GRAD(X, __half) GAPKERNELS_FOR_EACH_GRAD(X, __nv_bfloat16)
+// X(scalar_t, stat, positions) / X(scalar_t, grad, positions) for every element type and
+// statistic / gradient formula: the kernel units' explicit instantiations.
+#define GAPKERNELS_FOR_EACH_STAT(X, scalar_t, positions) \
+  X(scalar_t, Sum, positions)                            \
+  X(scalar_t, Max, positions)                            \
+  X(scalar_t, SumMax, positions) X(scalar_t, Pow, positions) X(scalar_t, PowLog, positions)
+#define GAPKERNELS_FOR_EACH_GRAD(X, scalar_t, positions) \
+  X(scalar_t, Uniform, positions)                        \
+  X(scalar_t, UniformPlusArgmax, positions) X(scalar_t, Gem, positions)
+#define GAPKERNELS_FOR_EACH_SCALAR_AND_STAT(X, positions) \
+  GAPKERNELS_FOR_EACH_STAT(X, float, positions)           \
+  GAPKERNELS_FOR_EACH_STAT(X, double, positions)          \
+  GAPKERNELS_FOR_EACH_STAT(X, __half, positions)          \
+  GAPKERNELS_FOR_EACH_STAT(X, __nv_bfloat16, positions)
+#define GAPKERNELS_FOR_EACH_SCALAR_AND_GRAD(X, positions) \
+  GAPKERNELS_FOR_EACH_GRAD(X, float, positions)           \
+  GAPKERNELS_FOR_EACH_GRAD(X, double, positions)          \
+  GAPKERNELS_FOR_EACH_GRAD(X, __half, positions)          \
+  GAPKERNELS_FOR_EACH_GRAD(X, __nv_bfloat16, positions)
 
 }  // namespace gapkernels

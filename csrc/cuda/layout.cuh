@@ -25,8 +25,9 @@ __device__ __forceinline__ Peel peel(const scalar_t* start, int64_t length) {
   return {head, vectors, length - head - vectors * VEC};
 }
 
-// Where one thread of an NSC launch works: its channel vector (tx, from c0), its rows (ty, every
-// by-th s of [s_begin, s_end)), its sample n and its piece of S. Shared by forward and backward.
+// Where one thread of an NSC launch works: its channel vector (tx, from c0), its rows (ty: every
+// by-th position of its piece), its row or sample n and its piece (the kernel cuts the piece's
+// range: rows.cuh's piece_range). Shared by forward and backward.
 struct NscPlace {
   int tid;
   int bx;
@@ -36,13 +37,10 @@ struct NscPlace {
   int64_t piece;
   int64_t c0;
   int64_t channels_left;
-  int64_t s_begin;
-  int64_t s_end;
 };
 
 template <int VEC>
-__device__ __forceinline__ NscPlace nsc_place(const NscGeometry& g, int64_t N, int64_t C,
-                                              int64_t S) {
+__device__ __forceinline__ NscPlace nsc_place(const NscGeometry& g, int64_t N, int64_t C) {
   NscPlace p;
   p.tid = threadIdx.x;
   p.bx = 1 << g.bx_log2;
@@ -58,8 +56,6 @@ __device__ __forceinline__ NscPlace nsc_place(const NscGeometry& g, int64_t N, i
   p.piece = rest / samples;
   p.c0 = (static_cast<int64_t>(channel_block) * p.bx + (p.tid & (p.bx - 1))) * VEC;
   p.channels_left = C - p.c0;
-  p.s_begin = p.piece * g.s_chunk;
-  p.s_end = p.s_begin + g.s_chunk < S ? p.s_begin + g.s_chunk : S;
   return p;
 }
 
