@@ -13,6 +13,7 @@ from tokens_common import (
     TOKEN_LAYOUTS,
     TOKEN_OPS,
     call,
+    check_against,
     check_compile_fullgraph,
     check_empty_rows_op,
     check_gem_double_backward,
@@ -21,7 +22,6 @@ from tokens_common import (
     check_token_opcheck,
     check_varlen,
     cu_seqlens_of,
-    forward_backward,
     make_tokens,
     token_args,
     token_op_samples,
@@ -43,19 +43,7 @@ N, C, S = 4, 19, 38
 
 
 def _check_against_reference(op, x, fmt, kw, dtype=torch.float32):
-    weight = weight_for(op, x.shape[1] if fmt == "NCHW" else x.shape[-1])
-    out, grads = forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend="cpu", **kw)
-    ref, ref_grads = forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
-    assert out.dtype == dtype and grads[0].dtype == dtype
-    assert grads[0].stride() == x.stride()
-    assert_close(out, ref, dtype)
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert_close(g, r, dtype, scale=4)
-    if op in ("max", "avgmax", "catavgmax"):
-        got = gapkernels.global_max_pool(x, True, input_fmt=fmt, backend="cpu", **kw)
-        want = reference.global_max_pool(x, True, input_fmt=fmt, **kw)
-        assert torch.equal(got[1], want[1])
-        assert_bitwise_equal(got[0], want[0])
+    check_against(op, x, fmt, kw, dtype, "cpu")
 
 
 @pytest.mark.parametrize("layout", TOKEN_LAYOUTS)

@@ -16,6 +16,7 @@ from tokens_common import (
     TOKEN_LAYOUTS,
     TOKEN_OPS,
     call,
+    check_against,
     check_compile_fullgraph,
     check_empty_rows_op,
     check_gem_double_backward,
@@ -52,39 +53,13 @@ N, C, S = 4, 19, 38
 SPLIT_SHAPES = {"ncs_split": ("ncl", 2, 3, 9000), "nsc_split": ("nlc", 2, 19, 3000)}
 
 
-def _check(op, x, fmt, kw, dtype, backend="cuda", against=reference):
-    """`op` on `backend` against `against` (the reference, or the CPU kernels on a CPU copy):
-    values, gradients to x and the weight, and the max indices (exactly)."""
-    weight = weight_for(op, x.shape[1] if fmt == "NCHW" else x.shape[-1], DEV)
-    out, grads = forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend=backend, **kw)
-    if against is reference:
-        ref, ref_grads = forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
-    else:  # the CPU kernels, on CPU copies
-        cpu_kw = {k: v.cpu() for k, v in kw.items() if isinstance(v, torch.Tensor)}
-        cpu_kw.update({k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)})
-        w_cpu = None if weight is None else weight.cpu()
-        ref, ref_grads = forward_backward(
-            op, gapkernels, x.cpu(), w_cpu, input_fmt=fmt, backend="cpu", **cpu_kw
-        )
-    assert out.dtype == dtype and grads[0].dtype == dtype
-    assert grads[0].stride() == x.stride()
-    assert_close(out.cpu(), ref.cpu(), dtype)
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert_close(g.cpu(), r.cpu(), dtype, scale=4)
-    if op in ("max", "avgmax", "catavgmax"):
-        got = gapkernels.global_max_pool(x, True, input_fmt=fmt, backend=backend, **kw)
-        want = reference.global_max_pool(x, True, input_fmt=fmt, **kw)
-        assert torch.equal(got[1], want[1])
-        assert_bitwise_equal(got[0], want[0])
-
-
 @pytest.mark.parametrize("layout", TOKEN_LAYOUTS)
 @pytest.mark.parametrize("case", TOKEN_CASES)
 @pytest.mark.parametrize("op", TOKEN_OPS)
 def test_cuda_matches_reference(op, case, layout, gen):
     x, fmt, _, spatial = make_tokens(layout, N, C, S, torch.float32, gen, DEV, op == "gem")
     kw, _ = token_args(case, N, spatial, gen, DEV)
-    _check(op, x, fmt, kw, torch.float32)
+    check_against(op, x, fmt, kw, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
@@ -93,7 +68,7 @@ def test_cuda_matches_reference(op, case, layout, gen):
 def test_cuda_dtypes(op, layout, dtype, gen):
     x, fmt, _, spatial = make_tokens(layout, N, C, S, dtype, gen, DEV, op == "gem")
     kw, _ = token_args("mask_start", N, spatial, gen, DEV)
-    _check(op, x, fmt, kw, dtype)
+    check_against(op, x, fmt, kw, dtype, "cuda")
 
 
 @pytest.mark.parametrize("shape", list(SPLIT_SHAPES))
@@ -104,7 +79,7 @@ def test_cuda_split_rows_match_cpu_kernels(op, case, shape, gen):
     layout, n, c, s = SPLIT_SHAPES[shape]
     x, fmt, _, spatial = make_tokens(layout, n, c, s, torch.float32, gen, DEV, op == "gem")
     kw, _ = token_args(case, n, spatial, gen, DEV)
-    _check(op, x, fmt, kw, torch.float32, against="cpu")
+    check_against(op, x, fmt, kw, torch.float32, "cuda", against="cpu")
 
 
 def _special_rows(n, s, gen):

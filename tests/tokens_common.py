@@ -14,7 +14,7 @@ import torch
 
 import gapkernels
 from gapkernels import reference
-from helpers import OPS, assert_close
+from helpers import OPS, assert_bitwise_equal, assert_close
 
 # layout name -> (input_fmt, how the logical (N, C, *spatial) tensor is laid out)
 TOKEN_LAYOUTS = ["nlc", "ncl", "nchw_channels_last", "nhwc"]
@@ -296,3 +296,29 @@ def check_gradcheck(op, layout, case, backend, gen, device="cpu"):
         return call(op, gapkernels, args[0], w, input_fmt=fmt, backend=backend, **kw)
 
     assert torch.autograd.gradcheck(f, inputs)
+
+
+def check_against(op, x, fmt, kw, dtype, backend, against="reference"):
+    """`op` on `backend` against the reference, or (against="cpu") against the CPU kernels on
+    CPU copies: values, gradients to x and the weight (x's strides kept), the max indices
+    exactly and the max bitwise."""
+    weight = weight_for(op, x.shape[1] if fmt == "NCHW" else x.shape[-1], x.device)
+    out, grads = forward_backward(op, gapkernels, x, weight, input_fmt=fmt, backend=backend, **kw)
+    if against == "reference":
+        ref, ref_grads = forward_backward(op, reference, x, weight, input_fmt=fmt, **kw)
+    else:
+        cpu_kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        w_cpu = None if weight is None else weight.cpu()
+        ref, ref_grads = forward_backward(
+            op, gapkernels, x.cpu(), w_cpu, input_fmt=fmt, backend="cpu", **cpu_kw
+        )
+    assert out.dtype == dtype and grads[0].dtype == dtype
+    assert grads[0].stride() == x.stride()
+    assert_close(out.cpu(), ref.cpu(), dtype)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g.cpu(), r.cpu(), dtype, scale=4)
+    if op in ("max", "avgmax", "catavgmax"):
+        got = gapkernels.global_max_pool(x, True, input_fmt=fmt, backend=backend, **kw)
+        want = reference.global_max_pool(x, True, input_fmt=fmt, **kw)
+        assert torch.equal(got[1], want[1])
+        assert_bitwise_equal(got[0], want[0])
