@@ -53,7 +53,7 @@ StableTensor pool_backward_cuda(const StableTensor& grad_out, const StableTensor
 }  // namespace
 }  // namespace gapkernels
 
-// The schemas are defined by gapkernels._ops (csrc/schemas.cpp), which gapkernels/_ext.py loads first.
+// The schemas come from gapkernels._ops (csrc/schemas.cpp), which gapkernels/_ext.py loads first.
 STABLE_TORCH_LIBRARY_IMPL(gapkernels, CUDA, m) {
   m.impl("pool_forward", TORCH_BOX(&gapkernels::pool_forward_cuda));
   m.impl("pool_backward", TORCH_BOX(&gapkernels::pool_backward_cuda));

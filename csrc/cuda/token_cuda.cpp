@@ -94,7 +94,7 @@ StableTensor token_pool_backward_cuda(const StableTensor& grad_out, const Stable
 }  // namespace
 }  // namespace gapkernels
 
-// The schemas are defined by gapkernels._ops (csrc/schemas.cpp), which gapkernels/_ext.py loads first.
+// The schemas come from gapkernels._ops (csrc/schemas.cpp), which gapkernels/_ext.py loads first.
 STABLE_TORCH_LIBRARY_IMPL(gapkernels, CUDA, m) {
   m.impl("token_pool_forward", TORCH_BOX(&gapkernels::token_pool_forward_cuda));
   m.impl("token_pool_backward", TORCH_BOX(&gapkernels::token_pool_backward_cuda));
