@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Validates the CUDA kernels on a machine with a GPU (the device tool's H100/H200 box).
+# Validates gapkernels on a machine with a GPU (the device tool's H100/H200 box), in as few calls
+# as a short lease allows.
 #
-#   bash scripts/gpu_validate.sh [STAGE...]     STAGE: test | sanitize | bench | all (default)
+#   bash scripts/gpu_validate.sh [STAGE...]        (default: the plan of call 1 below)
 #
-# Every call first builds the extension in place (sm_90; incremental, so fast on a machine that
-# already built it), then runs the stages named. One device-tool command may run 10 minutes, so
-# run the stages as separate calls, each with timeout_s=600:
-#   1. bash scripts/gpu_validate.sh test       whole pytest suite                (~build + tests)
-#   2. bash scripts/gpu_validate.sh sanitize   compute-sanitizer memcheck + racecheck on a
-#                                              small tests/test_cuda*.py and
-#                                              tests/test_tokens_cuda.py selection
-#   3. bash scripts/gpu_validate.sh bench      python -m gapkernels.bench --device cuda
-# Logs go to $OUT (at most 8 files per call): summary.txt, build.log, and one log per stage;
-# benchmark results to $OUT/bench/. Each stage is cut off so that the call ends before
-# GK_BUDGET_S seconds (default 570). Environment: PYTHON (default python3), GK_PYTEST_ARGS,
-# GK_BENCH_ARGS (extra arguments), GK_PYTEST_WORKERS (pytest-xdist workers, default 4).
+# STAGE: build | smoke | test | memcheck | racecheck | initcheck | synccheck | bench | benchmore
+#        | benchcompile
+#   build         pip install --no-build-isolation -e . (sm_90, the libraries built in parallel,
+#                 one CPU variant; a library that fails is reported and the rest go on)
+#   smoke         every op on both GPU backends against gapkernels.reference, one line each
+#   test          pytest over the GPU-relevant tests (-k "cuda or triton or gpu"), in parallel
+#   memcheck ...  compute-sanitizer over a small CUDA selection (each tool its own stage)
+#   bench         PERF.md's priority cases: (256,2048,7,7), (1,2048,7,7), (128,256,56,56), odd;
+#                 every op, both layouts, bfloat16 and float32, fwd and fwdbwd, both GPU backends,
+#                 eager and timm; no torch.compile; one invocation per shape, merged, each
+#                 rewriting auto's table from the rows merged so far (--write-auto-table)
+#   benchmore     the other PERF.md shapes, same grid
+#   benchcompile  the torch.compile peer on the (256,2048,7,7) head, every op (a separate file)
+# A device lease is about 15 minutes in all, so the two planned calls are
+#   call 1: bash scripts/gpu_validate.sh                     (build smoke test bench memcheck)
+#   call 2: GK_SKIP_BUILD=1 bash scripts/gpu_validate.sh racecheck benchcompile benchmore
+# (call 2 only on the same warm machine: it reuses call 1's build).
+# Logs go to $OUT, at most 8 files per call: summary.txt, build.log, smoke.log, pytest.log,
+# junit.xml, bench.tgz (the results and auto_table.json), one .log per sanitizer; each stage is
+# cut off so that the call ends before GK_BUDGET_S seconds (default 560).
+# Environment: PYTHON (default python3), GK_PYTEST_WORKERS (default 14), GK_PYTEST_ARGS,
+# GK_SKIP_BUILD=1, GK_CAP_<STAGE> (seconds, overrides a stage's cap).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,8 +33,9 @@ OUT=${OUT:-/tmp/gapkernels_gpu_validate}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 START=$(date +%s)
-DEADLINE=$((START + ${GK_BUDGET_S:-570}))
+DEADLINE=$((START + ${GK_BUDGET_S:-560}))
 SUMMARY="$OUT/summary.txt"
+BENCH_DIR=/tmp/gapkernels_bench
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -39,17 +51,19 @@ SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/compute-sanitizer/c
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 STAGES=("$@")
-if [ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ]; then
-    STAGES=(test sanitize bench)
+if [ ${#STAGES[@]} -eq 0 ]; then
+    STAGES=(build smoke test bench memcheck)
 fi
 
 seconds_left() { echo $((DEADLINE - $(date +%s))); }
 
-# run_logged NAME LOG CAP COMMAND...: runs COMMAND for at most CAP seconds (0: no cap) and never
-# past the call's deadline, logs to LOG, records the verdict in the summary.
+# run_logged NAME LOG CAP COMMAND...: runs COMMAND for at most CAP seconds (GK_CAP_<NAME> wins)
+# and never past the call's deadline, logs to LOG (appending), records the verdict in the summary.
 run_logged() {
     local name=$1 log=$2 cap=$3
     shift 3
+    local override="GK_CAP_${name^^}"
+    cap=${!override:-$cap}
     local left
     left=$(seconds_left)
     if [ "$cap" -gt 0 ] && [ "$cap" -lt "$left" ]; then
@@ -60,45 +74,127 @@ run_logged() {
         return 1
     fi
     local begin=$(date +%s)
-    # bash -c: COMMAND may be one of the exported functions below.
-    timeout -s INT -k 20 "$left" bash -c '"$@"' "$name" "$@" >"$log" 2>&1
+    # bash -c: COMMAND may be one of the exported functions below. SIGINT first, so that pytest
+    # writes its summary and junit file.
+    timeout -s INT -k 15 "$left" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1
     local rc=$?
     local verdict=ok
     [ $rc -ne 0 ] && verdict="FAILED rc=$rc"
-    [ $rc -eq 124 ] && verdict="TIMED OUT after ${left}s (rc=124)"
-    echo "$name: $verdict ($(( $(date +%s) - begin ))s) -> $(basename "$log")" | tee -a "$SUMMARY"
+    [ $rc -eq 124 ] && verdict="CUT OFF after ${left}s (rc=124)"
+    echo "$name: $verdict ($(($(date +%s) - begin))s) -> $(basename "$log")" | tee -a "$SUMMARY"
     return $rc
 }
 
 {
     echo "gapkernels GPU validation, $(date -u +%Y-%m-%dT%H:%M:%SZ), stages: ${STAGES[*]}"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-    "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 || true
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
     nvcc --version 2>&1 | tail -1
-} | tee "$SUMMARY"
+    echo "cpu: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+} | tee -a "$SUMMARY"
 
 build() {
-    "$PY" -m pip install -v --no-build-isolation --no-deps -e . &&
-        "$PY" - <<'PYEOF'
+    # The libraries at once (GAPKERNELS_BUILD_JOBS), one CPU variant: the GPU is what is tested.
+    export GAPKERNELS_BUILD_JOBS=4 GAPKERNELS_BUILD_KEEP_GOING=1 GAPKERNELS_CPU_VARIANTS=avx2
+    "$PY" -c "import setuptools; print('setuptools', setuptools.__version__)"
+    if ! "$PY" -m pip install -v --no-build-isolation --no-deps -e .; then
+        # One try is all a lease has: a setuptools older than pyproject.toml's metadata needs
+        # (77) still builds the libraries in place, without the metadata.
+        echo "gapkernels: pip install -e failed; building in place without pyproject.toml"
+        mv pyproject.toml /tmp/pyproject.toml.orig
+        "$PY" setup.py build_ext --inplace
+        mv /tmp/pyproject.toml.orig pyproject.toml
+    fi
+    "$PY" -m gapkernels.info
+}
+
+smoke() {
+    "$PY" - <<'PYEOF'
 import torch
-from gapkernels import _ext
-print("CPU kernels:", _ext.has_kernel("CPU"), "| CUDA kernels:", _ext.has_kernel("CUDA"))
-if _ext.unavailable_reason("CUDA"):
-    raise SystemExit(_ext.unavailable_reason("CUDA"))
+
+import gapkernels
+from gapkernels import _ext, reference
+
+print("CUDA kernels:", _ext.unavailable_reason("CUDA") or "loaded")
+ops = {
+    "avg": lambda x, b: gapkernels.global_avg_pool(x, backend=b),
+    "max": lambda x, b: gapkernels.global_max_pool(x, backend=b),
+    "avgmax": lambda x, b: gapkernels.global_avgmax_pool(x, backend=b),
+    "catavgmax": lambda x, b: gapkernels.global_avgmax_pool(x, True, backend=b),
+    "mixed": lambda x, b: gapkernels.global_mixed_pool(x, 0.3, backend=b),
+    "gem": lambda x, b: gapkernels.global_gem_pool(x, 3.0, backend=b),
+}
+bad = 0
+for backend in ("cuda", "triton"):
+    for name, fn in ops.items():
+        for layout in ("contiguous", "channels_last"):
+            for dtype in (torch.float32, torch.bfloat16):
+                try:
+                    x = torch.rand(6, 70, 13, 17, device="cuda", dtype=dtype) + 0.1
+                    if layout == "channels_last":
+                        x = x.to(memory_format=torch.channels_last)
+                    x.requires_grad_(True)
+                    out = fn(x, backend)
+                    g = torch.randn_like(out)
+                    (gx,) = torch.autograd.grad(out, x, g)
+                    xr = x.detach().double().requires_grad_(True)
+                    ref = fn(xr, "reference")
+                    (gr,) = torch.autograd.grad(ref, xr, g.double())
+                    err = (out.double() - ref).abs().max().item()
+                    gerr = (gx.double() - gr).abs().max().item()
+                    tol = 1e-4 if dtype == torch.float32 else 3e-2
+                    ok = err <= tol and gerr <= tol
+                    bad += not ok
+                    print(f"{'ok ' if ok else 'BAD'} {backend:6} {name:9} {layout:14} "
+                          f"{str(dtype):15} out {err:.2e} grad {gerr:.2e}")
+                except Exception as exc:  # report every case, then fail
+                    bad += 1
+                    print(f"ERR {backend:6} {name:9} {layout:14} {dtype}: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}")
+# token pooling: (N, L, C) with lengths and a prefix token skipped, every op
+for backend in ("cuda", "triton"):
+    for name in ops:
+        try:
+            x = (torch.rand(5, 77, 96, device="cuda") + 0.1).requires_grad_(True)
+            lengths = torch.tensor([0, 1, 40, 77, 60], device="cuda")
+            kw = dict(input_fmt="NLC", lengths=lengths, start=1)
+            fn = {
+                "avg": lambda x, b: gapkernels.global_avg_pool(x, backend=b, **kw),
+                "max": lambda x, b: gapkernels.global_max_pool(x, backend=b, **kw),
+                "avgmax": lambda x, b: gapkernels.global_avgmax_pool(x, backend=b, **kw),
+                "catavgmax": lambda x, b: gapkernels.global_avgmax_pool(x, True, backend=b, **kw),
+                "mixed": lambda x, b: gapkernels.global_mixed_pool(x, 0.3, backend=b, **kw),
+                "gem": lambda x, b: gapkernels.global_gem_pool(x, 3.0, backend=b, **kw),
+            }[name]
+            out = fn(x, backend)
+            g = torch.randn_like(out)
+            (gx,) = torch.autograd.grad(out, x, g)
+            xr = x.detach().double().requires_grad_(True)
+            ref = fn(xr, "reference")
+            (gr,) = torch.autograd.grad(ref, xr, g.double())
+            err = (out.double() - ref).abs().max().item()
+            gerr = (gx.double() - gr).abs().max().item()
+            ok = err <= 1e-4 and gerr <= 1e-4
+            bad += not ok
+            print(f"{'ok ' if ok else 'BAD'} {backend:6} {name:9} tokens lengths+start   "
+                  f"out {err:.2e} grad {gerr:.2e}")
+        except Exception as exc:
+            bad += 1
+            print(f"ERR {backend:6} {name:9} tokens: {type(exc).__name__}: {str(exc)[:300]}")
+raise SystemExit(1 if bad else 0)
 PYEOF
 }
-export -f build
-export PY OUT SANITIZER
-if ! run_logged build "$OUT/build.log" 0 build; then
-    tail -40 "$OUT/build.log"
-    exit 1
-fi
 
-pytest_workers() {
-    if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "${GK_PYTEST_WORKERS:-4}" -gt 1 ]; then
-        echo "-n ${GK_PYTEST_WORKERS:-4}"
+pytest_args() {
+    local args="-q -rfE -p no:cacheprovider --junitxml=$OUT/junit.xml"
+    if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "${GK_PYTEST_WORKERS:-14}" -gt 1 ]; then
+        args="$args -n ${GK_PYTEST_WORKERS:-14}"
     fi
+    if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
+        args="$args --timeout 180"
+    fi
+    echo "$args"
 }
 
 # The sanitizers see every out-of-bounds access only when each tensor is its own allocation.
@@ -115,41 +211,83 @@ sanitize() {
         tests/test_cuda_alignment.py tests/test_tokens_cuda.py -k "$selection"
 }
 
-bench() {
-    if ! "$PY" -c "import gapkernels.bench" >/dev/null 2>&1; then
-        echo "gapkernels.bench is not there: nothing to run"
-        return 0
-    fi
-    mkdir -p "$OUT/bench"
-    # shellcheck disable=SC2086
-    "$PY" -m gapkernels.bench --device cuda --out "$OUT/bench" ${GK_BENCH_ARGS:-}
+# bench_shapes SHAPES EXTRA...: one invocation per shape, merged into one result per device and
+# day, so that a cut-off call keeps the shapes already measured.
+bench_shapes() {
+    local shapes=$1
+    shift
+    mkdir -p "$BENCH_DIR"
+    for shape in ${shapes//,/ }; do
+        "$PY" -m gapkernels.bench --device cuda --out "$BENCH_DIR" --no-plots --merge \
+            --shapes "$shape" --dtypes bfloat16,float32 "$@" || return 1
+    done
 }
 
-export -f sanitize bench
+pack_bench() {
+    cp gapkernels/auto_table.json "$BENCH_DIR/" 2>/dev/null
+    tar czf "$OUT/bench.tgz" -C "$(dirname "$BENCH_DIR")" "$(basename "$BENCH_DIR")" 2>/dev/null
+}
+
+export -f build smoke sanitize bench_shapes
+export PY OUT SANITIZER BENCH_DIR
 
 status=0
 for stage in "${STAGES[@]}"; do
     case $stage in
+        build)
+            if [ "${GK_SKIP_BUILD:-0}" = 1 ]; then
+                continue
+            fi
+            if ! run_logged build "$OUT/build.log" 300 build; then
+                tail -40 "$OUT/build.log"
+                status=1
+            fi
+            grep -E "BUILD FAILED|error:" "$OUT/build.log" | head -20
+            ;;
+        smoke)
+            run_logged smoke "$OUT/smoke.log" 60 smoke || status=1
+            grep -vE "^ok " "$OUT/smoke.log" | tail -30
+            ;;
         test)
             # shellcheck disable=SC2046,SC2086
-            run_logged pytest "$OUT/pytest.log" 0 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-                --durations=15 $(pytest_workers) ${GK_PYTEST_ARGS:-} tests || status=1
-            tail -15 "$OUT/pytest.log"
+            run_logged pytest "$OUT/pytest.log" 240 "$PY" -m pytest $(pytest_args) \
+                ${GK_PYTEST_ARGS:-} -k "cuda or triton or gpu" \
+                --ignore=tests/test_packaging.py --ignore=tests/test_tokens_integration.py \
+                tests || status=1
+            grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
+            tail -3 "$OUT/pytest.log"
             ;;
-        sanitize)
-            # memcheck gets at most 60% of what is left, so that racecheck runs too.
-            run_logged memcheck "$OUT/memcheck.log" $(($(seconds_left) * 6 / 10)) \
-                sanitize memcheck "$SANITIZE_SELECTION" || status=1
-            tail -6 "$OUT/memcheck.log"
-            run_logged racecheck "$OUT/racecheck.log" 0 sanitize racecheck "$RACECHECK_SELECTION" || status=1
-            tail -6 "$OUT/racecheck.log"
+        memcheck)
+            run_logged memcheck "$OUT/memcheck.log" 120 sanitize memcheck "$SANITIZE_SELECTION" || status=1
+            tail -4 "$OUT/memcheck.log"
+            ;;
+        racecheck)
+            run_logged racecheck "$OUT/racecheck.log" 120 sanitize racecheck "$RACECHECK_SELECTION" || status=1
+            tail -4 "$OUT/racecheck.log"
+            ;;
+        initcheck | synccheck)
+            run_logged "$stage" "$OUT/$stage.log" 90 sanitize "$stage" "$SANITIZE_SELECTION" || status=1
+            tail -4 "$OUT/$stage.log"
             ;;
         bench)
-            run_logged bench "$OUT/bench.log" 0 bench || status=1
+            run_logged bench "$OUT/bench.log" 220 bench_shapes \
+                resnet50-head,resnet50-head-b1,se-56,odd --no-compile --write-auto-table || status=1
+            pack_bench
             tail -30 "$OUT/bench.log"
             ;;
+        benchmore)
+            run_logged benchmore "$OUT/bench.log" 0 bench_shapes \
+                effnet-b0-head,se-28,se-14,wide-hw --no-compile --write-auto-table || status=1
+            pack_bench
+            ;;
+        benchcompile)
+            run_logged benchcompile "$OUT/bench.log" 150 "$PY" -m gapkernels.bench \
+                --device cuda --out "$BENCH_DIR/compile" --no-plots --shapes resnet50-head \
+                --dtypes bfloat16,float32 --passes fwd || status=1
+            pack_bench
+            ;;
         *)
-            echo "unknown stage $stage (test | sanitize | bench | all)" | tee -a "$SUMMARY"
+            echo "unknown stage $stage" | tee -a "$SUMMARY"
             status=2
             ;;
     esac
