@@ -115,4 +115,7 @@ def assert_close(actual, expected, dtype, scale=1.0, msg=""):
 def assert_bitwise_equal(a, b):
     """Same dtype, shape, strides and bits (NaN payloads and signed zeros included)."""
     assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    # reshape(-1): a 0-d tensor (a scalar weight's gradient) has no bytes view of its own
+    assert torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )

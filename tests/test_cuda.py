@@ -74,7 +74,7 @@ def test_matches_cpu_backend(op, weight_kind, shape, layout, dtype, gen):
     cpu = _forward_backward(op, x, weight, "cpu")
     cuda = _forward_backward(op, x.cuda(), None if weight is None else weight.cuda(), "cuda")
     S = shape[2] * shape[3]
-    for name, a, b in zip(("out", "grad_x"), cuda, cpu, strict=True):
+    for name, a, b in zip(("out", "grad_x"), cuda[:2], cpu[:2], strict=True):
         # Two float32 (float64) summation orders, each one rounding from the exact sum.
         assert_close(a.cpu(), b, dtype, msg=f"{op} {name} S={S}")
     if weight is not None:

@@ -31,8 +31,14 @@ def _gem_channels(shape, dtype, gen):
     ramp = torch.linspace(0.5, 1.0, S, dtype=torch.float64)
     x[:, 4:6] = big * ramp * (0.9 + 0.1 * torch.rand(N, 2, S, generator=gen, dtype=torch.float64))
     x[:, 6:8] = torch.randn(N, 2, S, generator=gen, dtype=torch.float64) + 2.0 * ramp
-    p = torch.tensor([7.5, 90.0] * 4, dtype=torch.float32)
+    p = torch.tensor([7.5, 90.0] * 4, dtype=_p_dtype(dtype))
     return x.view(N, C, *shape[2:]).to(dtype), p
+
+
+def _p_dtype(dtype):
+    """p in x's accumulation dtype: a float32 p of a float64 x gets a float32 gradient, rounded
+    (6e-8) and, for the 1e300 channels, overflowed to inf (found on the first GPU run)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _gem_fwd_bwd(x, p, backend, grad_out=None):
@@ -126,7 +132,7 @@ def test_gem_integral_fast_path_and_pow_agree(p_value, layout, dtype, gen):
     x = torch.randn(shape, generator=gen, dtype=torch.float64).abs().to(dtype) + 0.05
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    p = torch.full((6,), p_value, dtype=torch.float32)
+    p = torch.full((6,), p_value, dtype=_p_dtype(dtype))
     out, grad_x, grad_p, grad_out = _gem_fwd_bwd(x.cuda(), p.cuda(), "cuda")
     ref_out, ref_gx, ref_gp, _ = _gem_fwd_bwd(
         x.double(), p.double(), "reference", grad_out.double().cpu()

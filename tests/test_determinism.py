@@ -34,7 +34,7 @@ SHAPES = [(1, 2, 256, 257), (6, 40, 7, 7)]
 @pytest.mark.parametrize("shape", SHAPES, ids=["split", "rows"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("op,wkind", [c for c in OP_CASES if c[1] != "scalar"])
+@pytest.mark.parametrize("op,wkind", OP_CASES)
 def test_bitwise_across_runs_and_threads(device, backend, shape, layout, dtype, op, wkind, gen):
     x, fmt = make_input(shape, dtype, layout, device, gen, positive=op == "gem")
     w = make_weight(op, wkind, channels_of(x, fmt), device, gen=gen)
@@ -60,7 +60,8 @@ def test_bitwise_across_runs_and_threads(device, backend, shape, layout, dtype, 
         ("mixed", "channel"),
         ("catavgmax", "none"),
         ("gem", "channel"),
-        ("avg", "none"),
+        ("gem", "scalar"),  # a 0-d weight gradient (issue 11: the GPU run found the helper
+        ("avg", "none"),  # comparing those failing)
     ],
 )
 def test_use_deterministic_algorithms(device, backend, op, wkind, gen):

@@ -26,7 +26,7 @@ def _grads(fn, x, p):
     x = x.detach().requires_grad_(True)
     p = p.detach().requires_grad_(True)
     out = fn(x, p)
-    g = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)
+    g = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     gx, gp = torch.autograd.grad(out, (x, p), g)
     return out.detach(), gx, gp
 

@@ -40,7 +40,7 @@ def _gem_input(shape, layout, gen, dtype=torch.float32, large=1e30):
     x = x.to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return x.to(DEVICE)  # (on the GPU: the first GPU run found these tests built CPU inputs)
 
 
 def _gem_p(kind, channels):
@@ -115,7 +115,7 @@ def test_gem_aux_is_the_contract(path, p, gen):
     x = _gem_input(shape, layout, gen)
     x3 = view_3d(x, layout)
     y = x3.double().clamp(min=torch.tensor(1e-6).item())
-    y = torch.where(x3.double() < 1e-6, torch.tensor(1e-6, dtype=torch.float32).double(), y)
+    y = torch.where(x3.double() < 1e-6, torch.tensor(1e-6, dtype=torch.float32).item(), y)
     big_m = y.amax(dim=2)
     z = y / big_m[..., None]
     r = z.pow(p).mean(dim=2)
