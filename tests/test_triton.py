@@ -250,11 +250,19 @@ def test_auto_table_from_fake_results(tmp_path):
     assert ("float32", "contiguous", 2**20, ("triton", "cuda")) in table
     assert ("float32", "contiguous", 0, ("cuda", "triton")) in table
     assert table[-1] == ("*", "*", 0, ("cuda", "triton"))
+    _check_table_form(table)
+    # The shipped table (measured on a GPU by --write-auto-table, or the unmeasured default) has
+    # the same form and is what `auto` uses.
+    measured_on, shipped = auto_table.load()
+    assert (measured_on, shipped) == (auto_table.MEASURED_ON, auto_table.CUDA_TABLE)
+    _check_table_form(shipped)
+
+
+def _check_table_form(table):
     for dtype, layout, min_bytes, order in table:
         assert isinstance(dtype, str) and isinstance(layout, str) and isinstance(min_bytes, int)
         assert set(order) <= set(backends.BACKENDS) and "eager" not in order
+    assert table[-1][:3] == ("*", "*", 0), "the last row catches every case"
     for i, (dtype, layout, min_bytes, _) in enumerate(table[:-1]):
         later = [r for r in table[i + 1 :] if r[:2] == (dtype, layout)]
         assert all(r[2] < min_bytes for r in later), "larger thresholds must come first"
-    assert auto_table.MEASURED_ON is None
-    assert auto_table.load() == (None, auto_table.CUDA_TABLE)
