@@ -3,9 +3,10 @@ chooser can pick, without a GPU: gapkernels/triton/aot.py runs triton.compile on
 subprocess without TRITON_INTERPRET (which CI sets for the other tests), and reports ptxas's
 registers and spills and the kernels' shared memory. docs/triton_resources.md holds that report
 (regenerate it with GAPKERNELS_WRITE_RESOURCES=1, or `python gapkernels/triton/aot.py
---markdown docs/triton_resources.md`).
+--markdown docs/triton_resources.md`). Every kernel is also compiled with its float arguments
+typed fp64, as torch.compile's Inductor launches it, and no compile may compute in fp64.
 
-About three minutes on two free cores (385 compiles).
+About three minutes on two free cores (405 compiles).
 """
 
 from __future__ import annotations
@@ -141,6 +142,19 @@ def test_the_chooser_picks_only_listed_tiles():
                         assert config.s_programs * config.s_per_program >= s
                         if config.s_programs > 1 and choose is configs.forward_config:
                             assert tile.max_block_s, "only max-block tiles are compiled split"
+
+
+def test_float_arguments_typed_fp64_compile_to_float32_math(compiled):
+    """Inductor's launch of a user-defined Triton kernel types a Python float argument (scalar,
+    eps) fp64, a direct launch fp32 (GPU failure: `Loop-carried variable lane_sum has initial
+    type fp32 but is re-assigned to fp64` under torch.compile): every kernel compiles with them
+    fp64 and, like every other compile, has no fp64 instruction in its PTX."""
+    done, results = compiled
+    fp64 = [r for r in results if "floats=fp64" in r["variant"]]
+    assert {r["kernel"] for r in fp64} == {r["kernel"] for r in results}
+    failed = [f"{r['kernel']} {r['variant']}: {r['error'][-300:]}" for r in fp64 if "error" in r]
+    assert not failed, "\n".join(failed)
+    assert not [r for r in results if r.get("f64_instructions")], done.stdout[-5000:]
 
 
 def _doc_rows(text):

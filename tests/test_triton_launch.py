@@ -262,6 +262,31 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch, gen):
     assert all(d == 1 for _, d in launches), launches
 
 
+def test_wrap_triton_falls_back_to_the_interpreted_kernel_only(monkeypatch, gen):
+    """torch < 2.14's wrap_triton refuses Triton's InterpretedFunction (RuntimeError): the
+    launches then call the interpreted kernel directly (the same results); a compiled kernel, or
+    anything else, still raises."""
+
+    def refuse(kernel):
+        raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
+
+    shape, layout = PATH_SHAPES["ncs_split"]  # forward, combine and backward kernels
+    x, _ = make_input(shape, torch.float32, layout, DEVICE, gen, positive=True)
+    x3 = view_3d(x, layout)
+    expected = gk_triton.pool_forward(x3, 4, None, 2.5, 1e-6, True)
+    monkeypatch.setattr(tpool, "_torch_wrap_triton", refuse)
+    with pytest.raises(RuntimeError, match="wrap_triton"):
+        tpool.wrap_triton(lambda: None)
+    if not gk_triton.INTERPRETED:
+        with pytest.raises(RuntimeError, match="wrap_triton"):
+            gk_triton.pool_forward(x3, 4, None, 2.5, 1e-6, True)
+        return
+    out, aux, indices = gk_triton.pool_forward(x3, 4, None, 2.5, 1e-6, True)
+    for got, want in zip((out, aux, indices), expected, strict=True):
+        assert_bitwise_equal(got, want)
+    gk_triton.pool_backward(torch.ones_like(out), x3, aux, indices, 4, None, 2.5, 1e-6)
+
+
 @pytest.mark.skipif(
     gk_triton.INTERPRETED or torch.cuda.device_count() < 2,
     reason="needs 2 or more GPUs and compiled (not interpreted) kernels",

@@ -70,6 +70,18 @@ def _ptxas_report(log: str) -> dict:
     )
 
 
+def _f64_instructions(ptx: str) -> list[str]:
+    """The PTX instructions that compute in fp64: none may, whatever the float arguments' type
+    (fp64 from Inductor's launch: gapkernels/triton/layout.py's `_float32`); an fp64 parameter
+    and its conversion to f32 (cvt.rn.f32.f64) are allowed."""
+    lines = (line.strip() for line in ptx.splitlines())
+    return [
+        line
+        for line in lines
+        if ".f64" in line and not line.startswith((".param", "ld.param", "cvt.rn.f32.f64", "//"))
+    ]
+
+
 def _ptxas(ptx: str, arch: int) -> str:
     """`ptxas -v` on the PTX, for Triton versions whose compile does not print its report."""
     candidates = [os.environ.get("GAPKERNELS_PTXAS"), "/usr/local/cuda/bin/ptxas"]
@@ -117,6 +129,8 @@ def _compile(job) -> dict:
             ty = "one" if weight_one else "i32"
         elif ty == "*x":
             ty = "*" + job["dtype"]
+        elif ty == "F":
+            ty = job["const"].get("_floats", "fp32")
         if ty == "one":
             signature[name] = "constexpr"
             constexprs[(i,)] = 1
@@ -144,6 +158,10 @@ def _compile(job) -> dict:
         result.update(_ptxas_report(report))
     except RuntimeError as exc:
         result["error"] = str(exc)
+    f64 = _f64_instructions(compiled.asm["ptx"])
+    result["f64_instructions"] = len(f64)
+    if f64:
+        result["error"] = "fp64 arithmetic in the PTX: " + "; ".join(f64[:5])
     result["shared"] = int(compiled.metadata.shared)
     result["seconds"] = round(time.perf_counter() - began, 3)
     return result

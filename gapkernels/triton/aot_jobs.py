@@ -19,6 +19,10 @@ weight variant): for every architecture the SPLIT forward on the tiles where S c
 the combine kernel in every mode; for the first also the unsplit forward and the backward on the
 largest tile of each layout, and VARLEN's forward (split) and backward on the largest NSC tile.
 
+For the first architecture, every kernel is also compiled with its float arguments (scalar, eps)
+typed fp64, as Inductor's launch of a user-defined kernel types a Python float (a direct launch
+types it fp32): float64_jobs_for. aot.py fails any compile whose PTX computes in fp64.
+
 Loaded by aot.py without importing torch (configs.py is imported relative to this module).
 """
 
@@ -33,7 +37,8 @@ WEIGHT_KINDS = {0: "scalar", 1: "shared", 2: "channel"}
 def _job(kernel, arch, dtype="fp32", num_warps=4, **const):
     """One compile: the kernel's name, the target, x's dtype, num_warps and the constexprs; the
     special keys `_n_one` (N == 1), `_s64` (S and s_per_* int64) and `_weight_stride` ('one':
-    a contiguous weight, the constant 1; 'any': an int argument) describe the int arguments."""
+    a contiguous weight, the constant 1; 'any': an int argument) describe the int arguments,
+    `_floats` ('fp32' or 'fp64') the type of the float arguments."""
     return dict(kernel=kernel, arch=arch, dtype=dtype, num_warps=num_warps, const=const)
 
 
@@ -113,9 +118,34 @@ def token_jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
     return jobs
 
 
+def float64_jobs_for(arch: int) -> list[dict]:
+    """Every kernel with its float arguments (scalar, eps) typed fp64, as Inductor's launch of a
+    user-defined kernel types a Python float (a direct launch: fp32), in the modes that use them
+    (MIXED's alpha, GEM's p and eps; the weight given as `scalar`), on the smallest tile of each
+    layout (the types do not depend on the tile)."""
+    jobs = []
+    for channels_last in (False, True):
+        tile = min(
+            (t for t in configs.tile_configs() if t.channels_last == channels_last),
+            key=lambda t: (t.rows * t.block_s, t.block_s),
+        )
+        for mode in (2, 4):
+            fp64 = dict(WEIGHT_KIND=0, _floats="fp64")
+            jobs += [_forward(arch, tile, mode, **fp64), _backward(arch, tile, mode, **fp64)]
+            token_fp64 = dict(fp64, VARLEN=channels_last, HAS_MASK=not channels_last)
+            jobs.append(_token_job("token_forward_kernel", arch, tile, mode, **token_fp64))
+            jobs.append(_token_job("token_backward_kernel", arch, tile, mode, **token_fp64))
+            if not channels_last:
+                jobs.append(_combine(arch, mode, **fp64))
+                jobs.append(_combine(arch, mode, kernel="token_combine_kernel", **fp64))
+    return jobs
+
+
 def jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
-    """Every compile for one architecture: the pool kernels', then the token kernels'."""
-    return pool_jobs_for(arch, all_variants) + token_jobs_for(arch, all_variants)
+    """Every compile for one architecture: the pool kernels', then the token kernels'; with
+    `all_variants`, also float64_jobs_for's."""
+    jobs = pool_jobs_for(arch, all_variants) + token_jobs_for(arch, all_variants)
+    return jobs + float64_jobs_for(arch) if all_variants else jobs
 
 
 def pool_jobs_for(arch: int, all_variants: bool = True) -> list[dict]:
@@ -204,8 +234,9 @@ KERNELS = (
 
 # Argument types by name: "*x" a pointer to x's element type; "N" (N, and the token kernels' B),
 # "S" (S and s_per_*) an int argument, i32, but the constant 1 under _n_one (N) and i64 under _s64
-# (S); "W" the weight stride, the constant 1 unless _weight_stride is 'any'. The combine kernels'
-# N, B and S are plain i32. The token kernels' mask is passed as uint8.
+# (S); "W" the weight stride, the constant 1 unless _weight_stride is 'any'; "F" a float argument
+# (scalar, eps), fp32 unless _floats is 'fp64'. The combine kernels' N, B and S are plain i32.
+# The token kernels' mask is passed as uint8.
 _ARG_TYPES = dict(
     x_ptr="*x",
     grad_out_ptr="*x",
@@ -226,8 +257,8 @@ _ARG_TYPES = dict(
     s_per_program="S",
     splits="i32",
     weight_stride="W",
-    scalar="fp32",
-    eps="fp32",
+    scalar="F",
+    eps="F",
 )
 
 
@@ -261,5 +292,8 @@ def describe(job) -> str:
         parts.append("N=1")
     if c.pop("_weight_stride", "one") == "any":
         parts.append("weight_stride=any")
+    floats = c.pop("_floats", "fp32")
+    if floats != "fp32":
+        parts.append(f"floats={floats}")
     c.pop("_s64", None)
     return " ".join(parts)

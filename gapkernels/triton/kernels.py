@@ -17,6 +17,7 @@ from .layout import (
     WEIGHT_PER_CHANNEL,
     WEIGHT_SCALAR,
     WEIGHT_SHARED,
+    _float32,
     _load_weight,
     _offsets,
     _piece,
@@ -79,7 +80,8 @@ def pool_forward_kernel(
     index) for the combine kernel."""
     NEEDS_SUM: tl.constexpr = MODE != MODE_MAX and MODE != MODE_GEM
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
-    weight = (weight_ptr, weight_stride, scalar)
+    weight = (weight_ptr, weight_stride, _float32(scalar))
+    eps = _float32(eps)
     row, channel, row_mask, base = _row_block(
         tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST, INDEX_64
     )
@@ -141,7 +143,7 @@ def pool_combine_kernel(
 ):
     """Combines the splits' partial statistics in split order (rows.py's `_merge_pieces`) and
     writes the results."""
-    weight = (weight_ptr, weight_stride, scalar)
+    weight = (weight_ptr, weight_stride, _float32(scalar))
     partials = (partial_stats_ptr, partial_index_ptr)
     stats, rows = _combine_rows(
         partials, weight, N, C, S, splits, MODE, WEIGHT_KIND, WITH_LOG, ROWS
@@ -175,7 +177,8 @@ def pool_backward_kernel(
 ):
     """Writes each element of grad_x once: A + (s == index) * B per row, or for GEM
     coef * (x / M) ** (p - 1) where x >= eps. Grid: (row blocks, pieces of S)."""
-    weight = (weight_ptr, weight_stride, scalar)
+    weight = (weight_ptr, weight_stride, _float32(scalar))
+    eps = _float32(eps)
     row, channel, row_mask, base = _row_block(
         tl.program_id(0), N, C, S, ROWS, CHANNELS_LAST, INDEX_64
     )

@@ -24,6 +24,15 @@ WEIGHT_PER_CHANNEL: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
+def _float32(value):
+    """A float argument (scalar, eps) as float32, cast once at the top of every kernel. A direct
+    launch types a Python float fp32, but Inductor's launch of a user-defined kernel
+    (torch.compile) types it fp64: uncast, it would turn the statistics it meets fp64 (a
+    loop-carried type error where they accumulate, fp64 math elsewhere)."""
+    return tl.cast(value, tl.float32)
+
+
+@triton.jit
 def _row_block(
     pid, N, C, S, ROWS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr
 ):

@@ -9,7 +9,8 @@ kernel every backend shares, and adds the autograd formula.
 import contextlib
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+from torch.library import wrap_triton as _torch_wrap_triton
 
 from gapkernels import ops as gk_ops
 from gapkernels.ops import MAX_MODES, MODE_CAT, MODE_GEM, MODE_MIXED, aux_columns
@@ -32,6 +33,21 @@ def _device_of(x: torch.Tensor):
     if x.device.type == "cuda":
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel), through which every launch goes (torch.compile traces
+    it); the kernel itself where it runs in Triton's interpreter and this torch refuses it
+    (torch < 2.14 raises RuntimeError for an InterpretedFunction; newer ones return it)."""
+    try:
+        return _torch_wrap_triton(kernel)
+    except RuntimeError:
+        # imported here: the interpreter module needs numpy, and is loaded when a kernel is one
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(kernel, InterpretedFunction):
+            raise
+        return kernel
 
 
 def _weight_args(weight: torch.Tensor | None, mode: int, x: torch.Tensor):

@@ -31,7 +31,7 @@ gradients from aux are then 0 as well.
 import triton
 import triton.language as tl
 
-from .layout import _load_weight, _offsets
+from .layout import _float32, _load_weight, _offsets
 from .pool_math import MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, _gem_scan
 from .rows import (
     _combine_rows,
@@ -166,7 +166,8 @@ def token_forward_kernel(
     token_combine_kernel."""
     NEEDS_SUM: tl.constexpr = MODE != MODE_MAX and MODE != MODE_GEM
     NEEDS_MAX: tl.constexpr = MODE == MODE_MAX or MODE == MODE_MIXED or MODE == MODE_CAT
-    weight = (weight_ptr, weight_stride, scalar)
+    weight = (weight_ptr, weight_stride, _float32(scalar))
+    eps = _float32(eps)
     row, b, channel, row_mask, base = _token_rows(
         tl.program_id(0), B, C, S, ROWS, CHANNELS_LAST, VARLEN
     )
@@ -232,7 +233,7 @@ def token_combine_kernel(
 ):
     """Merges the pieces of a SPLIT token_forward_kernel in order (rows.py's `_merge_pieces`)
     and writes out, aux and indices as the unsplit forward does. Grid: blocks of ROWS rows."""
-    weight = (weight_ptr, weight_stride, scalar)
+    weight = (weight_ptr, weight_stride, _float32(scalar))
     partials = (partial_stats_ptr, partial_index_ptr)
     stats, rows = _combine_rows(
         partials, weight, B, C, S, splits, MODE, WEIGHT_KIND, WITH_LOG, ROWS
@@ -271,7 +272,8 @@ def token_backward_kernel(
     """Writes each element of grad_x once: the gradient where the position takes part, 0
     elsewhere (padded: all of [0, S); VARLEN: the row's sequence [origin, end)).
     Grid: (row blocks, pieces of each row's own range, as `_token_piece` cuts it)."""
-    weight = (weight_ptr, weight_stride, scalar)
+    weight = (weight_ptr, weight_stride, _float32(scalar))
+    eps = _float32(eps)
     row, b, channel, row_mask, base = _token_rows(
         tl.program_id(0), B, C, S, ROWS, CHANNELS_LAST, VARLEN
     )

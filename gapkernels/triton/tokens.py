@@ -11,13 +11,19 @@ row's own range into the pool backward's number of pieces. NOT MEASURED on a GPU
 """
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from gapkernels import ops as gk_ops
 from gapkernels import token_ops
 from gapkernels.ops import MAX_MODES, MODE_CAT, MODE_GEM, aux_columns
 from gapkernels.triton import checks, configs
-from gapkernels.triton.pool import _device_of, _weight_args, launch_combine, split_partials
+from gapkernels.triton.pool import (
+    _device_of,
+    _weight_args,
+    launch_combine,
+    split_partials,
+    wrap_triton,
+)
 from gapkernels.triton.token_kernels import (
     token_backward_kernel,
     token_combine_kernel,
