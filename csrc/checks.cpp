@@ -3,7 +3,13 @@
 // (gapkernels/_cuda.*.so, the LibTorch stable ABI). No torch headers beyond the header-only enums.
 #include "checks.h"
 
+#include <stdexcept>
+
 namespace gapkernels {
+
+void throw_error(const std::string& message) {
+  throw std::runtime_error(message);
+}
 
 std::string shape_str(const int64_t* values, int64_t n) {
   std::string s = "[";

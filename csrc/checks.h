@@ -9,9 +9,8 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
-#include <sstream>
-#include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "pool_math.h"
 
@@ -58,12 +57,39 @@ inline std::string device_str(const TensorInfo& t) {
   return device_str(t.device_type, t.device_index);
 }
 
-// Throws std::runtime_error with the parts streamed together (only called on failure).
+// Throws std::runtime_error with the message (checks.cpp; Python sees a RuntimeError).
+[[noreturn]] void throw_error(const std::string& message);
+
+// The parts of a message, appended as text, with no stream: on the first GPU machine an integer
+// inserted into a std::ostream crashed the process where the check should have raised
+// (tests/test_checks_source.py). An integer as std::to_string writes it, a dtype by its name
+// ("Float", as torch prints it); any other type (a char, a float, a device) does not compile.
+namespace message_parts {
+inline void append(std::string& message, const char* part) {
+  message += part;
+}
+inline void append(std::string& message, const std::string& part) {
+  message += part;
+}
+inline void append(std::string& message, ScalarType part) {
+  message += torch::headeronly::toString(part);
+}
+template <typename T>
+constexpr bool kInteger =
+    std::is_integral_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, char> &&
+    !std::is_same_v<T, signed char> && !std::is_same_v<T, unsigned char>;
+template <typename T, std::enable_if_t<kInteger<T>, int> = 0>
+void append(std::string& message, T part) {
+  message += std::to_string(part);
+}
+}  // namespace message_parts
+
+// Throws std::runtime_error with the parts appended together (only called on failure).
 template <typename... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream message;
-  (message << ... << parts);
-  throw std::runtime_error(message.str());
+  std::string message;
+  (message_parts::append(message, parts), ...);
+  throw_error(message);
 }
 
 // Checks x (3-D, float dtype, NCS or NSC strides), mode and weight (nullptr: none); returns the
@@ -79,7 +105,7 @@ PoolShape check_backward(const TensorInfo& grad_out, const TensorInfo& x, const 
 // (from check_forward): spans int64 (B, 4), contiguous, on x's device, B = N unless varlen; the
 // optional mask (nullptr: none) bool (N, S), contiguous, on x's device; varlen: x is the packed
 // batch as (1, C, total) with NSC strides and no mask. Returns the shape the kernels read (varlen:
-// NSC). The messages are the CPU token kernels' (csrc/cpu/token_cpu.cpp), word for word.
+// NSC). The CPU (csrc/cpu/token_cpu.cpp) and CUDA token kernels both check with it.
 PoolShape check_token_form(const TensorInfo& x, PoolShape shape, const TensorInfo& spans,
                            const TensorInfo* mask, bool varlen, const char* op);
 

@@ -13,6 +13,8 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "pool_math.h"
 
 namespace {
@@ -96,6 +98,13 @@ at::Tensor call_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
                                                const std::optional<at::Tensor>&, double, double)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grad_out, x, aux, indices, mode, weight, scalar, eps);
+}
+
+// Raises RuntimeError with the message as one C string, which TORCH_CHECK passes on as it is: any
+// other message c10::str formats with an ostringstream, and on the first GPU machine an integer
+// streamed into one crashed the process (tests/test_checks_source.py).
+[[noreturn]] void raise_error(const std::string& message) {
+  TORCH_CHECK(false, message.c_str());
 }
 
 bool requires_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
@@ -360,7 +369,7 @@ at::Tensor pool_backward_autograd(const at::Tensor& grad_out, const at::Tensor& 
 // they have checked and whose backend is the C++ one; it costs a fraction of a torch.ops call.
 PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK(nargs == 7, "_C.pool takes 7 arguments, got ", nargs);
+  if (nargs != 7) raise_error("_C.pool takes 7 arguments, got " + std::to_string(nargs));
   TORCH_CHECK_TYPE(THPVariable_Check(args[0]), "_C.pool: x must be a tensor");
   TORCH_CHECK_TYPE(args[3] == Py_None || THPVariable_Check(args[3]),
                    "_C.pool: weight must be a tensor or None");
@@ -377,7 +386,7 @@ PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
   if (PyErr_Occurred()) {
     return nullptr;
   }
-  TORCH_CHECK(x.dim() >= 3, "_C.pool: x must have rank >= 3, got ", x.dim());
+  if (x.dim() < 3) raise_error("_C.pool: x must have rank >= 3, got " + std::to_string(x.dim()));
   ForwardResult result;
   {
     pybind11::gil_scoped_release no_gil;

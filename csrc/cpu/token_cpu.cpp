@@ -1,6 +1,7 @@
 // CPU kernels of gapkernels::token_pool_forward and gapkernels::token_pool_backward (schema in
-// ops.cpp; docs/DESIGN.md, "Token pooling"): the checks, the mode/dtype dispatch and the
-// registration. The kernels are token_forward.cpp and token_backward.cpp (cpu/token.h).
+// ops.cpp; docs/DESIGN.md, "Token pooling"): the checks (checks.cpp's, shared with the CUDA token
+// kernels), the mode/dtype dispatch and the registration. The kernels are token_forward.cpp and
+// token_backward.cpp (cpu/token.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,39 +26,22 @@ namespace {
 constexpr const char* kForwardOp = "gapkernels::token_pool_forward";
 constexpr const char* kBackwardOp = "gapkernels::token_pool_backward";
 
-// The spans and mask checked against the (N, C, S) view; the spans copied with begin and end
-// clamped into [0, S] (a value never read on the host, as inside torch.compile, cannot make a
-// kernel read out of bounds). varlen views are read as NSC (with N = 1 the same memory when C or
-// S is 1, the only cases the layout check may call NCS).
+// The spans and mask checked against the (N, C, S) view (checks.cpp); the spans copied with begin
+// and end clamped into [0, S] (a value never read on the host, as inside torch.compile, cannot
+// make a kernel read out of bounds). varlen views are read as NSC (with N = 1 the same memory
+// when C or S is 1, the only cases the layout check may call NCS).
 struct TokenForm {
   PoolShape shape;
   std::vector<int64_t> spans;
   TokenArgs args;
 };
 
-TokenForm check_token_form(const at::Tensor& x, PoolShape shape, const at::Tensor& spans,
-                           const std::optional<at::Tensor>& mask, bool varlen, const char* op) {
-  TORCH_CHECK(spans.dim() == 2 && spans.size(1) == 4 && spans.scalar_type() == at::kLong, op,
-              ": spans must be int64 (B, 4), got ", spans.scalar_type(), " ", spans.sizes());
-  TORCH_CHECK(spans.is_contiguous() && spans.device() == x.device(), op,
-              ": spans must be contiguous on ", x.device());
+TokenForm token_form(const at::Tensor& x, PoolShape shape, const at::Tensor& spans,
+                     const std::optional<at::Tensor>& mask, bool varlen, const char* op) {
   const bool has_mask = mask.has_value() && mask->defined();
-  if (varlen) {
-    TORCH_CHECK(shape.N == 1 && !has_mask, op, ": varlen takes x as (1, C, total) and no mask");
-    TORCH_CHECK(shape.channels_last || shape.C == 1 || shape.S == 1, op,
-                ": varlen takes the packed (total, C) batch as (1, C, total) with NSC strides");
-    shape.channels_last = true;
-  } else {
-    TORCH_CHECK(spans.size(0) == shape.N, op, ": spans must have N=", shape.N, " rows, got ",
-                spans.size(0));
-  }
-  if (has_mask) {
-    TORCH_CHECK(
-        mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == shape.N &&
-            mask->size(1) == shape.S && mask->is_contiguous() && mask->device() == x.device(),
-        op, ": mask must be a contiguous bool (", shape.N, ", ", shape.S, ") tensor on ",
-        x.device(), ", got ", mask->scalar_type(), " ", mask->sizes(), " on ", mask->device());
-  }
+  const TensorInfo mask_info = has_mask ? tensor_info(*mask) : TensorInfo{};
+  shape = check_token_form(tensor_info(x), shape, tensor_info(spans),
+                           has_mask ? &mask_info : nullptr, varlen, op);
   TokenForm f{shape, {}, {}};
   const int64_t B = spans.size(0);
   const int64_t* sp = spans.data_ptr<int64_t>();
@@ -77,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_pool_forward_cpu(
     const at::Tensor& x, const at::Tensor& spans, const std::optional<at::Tensor>& mask,
     bool varlen, int64_t mode, const std::optional<at::Tensor>& weight, double scalar, double eps,
     bool with_log) {
-  const TokenForm f = check_token_form(x, check_forward_inputs(x, mode, weight, kForwardOp), spans,
-                                       mask, varlen, kForwardOp);
+  const TokenForm f = token_form(x, check_forward_inputs(x, mode, weight, kForwardOp), spans, mask,
+                                 varlen, kForwardOp);
   const Mode m = static_cast<Mode>(mode);
   PoolShape rows = f.shape;
   rows.N = f.args.B;
@@ -115,27 +99,12 @@ at::Tensor token_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
                                    bool varlen, const at::Tensor& aux, const at::Tensor& indices,
                                    int64_t mode, const std::optional<at::Tensor>& weight,
                                    double scalar, double eps) {
-  const TokenForm f = check_token_form(x, check_forward_inputs(x, mode, weight, kBackwardOp), spans,
-                                       mask, varlen, kBackwardOp);
+  const TokenForm f = token_form(x, check_forward_inputs(x, mode, weight, kBackwardOp), spans, mask,
+                                 varlen, kBackwardOp);
   const Mode m = static_cast<Mode>(mode);
   const int64_t B = f.args.B, C = f.shape.C;
-  const int64_t out_c = m == Mode::Cat ? 2 * C : C;
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == out_c &&
-                  grad_out.scalar_type() == x.scalar_type() && grad_out.is_contiguous() &&
-                  grad_out.device() == x.device(),
-              kBackwardOp, ": grad_out must be contiguous ", x.scalar_type(), " (", B, ", ", out_c,
-              "), got ", grad_out.sizes());
-  if (mode_has_max(m)) {
-    TORCH_CHECK(indices.dim() == 2 && indices.size(0) == B && indices.size(1) == C &&
-                    indices.scalar_type() == at::kLong && indices.is_contiguous(),
-                kBackwardOp,
-                ": indices must be the int64 (B, C) tensor token_pool_forward returned");
-  }
-  if (m == Mode::Gem) {
-    TORCH_CHECK(aux.dim() == 3 && aux.size(0) == B && aux.size(1) == C && aux.size(2) >= 2 &&
-                    aux.scalar_type() == at::toOpMathType(x.scalar_type()) && aux.is_contiguous(),
-                kBackwardOp, ": aux must be the (B, C, K>=2) tensor token_pool_forward returned");
-  }
+  check_token_backward(tensor_info(grad_out), tensor_info(x), B, C, tensor_info(aux),
+                       tensor_info(indices), m, kBackwardOp);
   at::Tensor grad_x = allocate_grad_input(x, f.shape);
   if (grad_x.numel() == 0) return grad_x;
   if (B == 0 || (varlen && !covers(f.args, f.shape.S))) grad_x.zero_();
