@@ -182,7 +182,7 @@ def _run(
 def _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indices):
     """_run inside torch.compile / torch.export: a small CPU input on backend "auto" is pooled by
     plain torch ops that Inductor fuses (gapkernels.inline), anything else by the op."""
-    if backend == "auto" and x.is_cpu and not torch.compiler.is_exporting():
+    if backend == "auto" and x.is_cpu:  # inline.applies is False while exporting
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (isinstance(weight, torch.Tensor) and weight.requires_grad)
         )

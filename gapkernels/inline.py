@@ -47,8 +47,8 @@ MAX_ELEMENTS = {
 
 def applies(x: torch.Tensor, mode: int, needs_grad: bool) -> bool:
     """Whether a compiled graph pools `x` (a CPU tensor on backend "auto") inline: a static shape
-    of at most MAX_ELEMENTS[needs_grad][mode] elements, GAPKERNELS_BACKEND unset, the C++ CPU
-    kernels built (else "auto" is the reference, plain torch too)."""
+    of at most MAX_ELEMENTS[needs_grad][mode] elements, not exporting, GAPKERNELS_BACKEND unset,
+    the C++ CPU kernels built (else "auto" is the reference, plain torch too)."""
     # True only when it holds without a guard: a dynamic shape keeps the op (one graph for all).
     if not statically_known_true(x.numel() <= 1 << 20):  # the largest limit (asserted below)
         return False
@@ -65,6 +65,11 @@ def _plan(mode: int, needs_grad: bool, numel: int) -> bool:
     (each guard is checked on every call of the compiled graph)."""
     from gapkernels import _ext, backends
 
+    # torch.export (and AOTInductor) keeps the op. Asked here, where the call is real: Dynamo
+    # replaces a traced torch.compiler.is_exporting() by a constant, True under torch.compile too
+    # in torch 2.11 (pytorch/pytorch#176347, fixed by 2.13), which kept the op in every graph.
+    if torch.compiler.is_exporting():
+        return False
     if backends._env_backend() or _ext.unavailable_reason("CPU") is not None:
         return False
     return numel <= MAX_ELEMENTS[needs_grad][mode]

@@ -136,10 +136,29 @@ def test_forward_mode_matches_reference(device, backend, dtype, op, wkind, layou
     torch.testing.assert_close(tangent.double(), want, **TOL[dtype])
 
 
+def _torch_drops_compiled_tangents() -> bool:
+    """Whether this torch's compiled graph (plain torch ops, no input requiring grad) returns a
+    dual input's result without a tangent instead of raising: torch before 2.14 (2.11, 2.13) does
+    (pytorch/pytorch#187284; since #189644 Dynamo refuses a dual input)."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z: z.sum(dim=1), fullgraph=True)
+    try:
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(torch.ones(2, 3), torch.ones(2, 3)))
+            return fwAD.unpack_dual(out).tangent is None
+    except Exception:
+        return False
+
+
 @pytest.mark.parametrize("op,wkind", [("avg", "none"), ("mixed", "channel"), ("gem", "scalar")])
 def test_forward_mode_in_compiled_graph_raises(op, wkind, gen):
     """Dynamo cannot trace a custom jvp: compiled graphs use the class without one, and forward
     mode through them must raise, not return zeros."""
+    if wkind == "none" and _torch_drops_compiled_tangents():
+        # No input requires grad (x is detached): an inference graph, whose Inductor code drops
+        # the tangent of any op, torch's own included; with a weight requiring grad (the other
+        # cases) the graph is an autograd.Function without a jvp, which raises on any torch.
+        pytest.skip("this torch drops a dual input's tangent in every compiled graph (< 2.14)")
     torch._dynamo.reset()
     x, fmt, w = _inputs(op, wkind, "contiguous", "cpu", torch.float64, gen)
     fn = torch.compile(lambda z: run_op(op, z, w, "cpu", input_fmt=fmt), fullgraph=True)
