@@ -4,11 +4,14 @@
 #
 #   bash scripts/gpu_validate.sh [STAGE...]        (default: the plan of call 1 below)
 #
-# STAGE: build | smoke | test | memcheck | racecheck | initcheck | synccheck | bench | benchmore
-#        | benchcompile
+# STAGE: build | smoke | retest | test | memcheck | racecheck | initcheck | synccheck | bench
+#        | benchmore | benchcompile
 #   build         pip install --no-build-isolation -e . (sm_90, the libraries built in parallel,
 #                 one CPU variant; a library that fails is reported and the rest go on)
 #   smoke         every op on both GPU backends against gapkernels.reference, one line each
+#   retest        first the tests that failed on the first GPU run (2026-11-26, H200; fixed
+#                 without a GPU since): the check-error segfault, the Inductor compile, the
+#                 test bugs (bench/results/gpu-validation-nvidia-h200-2026-11-26.md)
 #   test          pytest over the GPU-relevant tests (-k "cuda or triton or gpu"), in parallel
 #   memcheck ...  compute-sanitizer over a small CUDA selection (each tool its own stage)
 #   bench         PERF.md's priority cases: (256,2048,7,7), (1,2048,7,7), (128,256,56,56), odd;
@@ -18,12 +21,15 @@
 #   benchmore     the other PERF.md shapes, same grid
 #   benchcompile  the torch.compile peer on the (256,2048,7,7) head, every op (a separate file)
 # A device lease is about 15 minutes in all, so the two planned calls are
-#   call 1: bash scripts/gpu_validate.sh                     (build smoke test bench memcheck)
-#   call 2: GK_SKIP_BUILD=1 bash scripts/gpu_validate.sh racecheck benchcompile benchmore
+#   call 1: bash scripts/gpu_validate.sh                     (build smoke retest test bench)
+#   call 2: GK_SKIP_BUILD=1 bash scripts/gpu_validate.sh memcheck racecheck benchcompile benchmore
 # (call 2 only on the same warm machine: it reuses call 1's build).
 # Logs go to $OUT, at most 8 files per call: summary.txt, build.log, smoke.log, pytest.log,
-# junit.xml, bench.tgz (the results and auto_table.json), one .log per sanitizer; each stage is
-# cut off so that the call ends before GK_BUDGET_S seconds (default 560).
+# junit.xml (junit-retest.xml), bench.tgz (the results and auto_table.json), one .log per
+# sanitizer; each stage is cut off so that the call ends before GK_BUDGET_S seconds (default 560).
+# What the first run taught (2026-11-26, H200): the build takes ~50 s, the GPU test selection
+# ~140 s at 14 workers, the priority benchmark ~130 s; the machine stays warm only 30 s after a
+# call, so have call 2 ready to send at once. Summarize with scripts/gpu_summary.py.
 # Environment: PYTHON (default python3), GK_PYTEST_WORKERS (default 14), GK_PYTEST_ARGS,
 # GK_SKIP_BUILD=1, GK_CAP_<STAGE> (seconds, overrides a stage's cap).
 set -uo pipefail
@@ -52,7 +58,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
-    STAGES=(build smoke test bench memcheck)
+    STAGES=(build smoke retest test bench)
 fi
 
 seconds_left() { echo $((DEADLINE - $(date +%s))); }
@@ -107,6 +113,15 @@ build() {
         mv /tmp/pyproject.toml.orig pyproject.toml
     fi
     "$PY" -m gapkernels.info
+    # The toolchain against the runtime C++ library (the first GPU run's check-error segfault
+    # happened in code this machine's compiler built): which libstdc++ each library binds to,
+    # and the stream symbols it takes from it.
+    g++ --version | head -1
+    for lib in gapkernels/*.so; do
+        echo "== $lib"
+        ldd "$lib" | grep -E "stdc\+\+|gcc_s" || true
+        nm -D --undefined-only "$lib" | c++filt | grep -iE "stringstream|ostream::_M_insert" | head -5
+    done
 }
 
 smoke() {
@@ -187,7 +202,7 @@ PYEOF
 }
 
 pytest_args() {
-    local args="-q -rfE -p no:cacheprovider --junitxml=$OUT/junit.xml"
+    local args="-q -rfE -p no:cacheprovider --junitxml=$OUT/${1:-junit}.xml"
     if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "${GK_PYTEST_WORKERS:-14}" -gt 1 ]; then
         args="$args -n ${GK_PYTEST_WORKERS:-14}"
     fi
@@ -247,6 +262,18 @@ for stage in "${STAGES[@]}"; do
         smoke)
             run_logged smoke "$OUT/smoke.log" 60 smoke || status=1
             grep -vE "^ok " "$OUT/smoke.log" | tail -30
+            ;;
+        retest)
+            # shellcheck disable=SC2046,SC2086
+            run_logged retest "$OUT/pytest.log" 120 "$PY" -m pytest $(pytest_args junit-retest) \
+                tests/test_tokens_cuda_checks.py tests/test_stable_cuda_lib.py \
+                tests/test_triton_checks.py tests/test_gem_stable.py tests/test_cuda_gem.py \
+                tests/test_triton_gem.py tests/test_checks_source.py \
+                tests/test_triton.py::test_torch_compile_inductor \
+                "tests/test_export.py::test_aoti_compile_and_load" \
+                "tests/test_tokens_cuda.py::test_cuda_token_op_opcheck" || status=1
+            grep -E "^(FAILED|ERROR)|crashed" "$OUT/pytest.log" | head -40
+            tail -3 "$OUT/pytest.log"
             ;;
         test)
             # shellcheck disable=SC2046,SC2086
