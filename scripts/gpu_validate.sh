@@ -5,7 +5,7 @@
 #   bash scripts/gpu_validate.sh [STAGE...]        (default: the plan of call 1 below)
 #
 # STAGE: build | smoke | retest | test | memcheck | racecheck | initcheck | synccheck | bench
-#        | benchmore | benchcompile
+#        | benchmore | benchcompile | profile
 #   build         pip install --no-build-isolation -e . (sm_90, the libraries built in parallel,
 #                 one CPU variant; a library that fails is reported and the rest go on)
 #   smoke         every op on both GPU backends against gapkernels.reference, one line each
@@ -20,6 +20,8 @@
 #                 rewriting auto's table from the rows merged so far (--write-auto-table)
 #   benchmore     the other PERF.md shapes, same grid
 #   benchcompile  the torch.compile peer on the (256,2048,7,7) head, every op (a separate file)
+#   profile       Nsight Compute (clocks left alone) over the cases furthest from the probe
+#                 (scripts/gpu_profile_cases.py): speed of light, launch stats, occupancy
 # A device lease is about 15 minutes in all, so the two planned calls are
 #   call 1: bash scripts/gpu_validate.sh                     (build smoke retest test bench)
 #   call 2: GK_SKIP_BUILD=1 bash scripts/gpu_validate.sh memcheck racecheck benchcompile benchmore
@@ -54,6 +56,7 @@ fi
 export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/compute-sanitizer/compute-sanitizer")
+NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 STAGES=("$@")
@@ -244,7 +247,7 @@ pack_bench() {
 }
 
 export -f build smoke sanitize bench_shapes
-export PY OUT SANITIZER BENCH_DIR
+export PY OUT SANITIZER NCU BENCH_DIR
 
 status=0
 for stage in "${STAGES[@]}"; do
@@ -312,6 +315,13 @@ for stage in "${STAGES[@]}"; do
                 --device cuda --out "$BENCH_DIR/compile" --no-plots --shapes resnet50-head \
                 --dtypes bfloat16,float32 --passes fwd || status=1
             pack_bench
+            ;;
+        profile)
+            run_logged profile "$OUT/profile.log" 180 "$NCU" --clock-control none \
+                --section SpeedOfLight --section LaunchStats --section Occupancy --nvtx \
+                "$PY" scripts/gpu_profile_cases.py --no-warmup || status=1
+            grep -E "^  [a-z_]+.*\(|Duration|Memory Throughput|Registers Per|Achieved Occupancy" \
+                "$OUT/profile.log" | head -60
             ;;
         *)
             echo "unknown stage $stage" | tee -a "$SUMMARY"
