@@ -1,8 +1,9 @@
-// The LibTorch stable ABI side of the shared host code (the CUDA library gapkernels/_cuda.*.so,
-// built with TORCH_TARGET_VERSION; later the CPU libraries too): fills the TensorInfo the checks
-// in checks.h read from a torch::stable::Tensor, and allocates through the C shim's
-// aoti_torch_empty_strided (a direct call; torch::stable::empty looks aten::empty up in the
-// dispatcher by name on every call). No ATen or c10 headers: the target macro forbids them.
+// The LibTorch stable ABI side of the shared host code (the kernel libraries, built with
+// TORCH_TARGET_VERSION: CUDA gapkernels/_cuda.abi3.so, CPU gapkernels/_cpu_<variant>.abi3.so):
+// fills the TensorInfo the checks in checks.h read from a torch::stable::Tensor, and allocates
+// through the C shim's aoti_torch_empty_strided (a direct call; torch::stable::empty looks
+// aten::empty up in the dispatcher by name on every call). No ATen or c10 headers: the target macro
+// forbids them.
 #pragma once
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -41,6 +42,42 @@ inline PoolShape check_backward_inputs(const StableTensor& grad_out, const Stabl
   const TensorInfo w = weight.has_value() ? tensor_info(*weight) : TensorInfo{};
   return check_backward(tensor_info(grad_out), tensor_info(x), tensor_info(aux),
                         tensor_info(indices), mode, weight.has_value() ? &w : nullptr);
+}
+
+// A tensor's data as T (the checks have made sure of its dtype).
+template <typename T>
+const T* const_ptr(const StableTensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_ptr(const StableTensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// A C++ type as a value, for the dtype switch below.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<scalar_t>{}) for `dtype`, one of the four check_forward accepts, with scalar_t
+// the element type as the library's kernels name it: float, double, and Half and BFloat16 (CPU:
+// c10::Half and c10::BFloat16; CUDA: __half and __nv_bfloat16). `device` names the library in
+// the error a fifth dtype would meet.
+template <typename Half, typename BFloat16, typename F>
+void dispatch_dtype(ScalarType dtype, const char* op, const char* device, F&& f) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return f(TypeTag<float>{});
+    case ScalarType::Double:
+      return f(TypeTag<double>{});
+    case ScalarType::Half:
+      return f(TypeTag<Half>{});
+    case ScalarType::BFloat16:
+      return f(TypeTag<BFloat16>{});
+    default:
+      fail(op, ": no ", device, " kernel for ", dtype);
+  }
 }
 
 // The shim's dtype code of a tensor, and of the dtypes the results use.
