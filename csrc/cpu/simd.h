@@ -21,6 +21,7 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <cmath>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -33,12 +34,21 @@
 #define GK_X86_SIMD 1
 #endif
 
+// A Vec's bytes, and those of the registers it is made of: one register, but in the x86-64
+// baseline (SSE2) build, whose 32-byte vectors (at::vec's width there) are two registers; GCC
+// splits a 32-byte vector type badly without AVX (through memory), so the split is ours.
 #if defined(CPU_CAPABILITY_AVX512)
 #define GK_VECTOR_BYTES 64
-#elif defined(CPU_CAPABILITY_AVX2) || !defined(__aarch64__)
+#define GK_REGISTER_BYTES 64
+#elif defined(CPU_CAPABILITY_AVX2)
 #define GK_VECTOR_BYTES 32
+#define GK_REGISTER_BYTES 32
+#elif !defined(__aarch64__)
+#define GK_VECTOR_BYTES 32
+#define GK_REGISTER_BYTES 16
 #else
 #define GK_VECTOR_BYTES 16
+#define GK_REGISTER_BYTES 16
 #endif
 
 // Stack arrays that vectors are stored to and loaded from.
@@ -74,13 +84,13 @@ template <typename T>
 struct VecRaw;
 template <>
 struct VecRaw<float> {
-  typedef float type __attribute__((vector_size(GK_VECTOR_BYTES)));
-  typedef int32_t bits __attribute__((vector_size(GK_VECTOR_BYTES)));
+  typedef float type __attribute__((vector_size(GK_REGISTER_BYTES)));
+  typedef int32_t bits __attribute__((vector_size(GK_REGISTER_BYTES)));
 };
 template <>
 struct VecRaw<double> {
-  typedef double type __attribute__((vector_size(GK_VECTOR_BYTES)));
-  typedef int64_t bits __attribute__((vector_size(GK_VECTOR_BYTES)));
+  typedef double type __attribute__((vector_size(GK_REGISTER_BYTES)));
+  typedef int64_t bits __attribute__((vector_size(GK_REGISTER_BYTES)));
 };
 
 template <typename T>
@@ -88,25 +98,52 @@ class Vec {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float or double lanes");
 
  public:
-  using Raw = typename VecRaw<T>::type;
-  using Bits = typename VecRaw<T>::bits;  // the lanes' bits, as signed integers
+  using Raw = typename VecRaw<T>::type;   // one register
+  using Bits = typename VecRaw<T>::bits;  // a register's lanes' bits, as signed integers
+  static constexpr int kParts = GK_VECTOR_BYTES / GK_REGISTER_BYTES;
+  static constexpr int kPartLanes = GK_REGISTER_BYTES / static_cast<int>(sizeof(T));
 
   static constexpr int size() { return GK_VECTOR_BYTES / static_cast<int>(sizeof(T)); }
 
   Vec() = default;
   // Every lane s (a brace list: a loop of lane stores would not always become one broadcast).
-  Vec(T s) : raw_(splat(s, std::make_index_sequence<size()>())) {}
-  // To and from the raw vector (and so the intrinsics' types, __m256 and the like).
-  Vec(Raw raw) : raw_(raw) {}
-  operator Raw() const { return raw_; }
-
-  static Vec loadu(const T* p) {
-    Raw r;
-    std::memcpy(&r, p, sizeof(r));
-    return r;
+  Vec(T s)
+      : regs_(build([r = splat(s, std::make_index_sequence<kPartLanes>())](int) { return r; })) {}
+  // To and from the register (and so the intrinsics' types, __m256 and the like).
+  Vec(Raw raw)
+    requires(kParts == 1)
+      : regs_(raw) {}
+  operator Raw() const
+    requires(kParts == 1)
+  {
+    return regs_;
   }
-  void store(T* p) const { std::memcpy(p, &raw_, sizeof(raw_)); }
-  T operator[](int i) const { return raw_[i]; }
+  Bits bits() const
+    requires(kParts == 1)
+  {
+    return vector_cast<Bits>(regs_);
+  }
+  static Vec from_bits(Bits b)
+    requires(kParts == 1)
+  {
+    return vector_cast<Raw>(b);
+  }
+
+  // One register at a time: a copy of the whole array leaves dead stack copies in the loops.
+  static Vec loadu(const T* p) {
+    return Vec(FromRegisters{}, build([p](int i) {
+                 Raw part;
+                 std::memcpy(&part, p + i * kPartLanes, sizeof(part));
+                 return part;
+               }));
+  }
+  void store(T* p) const {
+    for (int i = 0; i < kParts; ++i) {
+      const Raw r = part(i);
+      std::memcpy(p + i * kPartLanes, &r, sizeof(r));
+    }
+  }
+  T operator[](int i) const { return part(i / kPartLanes)[i % kPartLanes]; }
 
   // base, base + step, base + 2 * step, ...
   static Vec arange(T base, T step) {
@@ -115,53 +152,154 @@ class Vec {
     return loadu(lanes);
   }
 
-  Bits bits() const { return vector_cast<Bits>(raw_); }
-  static Vec from_bits(Bits b) { return vector_cast<Raw>(b); }
+  // f(a's register, b's register) for each of the registers.
+  template <typename F>
+  static Vec zip(Vec a, Vec b, F&& f) {
+    return Vec(FromRegisters{}, build([&](int i) { return f(a.part(i), b.part(i)); }));
+  }
 
-  friend Vec operator+(Vec a, Vec b) { return a.raw_ + b.raw_; }
-  friend Vec operator-(Vec a, Vec b) { return a.raw_ - b.raw_; }
-  friend Vec operator*(Vec a, Vec b) { return a.raw_ * b.raw_; }
-  friend Vec operator/(Vec a, Vec b) { return a.raw_ / b.raw_; }
+  friend Vec operator+(Vec a, Vec b) {
+    return zip(a, b, [](Raw x, Raw y) { return x + y; });
+  }
+  friend Vec operator-(Vec a, Vec b) {
+    return zip(a, b, [](Raw x, Raw y) { return x - y; });
+  }
+  friend Vec operator*(Vec a, Vec b) {
+    return zip(a, b, [](Raw x, Raw y) { return x * y; });
+  }
+  friend Vec operator/(Vec a, Vec b) {
+    return zip(a, b, [](Raw x, Raw y) { return x / y; });
+  }
+  // In place (as *this = *this + b, GCC kept the loops' accumulators in memory: 7% slower).
   Vec& operator+=(Vec b) {
-    raw_ += b.raw_;
+    if constexpr (kParts == 1) {
+      regs_ += b.regs_;
+    } else {
+      for (int i = 0; i < kParts; ++i) regs_[i] += b.regs_[i];
+    }
     return *this;
   }
 
   // Lane masks: all ones where the compare holds (ordered: never where a lane is NaN, but !=).
-  friend Vec operator>(Vec a, Vec b) { return from_bits(a.raw_ > b.raw_); }
-  friend Vec operator>=(Vec a, Vec b) { return from_bits(a.raw_ >= b.raw_); }
-  friend Vec operator<(Vec a, Vec b) { return from_bits(a.raw_ < b.raw_); }
-  friend Vec operator==(Vec a, Vec b) { return from_bits(a.raw_ == b.raw_); }
-  friend Vec operator!=(Vec a, Vec b) { return from_bits(a.raw_ != b.raw_); }
-  friend Vec operator&(Vec a, Vec b) { return from_bits(a.bits() & b.bits()); }
-  friend Vec operator|(Vec a, Vec b) { return from_bits(a.bits() | b.bits()); }
-  Vec isnan() const { return from_bits(raw_ != raw_); }
+  friend Vec operator>(Vec a, Vec b) {
+    return zip(a, b, mask([](Raw x, Raw y) { return x > y; }));
+  }
+  friend Vec operator>=(Vec a, Vec b) {
+    return zip(a, b, mask([](Raw x, Raw y) { return x >= y; }));
+  }
+  friend Vec operator<(Vec a, Vec b) {
+    return zip(a, b, mask([](Raw x, Raw y) { return x < y; }));
+  }
+  friend Vec operator==(Vec a, Vec b) {
+    return zip(a, b, mask([](Raw x, Raw y) { return x == y; }));
+  }
+  friend Vec operator!=(Vec a, Vec b) {
+    return zip(a, b, mask([](Raw x, Raw y) { return x != y; }));
+  }
+  friend Vec operator&(Vec a, Vec b) {
+    return zip(a, b,
+               mask([](Raw x, Raw y) { return vector_cast<Bits>(x) & vector_cast<Bits>(y); }));
+  }
+  friend Vec operator|(Vec a, Vec b) {
+    return zip(a, b,
+               mask([](Raw x, Raw y) { return vector_cast<Bits>(x) | vector_cast<Bits>(y); }));
+  }
+  Vec isnan() const { return *this != *this; }
 
   // b in the lanes of `mask` (a lane mask), a elsewhere.
-  static Vec blendv(Vec a, Vec b, Vec mask) { return mask.bits() < 0 ? b.raw_ : a.raw_; }
+  static Vec blendv(Vec a, Vec b, Vec mask) {
+    return Vec(FromRegisters{}, build([&](int i) {
+                 return vector_cast<Bits>(mask.part(i)) < 0 ? b.part(i) : a.part(i);
+               }));
+  }
+
+  // Whether each lane's mask is set, lane 0 in bit 0 (the portable form of lane_bits).
+  uint32_t sign_bits() const {
+    uint32_t out = 0;
+    for (int i = 0; i < size(); ++i) {
+      out |= static_cast<uint32_t>(vector_cast<Bits>(part(i / kPartLanes))[i % kPartLanes] < 0)
+             << i;
+    }
+    return out;
+  }
 
  private:
+  // The registers: one, a plain member, or an array of them.
+  using Registers = std::conditional_t<kParts == 1, Raw, std::array<Raw, kParts>>;
+  struct FromRegisters {};
+  Vec(FromRegisters, const Registers& regs) : regs_(regs) {}
+  Raw part(int i) const {
+    if constexpr (kParts == 1) {
+      return regs_;
+    } else {
+      return regs_[i];
+    }
+  }
+
+  // The registers f(0), f(1), ..., built whole.
+  template <typename F>
+  static Registers build(F&& f) {
+    if constexpr (kParts == 1) {
+      return f(0);
+    } else {
+      return build(f, std::make_index_sequence<kParts>());
+    }
+  }
+  template <typename F, size_t... kIndex>
+  static Registers build(F& f, std::index_sequence<kIndex...>) {
+    return Registers{f(static_cast<int>(kIndex))...};
+  }
   template <size_t... kLanes>
   static Raw splat(T s, std::index_sequence<kLanes...>) {
     return Raw{((void)kLanes, s)...};
   }
+  // f's integer result (a compare's -1 / 0, or bits) as the register's lanes.
+  template <typename F>
+  static auto mask(F f) {
+    return [f](Raw x, Raw y) { return vector_cast<Raw>(f(x, y)); };
+  }
 
-  Raw raw_;
+  Registers regs_;
 };
 
 // max(a, lo) and min(a, hi) with x86's rule (a < lo ? lo : a): a NaN in a stays, a NaN in lo or
 // hi is ignored. at::vec's clamp_min / clamp_max.
+// (x86's max and min instructions, as at::vec: GCC does not always turn the select into one.)
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> clamp_min(Vec<T> a, Vec<T> lo) {
-  using Raw = typename Vec<T>::Raw;
-  const Raw x = a, m = lo;
-  return x < m ? m : x;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_max_ps(lo, a);
+  } else {
+    return _mm512_max_pd(lo, a);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_max_ps(lo, a);
+  } else {
+    return _mm256_max_pd(lo, a);
+  }
+#else
+  return Vec<T>::zip(a, lo, [](auto x, auto m) { return x < m ? m : x; });
+#endif
 }
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> clamp_max(Vec<T> a, Vec<T> hi) {
-  using Raw = typename Vec<T>::Raw;
-  const Raw x = a, m = hi;
-  return x > m ? m : x;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_min_ps(hi, a);
+  } else {
+    return _mm512_min_pd(hi, a);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_min_ps(hi, a);
+  } else {
+    return _mm256_min_pd(hi, a);
+  }
+#else
+  return Vec<T>::zip(a, hi, [](auto x, auto m) { return x > m ? m : x; });
+#endif
 }
 
 // The bits of the lanes whose mask is set, lane 0 the lowest.
@@ -180,10 +318,7 @@ C10_ALWAYS_INLINE uint32_t lane_bits(Vec<T> mask) {
     return static_cast<uint32_t>(_mm256_movemask_pd(mask));
   }
 #else
-  const auto b = mask.bits();
-  uint32_t out = 0;
-  for (int i = 0; i < Vec<T>::size(); ++i) out |= static_cast<uint32_t>(b[i] < 0) << i;
-  return out;
+  return mask.sign_bits();
 #endif
 }
 
@@ -250,15 +385,27 @@ C10_ALWAYS_INLINE T max_of_lanes(Vec<T> v) {
 
 // ---------------------------------------------------------------------------------------------
 // 2 * Vec<float>::size() float16 or bfloat16 elements to and from two float vectors. Widening is
-// exact; narrowing rounds to nearest even. A NaN narrows to bfloat16 0xffff in the AVX2 and
-// AVX-512 builds and to 0x7fc0 elsewhere, as at::vec's vector (resp. c10's scalar) conversion.
+// exact; narrowing rounds to nearest even. The AVX2 and AVX-512 builds convert in vectors, as
+// at::vec does there (a NaN narrows to bfloat16 0xffff), the others element by element with
+// c10's conversions, as at::vec's baseline did (a NaN narrows to 0x7fc0).
 
 namespace detail {
-#if defined(GK_X86_SIMD)
-constexpr uint32_t kBFloat16NaN = 0xffff;
-#else
-constexpr uint32_t kBFloat16NaN = 0x7fc0;
-#endif
+template <typename T>
+C10_ALWAYS_INLINE void widen_each(const T* p, Vec<float>& a, Vec<float>& b) {
+  constexpr int V = Vec<float>::size();
+  GK_ALIGNED float f[2 * V];
+  for (int i = 0; i < 2 * V; ++i) f[i] = static_cast<float>(p[i]);
+  a = Vec<float>::loadu(f);
+  b = Vec<float>::loadu(f + V);
+}
+template <typename T>
+C10_ALWAYS_INLINE void narrow_each(T* p, Vec<float> a, Vec<float> b) {
+  constexpr int V = Vec<float>::size();
+  GK_ALIGNED float f[2 * V];
+  a.store(f);
+  b.store(f + V);
+  for (int i = 0; i < 2 * V; ++i) p[i] = static_cast<T>(f[i]);
+}
 }  // namespace detail
 
 C10_ALWAYS_INLINE void load_widened(const Half* p, Vec<float>& a, Vec<float>& b) {
@@ -269,11 +416,7 @@ C10_ALWAYS_INLINE void load_widened(const Half* p, Vec<float>& a, Vec<float>& b)
   a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1));
 #else
-  constexpr int V = Vec<float>::size();
-  GK_ALIGNED float f[2 * V];
-  for (int i = 0; i < 2 * V; ++i) f[i] = static_cast<float>(p[i]);
-  a = Vec<float>::loadu(f);
-  b = Vec<float>::loadu(f + V);
+  detail::widen_each(p, a, b);
 #endif
 }
 
@@ -288,18 +431,13 @@ C10_ALWAYS_INLINE void load_widened(const BFloat16* p, Vec<float>& a, Vec<float>
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(q)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   };
-#else
-  auto widen = [](const void* q) {
-    typedef uint16_t Half16 __attribute__((vector_size(GK_VECTOR_BYTES / 2)));
-    typedef uint32_t Wide __attribute__((vector_size(GK_VECTOR_BYTES)));
-    Half16 h;
-    std::memcpy(&h, q, sizeof(h));
-    return Vec<float>::from_bits(
-        vector_cast<Vec<float>::Bits>(static_cast<Wide>(__builtin_convertvector(h, Wide) << 16)));
-  };
 #endif
+#if defined(GK_X86_SIMD)
   a = widen(p);
   b = widen(p + Vec<float>::size());
+#else
+  detail::widen_each(p, a, b);
+#endif
 }
 
 C10_ALWAYS_INLINE void store_narrowed(Half* p, Vec<float> a, Vec<float> b) {
@@ -312,26 +450,26 @@ C10_ALWAYS_INLINE void store_narrowed(Half* p, Vec<float> a, Vec<float> b) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a, kRound));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + 1, _mm256_cvtps_ph(b, kRound));
 #else
-  constexpr int V = Vec<float>::size();
-  GK_ALIGNED float f[2 * V];
-  a.store(f);
-  b.store(f + V);
-  for (int i = 0; i < 2 * V; ++i) p[i] = static_cast<Half>(f[i]);
+  detail::narrow_each(p, a, b);
 #endif
 }
 
+#if defined(GK_X86_SIMD)
 namespace detail {
 // The bfloat16 bits of each lane (in the low half of a 32-bit lane): round to nearest even.
 C10_ALWAYS_INLINE Vec<float>::Bits bfloat16_bits(Vec<float> v) {
-  typedef uint32_t U __attribute__((vector_size(GK_VECTOR_BYTES)));
+  typedef uint32_t U __attribute__((vector_size(GK_REGISTER_BYTES)));
   const U u = vector_cast<U>(v.bits());
   const U rounded = (u + (((u >> 16) & 1) + 0x7fff)) >> 16;
-  return vector_cast<Vec<float>::Bits>(v.isnan().bits() ? U{} + kBFloat16NaN : rounded);
+  return vector_cast<Vec<float>::Bits>(v.isnan().bits() ? U{} + 0xffff : rounded);
 }
 }  // namespace detail
+#endif
 
 C10_ALWAYS_INLINE void store_narrowed(BFloat16* p, Vec<float> a, Vec<float> b) {
+#if defined(GK_X86_SIMD)
   const auto lo = detail::bfloat16_bits(a), hi = detail::bfloat16_bits(b);
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(vector_cast<__m512i>(lo)));
@@ -342,9 +480,7 @@ C10_ALWAYS_INLINE void store_narrowed(BFloat16* p, Vec<float> a, Vec<float> b) {
   const __m256i packed = _mm256_packus_epi32(vector_cast<__m256i>(lo), vector_cast<__m256i>(hi));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
 #else
-  typedef uint16_t Narrow __attribute__((vector_size(GK_VECTOR_BYTES / 2)));
-  const Narrow n[2] = {__builtin_convertvector(lo, Narrow), __builtin_convertvector(hi, Narrow)};
-  std::memcpy(p, n, sizeof(n));
+  detail::narrow_each(p, a, b);
 #endif
 }
 
@@ -453,7 +589,7 @@ C10_ALWAYS_INLINE F exp_normal(F x) {
 // as 2**(n/2) * 2**(n - n/2), each a normal float, so that a subnormal result is rounded once.
 // Out of line, as the rare path: inlined at every call, it doubled the code of GeM's loops
 // (measured 20% slower).
-__attribute__((noinline)) inline F exp_any(F x) {
+__attribute__((noinline, cold)) inline F exp_any(F x) {
   Bits n;
   const F p = exp_reduced(clamp_max(clamp_min(x, F(-104.0f)), F(89.0f)), n);
   const Bits half = n >> 1;
@@ -464,7 +600,7 @@ __attribute__((noinline)) inline F exp_any(F x) {
 // log(x) for every x, as the C library's: log(+-0) = -inf, log(x < 0) = NaN, log(inf) = inf,
 // NaN stays NaN; a subnormal x is scaled by 2**24 first (exact) and its exponent corrected.
 // Out of line, as exp_any.
-__attribute__((noinline)) inline F log_any(F x) {
+__attribute__((noinline, cold)) inline F log_any(F x) {
   const F tiny = x < F(std::numeric_limits<float>::min());
   const F scaled = F::blendv(x, x * F(16777216.0f), tiny);
   F y = log_normal(scaled, 127 + (tiny.bits() & 24));
