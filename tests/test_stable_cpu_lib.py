@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from gapkernels import _ext
+from gapkernels import _ext, info
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILT = _ext.cpu_built_variants() if _ext.loaded() else ()
@@ -49,6 +49,13 @@ def test_every_cpu_library_is_a_stable_abi3_library():
     for variant in BUILT:
         assert pathlib.Path(_library(variant)).name == f"_cpu_{variant}.abi3.so"
     assert _ext.cpu_library == _library(_ext.cpu_variant)
+
+
+@needs_extension
+def test_build_record_and_info_give_the_stable_target():
+    record = info.build_info() or {}
+    assert record.get("cpu_stable_target") == "2.11"
+    assert "(stable ABI for torch >= 2.11)" in info.report()
 
 
 @needs_extension
@@ -98,7 +105,7 @@ def test_cpu_library_uses_only_the_stable_c_shim_of_torch(variant):
 CASES = r"""
 import json, sys, torch
 import gapkernels
-from gapkernels import _ext
+from gapkernels import _ext, info
 assert _ext.cpu_variant == sys.argv[1], (_ext.cpu_variant, _ext.cpu_variant_reason)
 CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 ops = torch.ops.gapkernels
