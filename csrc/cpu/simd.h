@@ -1,16 +1,17 @@
-// The CPU kernels' vector type: Vec<T> (T float or double), one register of the variant's width
-// (AVX-512: 64 bytes; AVX2 and the x86-64 baseline: 32; the baseline elsewhere, e.g. aarch64:
-// 16), with exactly what the kernels use: unaligned loads and stores, arithmetic, compares giving
-// all-ones lane masks (as at::vec's do: `&`, blendv and any() read them), max/min with x86's
-// NaN rule, horizontal sums and maxima, float <-> float16/bfloat16 chunks and exp/log.
+// The CPU kernels' vector type: Vec<T> (T float or double) of the variant's width, at::vec's
+// (AVX-512: 64 bytes; AVX2 and the x86-64 baseline: 32, two SSE registers in the baseline; the
+// baseline elsewhere, e.g. aarch64: 16), with exactly what the kernels use: unaligned loads and
+// stores, arithmetic, compares giving all-ones lane masks (as at::vec's do: `&`, blendv and any()
+// read them), max/min with x86's NaN rule, horizontal sums and maxima, float <-> float16/bfloat16
+// chunks and exp/log.
 //
 // GCC's vector extensions (clang has them too) carry the portable part; the conversions, lane
-// masks and exp/log use the instruction set's intrinsics where the variant has them. Results
-// are at::vec's bit for bit (the kernels used it before), except exp and log: at::vec called Sleef
-// in the AVX2 and AVX-512 variants; here those take inline Cephes polynomials (about 1 ulp, as
-// Sleef's), and the baseline takes the C library's per lane, as at::vec's baseline did. No torch
-// header but header-only ones: the CPU libraries are built on the LibTorch stable ABI
-// (TORCH_TARGET_VERSION), which forbids ATen's.
+// masks, max/min and exp/log use the instruction set's intrinsics where the variant has them.
+// Results are at::vec's bit for bit (the kernels used it before; the sign of a NaN aside), except
+// exp and log: at::vec called Sleef in the AVX2 and AVX-512 variants; here those take inline
+// Cephes polynomials (about 1 ulp, as Sleef's), and the baseline takes the C library's per lane,
+// as at::vec's baseline did. No torch header but header-only ones: the CPU libraries are built on
+// the LibTorch stable ABI (TORCH_TARGET_VERSION), which forbids ATen's.
 //
 // Everything here lives in the inline namespace CPU_CAPABILITY: the kernel units are compiled
 // once per instruction set, and each build's symbols stay apart.
