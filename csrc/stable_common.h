@@ -8,7 +8,6 @@
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/tensor.h>
-#include <torch/headeronly/util/shim_utils.h>
 
 #include <cstdint>
 #include <optional>
@@ -80,10 +79,17 @@ void dispatch_dtype(ScalarType dtype, const char* op, const char* device, F&& f)
   }
 }
 
+// A shim call's error code, raised through checks.h's fail(). Not TORCH_ERROR_CODE_CHECK: it
+// streams the line number into a std::stringstream, the failure class tests/test_checks_source.py
+// keeps out of our code (torch's stable headers still use it inside their own calls).
+inline void shim_check(AOTITorchError code, const char* call) {
+  if (code != AOTI_TORCH_SUCCESS) fail("gapkernels: the torch shim call ", call, " failed");
+}
+
 // The shim's dtype code of a tensor, and of the dtypes the results use.
 inline int32_t shim_dtype(const StableTensor& t) {
   int32_t dtype = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &dtype));
+  shim_check(aoti_torch_get_dtype(t.get(), &dtype), "aoti_torch_get_dtype");
   return dtype;
 }
 inline int32_t shim_acc_dtype(ScalarType x_dtype) {
@@ -95,10 +101,11 @@ inline int32_t shim_acc_dtype(ScalarType x_dtype) {
 inline StableTensor empty_on(const StableTensor& like, int64_t ndim, const int64_t* sizes,
                              const int64_t* strides, int32_t dtype) {
   int32_t device_type = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  shim_check(aoti_torch_get_device_type(like.get(), &device_type), "aoti_torch_get_device_type");
   AtenTensorHandle handle = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes, strides, dtype, device_type,
-                                                  like.get_device_index(), &handle));
+  shim_check(aoti_torch_empty_strided(ndim, sizes, strides, dtype, device_type,
+                                      like.get_device_index(), &handle),
+             "aoti_torch_empty_strided");
   return StableTensor(handle);
 }
 

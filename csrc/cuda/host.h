@@ -48,7 +48,8 @@ void dispatch_float_types(ScalarType dtype, const char* op, F&& f) {
 // The current CUDA stream of the device (x's, under the guard).
 inline cudaStream_t current_stream(int32_t device_index) {
   void* stream = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
+  shim_check(aoti_torch_get_current_cuda_stream(device_index, &stream),
+             "aoti_torch_get_current_cuda_stream");
   return static_cast<cudaStream_t>(stream);
 }
 
