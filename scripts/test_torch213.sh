@@ -3,8 +3,9 @@
 # under another torch: torch 2.13.0, the CPU build, in a virtual environment of its own, with the
 # checkout on PYTHONPATH (nothing is rebuilt or installed from it). It runs the CPU test subset of
 # tests/test_accel.py (autograd, torch.func, forward mode, opcheck, errors) and the CPU kernel
-# tests below, after checking that gapkernels._C (the accelerator, which only loads under the
-# torch it was built against) is not loaded and that the CPU kernels are: it cannot pass on the
+# tests below (tests/test_stable_cpu_lib.py: every variant's bad-input messages under this
+# torch), after checking that gapkernels._C (the accelerator, which only loads under the torch it
+# was built against) is not loaded and that the CPU kernels are: it cannot pass on the
 # reference backend alone. Triton is not installed there; its tests skip.
 #
 # The op schemas (gapkernels/_ops) and the CPU kernel libraries (gapkernels/_cpu_<variant>.abi3.so)
@@ -44,6 +45,6 @@ step "$("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 unset GAPKERNELS_NO_ACCEL GAPKERNELS_BACKEND  # _C must be turned off by the version check
 (cd /tmp && "$VENV/bin/python" -m gapkernels.info)
-"$VENV/bin/python" tests/test_accel.py \
-    tests/test_ops.py tests/test_tokens_cpu.py tests/test_nn.py tests/test_determinism.py "$@"
+"$VENV/bin/python" tests/test_accel.py tests/test_ops.py tests/test_tokens_cpu.py \
+    tests/test_nn.py tests/test_determinism.py tests/test_stable_cpu_lib.py "$@"
 step "passed"
