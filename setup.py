@@ -13,17 +13,17 @@ Environment:
                             builds, development); the variant used is chosen at run time.
 
 The CPU kernels (csrc/cpu/) are built once per instruction set into their own libraries,
-gapkernels/_cpu_<variant>.*.so, each registering the same CPU kernels; gapkernels/_ext.py loads
+gapkernels/_cpu_<variant>.abi3.so, each registering the same CPU kernels; gapkernels/_ext.py loads
 exactly one at import, the best this CPU runs (the answer torch.backends.cpu.get_cpu_capability()
 gives), or the one GAPKERNELS_CPU_CAPABILITY names. The op schemas are in their own library,
-gapkernels/_ops.abi3.so (csrc/schemas.cpp, LibTorch stable ABI), loaded first. gapkernels._C, the
-accelerator, holds the C++ autograd and the eager entry (csrc/ops.cpp; torch's unstable API, no
-CUDA code): it is optional, and gapkernels/_ext.py loads it only under the torch it was built
-against (recorded in gapkernels/_build_info.json). The CUDA kernels are in their own library,
-gapkernels/_cuda.abi3.so, built on the LibTorch stable ABI for torch 2.11 and later
-(TORCH_TARGET_VERSION), which needs only libtorch_cuda, libtorch_cpu and libc10 of torch (cudart
-is linked statically); gapkernels/_ext.py loads it only where torch is a CUDA build. Which
-machine builds never matters: every x86-64 build holds every variant.
+gapkernels/_ops.abi3.so (csrc/schemas.cpp), loaded first. gapkernels._C, the accelerator, holds
+the C++ autograd and the eager entry (csrc/ops.cpp; torch's unstable API, no CUDA code): it is
+optional, and gapkernels/_ext.py loads it only under the torch it was built against (recorded in
+gapkernels/_build_info.json). The CUDA kernels are in their own library, gapkernels/_cuda.abi3.so.
+The schema, CPU and CUDA kernel libraries are built on the LibTorch stable ABI for torch 2.11 and
+later (TORCH_TARGET_VERSION): they need only libtorch_cpu and libc10 of torch (and libtorch_cuda
+for the CUDA one; cudart is linked statically); gapkernels/_ext.py loads the CUDA one only where
+torch is a CUDA build. Which machine builds never matters: every x86-64 build holds every variant.
 """
 
 import glob
@@ -83,14 +83,17 @@ def default_cuda_arch_list(nvcc: tuple[int, int] | None) -> str:
     return ";".join(archs)
 
 
-# The CPU kernel variants: at::vec picks its implementation (and the inline namespace of its code)
-# from CPU_CAPABILITY and the CPU_CAPABILITY_<ISA> macro, as ATen's own DEFAULT/AVX2/AVX512
-# builds do. AVX2 + FMA + F16C: every x86-64 CPU since 2013. AVX-512: the four subsets torch
-# requires for its AVX512 capability (F, BW, VL, DQ), plus FMA and F16C, which every such CPU has.
-# Not -mavx512bf16: some AVX-512 CPUs lack it, torch's AVX512 capability does not require it, and
-# ATen's vec headers have no code path that uses it.
+# The CPU kernel variants: the kernels' vector type (csrc/cpu/simd.h) picks its width and
+# intrinsics (and the inline namespace of the kernels' code) from CPU_CAPABILITY and the
+# CPU_CAPABILITY_<ISA> macro, as ATen's own DEFAULT/AVX2/AVX512 builds do. AVX2 + FMA + F16C:
+# every x86-64 CPU since 2013. AVX-512: the four subsets torch requires for its AVX512 capability
+# (F, BW, VL, DQ), plus FMA and F16C, which every such CPU has. Not -mavx512bf16: some AVX-512
+# CPUs lack it, torch's AVX512 capability does not require it, and its conversion flushes
+# subnormals to zero (the kernels round to bfloat16 as torch does, in integer arithmetic).
 CPU_VARIANTS = {
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    # -Wno-psabi: GCC notes that 32-byte vectors pass differently with AVX; everything of the
+    # vector type is inline, and no such vector crosses the library's interface.
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT", "-Wno-psabi"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": [
         *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"),
@@ -128,31 +131,46 @@ def cpu_variants(machine: str | None = None) -> list[str]:
     return [name for name in possible if name in names]
 
 
+# The LibTorch stable ABI: the oldest torch the CPU and CUDA kernel libraries run on, as
+# TORCH_TARGET_VERSION ([major][minor][patch] bytes, then a 5-byte ABI tag). The same macro makes
+# every ATen/c10 header refuse to compile, so nothing outside the stable surface can slip in.
+STABLE_TARGET = "2.11"
+STABLE_TARGET_FLAG = "-DTORCH_TARGET_VERSION=0x020b000000000000"
+
+# The CPU libraries' link: torch_cpu (the stable C shim: registration, allocation,
+# torch_parallel_for) and c10 (which cpp_extension always links; unused). Neither torch_python
+# (py_limited_api) nor libtorch.so, nor OpenMP: the kernels run on torch's own thread pool.
+CPU_LIBRARIES = ["c10", "torch_cpu"]
+
+
 def cpu_flags(variant: str) -> list[str]:
-    # The C++ standard: cpp_extension picks the one torch needs. OpenMP: at::parallel_for is an
-    # inline `#pragma omp parallel` in torch's headers, so without it every kernel runs on one
-    # thread. Hidden visibility: a variant's code (inline functions too) is never bound to from
-    # outside its library; the TORCH_LIBRARY_IMPL registration runs at load. -g0: Python's own
-    # CFLAGS carry -g, which about doubles the compile time of each unit (and the size of each
-    # library) for debug information a kernel library does not ship.
-    flags = ["-O3", "-fno-math-errno", "-fopenmp", "-fvisibility=hidden", "-g0"]
+    # The C++ standard: cpp_extension picks the one torch needs. No -fopenmp: the kernels split
+    # their work with torch::stable::parallel_for, which runs on torch's own thread pool. Hidden
+    # visibility: a variant's code (inline functions too) is never bound to from outside its
+    # library; the STABLE_TORCH_LIBRARY_IMPL registration runs at load. -g0: Python's own CFLAGS
+    # carry -g, which about doubles the compile time of each unit (and the size of each library)
+    # for debug information a kernel library does not ship.
+    flags = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-g0", STABLE_TARGET_FLAG]
     return flags + CPU_VARIANTS[variant]
 
 
 def cpu_extensions() -> list:
     """One library per CPU variant: the kernels (every .cpp under csrc/cpu/) and the shared checks
-    (csrc/checks.cpp), without the op schemas (gapkernels._C defines them) or anything of CUDA."""
+    (csrc/checks.cpp), without the op schemas (gapkernels._ops defines them) or anything of CUDA, on
+    the LibTorch stable ABI (gapkernels/_cpu_<variant>.abi3.so)."""
     sources = sorted(glob.glob("csrc/cpu/**/*.cpp", recursive=True)) + ["csrc/checks.cpp"]
-    return [
-        CppExtension(
+    extensions = []
+    for variant in cpu_variants():
+        ext = CppExtension(
             f"gapkernels._cpu_{variant}",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
+            py_limited_api=True,  # no Python API: loaded with torch.ops.load_library
             extra_compile_args={"cxx": cpu_flags(variant)},
-            extra_link_args=["-fopenmp"],
         )
-        for variant in cpu_variants()
-    ]
+        ext.libraries = list(CPU_LIBRARIES)
+        extensions.append(ext)
+    return extensions
 
 
 # The checks every device shares (torch-free, on a TensorInfo each library fills): compiled into
@@ -160,12 +178,6 @@ def cpu_extensions() -> list:
 SHARED_SOURCES = ["csrc/checks.cpp"]
 # The op schemas: gapkernels._ops alone.
 SCHEMA_SOURCES = ["csrc/schemas.cpp"]
-
-# The LibTorch stable ABI: the oldest torch the CUDA library runs on, as TORCH_TARGET_VERSION
-# ([major][minor][patch] bytes, then a 5-byte ABI tag). The same macro makes every ATen/c10
-# header refuse to compile, so nothing outside the stable surface can slip in.
-STABLE_TARGET = "2.11"
-STABLE_TARGET_FLAG = "-DTORCH_TARGET_VERSION=0x020b000000000000"
 
 
 def ops_extension():
@@ -259,6 +271,8 @@ def build_info(cuda: bool) -> dict:
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
         "nvcc": ".".join(map(str, nvcc)) if nvcc else None,
         "cpu_variants": cpu_variants(),
+        # the oldest torch the CPU kernels' libraries load under (the stable ABI target)
+        "cpu_stable_target": STABLE_TARGET,
         "machine": platform.machine(),
     }
 
@@ -312,7 +326,17 @@ class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
         os.makedirs(os.path.join(target, "gapkernels"), exist_ok=True)
         with open(os.path.join(target, "gapkernels", "_build_info.json"), "w") as f:
             json.dump(build_info(with_cuda()), f, indent=2)
+        remove_unstable_cpu_libraries(os.path.join(target, "gapkernels"))
         super().run()
+
+
+def remove_unstable_cpu_libraries(folder: str) -> None:
+    """Removes CPU kernel libraries of older builds, tagged with the Python version
+    (_cpu_<variant>.cpython-*.so, ATen-based) rather than abi3: Python's import machinery prefers
+    that tag, so in an in-place build a stale one would be loaded instead of the new one."""
+    for path in glob.glob(os.path.join(folder, "_cpu_*.cpython-*")):
+        print(f"gapkernels: removing {path} (an older, version-tagged build of the CPU kernels)")
+        os.remove(path)
 
 
 if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it

@@ -1,6 +1,7 @@
 // The checks shared by every device (declared in checks.h): one copy, on TensorInfo, compiled
-// into each CPU kernel library (gapkernels/_cpu_*.so, ATen) and into the CUDA library
-// (gapkernels/_cuda.*.so, the LibTorch stable ABI). No torch headers beyond the header-only enums.
+// into each CPU kernel library (gapkernels/_cpu_*.abi3.so) and into the CUDA library
+// (gapkernels/_cuda.abi3.so), both on the LibTorch stable ABI. No torch headers beyond the
+// header-only enums.
 #include "checks.h"
 
 #include <stdexcept>

@@ -1,8 +1,8 @@
-// The checks made before any kernel runs, one copy for every device and both C++ APIs: they read a
-// plain TensorInfo that each side fills (pool_common.h from an at::Tensor for the CPU libraries,
-// stable_common.h from a torch::stable::Tensor for the CUDA library) and throw std::runtime_error,
-// which Python sees as RuntimeError. Only torch's header-only dtype and device enums are used, so
-// this compiles with and without TORCH_TARGET_VERSION. The contract is in docs/DESIGN.md.
+// The checks made before any kernel runs, one copy for every device: they read a plain TensorInfo
+// (stable_common.h fills it from a torch::stable::Tensor, for the CPU and CUDA libraries) and throw
+// std::runtime_error, which Python sees as RuntimeError. Only torch's header-only dtype and device
+// enums are used, so this compiles with and without TORCH_TARGET_VERSION. The contract is in
+// docs/DESIGN.md.
 #pragma once
 
 #include <torch/headeronly/core/DeviceType.h>

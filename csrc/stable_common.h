@@ -1,13 +1,13 @@
-// The LibTorch stable ABI side of the shared host code (the CUDA library gapkernels/_cuda.*.so,
-// built with TORCH_TARGET_VERSION; later the CPU libraries too): fills the TensorInfo the checks
-// in checks.h read from a torch::stable::Tensor, and allocates through the C shim's
-// aoti_torch_empty_strided (a direct call; torch::stable::empty looks aten::empty up in the
-// dispatcher by name on every call). No ATen or c10 headers: the target macro forbids them.
+// The LibTorch stable ABI side of the shared host code (the kernel libraries, built with
+// TORCH_TARGET_VERSION: CUDA gapkernels/_cuda.abi3.so, CPU gapkernels/_cpu_<variant>.abi3.so):
+// fills the TensorInfo the checks in checks.h read from a torch::stable::Tensor, and allocates
+// through the C shim's aoti_torch_empty_strided (a direct call; torch::stable::empty looks
+// aten::empty up in the dispatcher by name on every call). No ATen or c10 headers: the target macro
+// forbids them.
 #pragma once
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/tensor.h>
-#include <torch/headeronly/util/shim_utils.h>
 
 #include <cstdint>
 #include <optional>
@@ -43,10 +43,53 @@ inline PoolShape check_backward_inputs(const StableTensor& grad_out, const Stabl
                         tensor_info(indices), mode, weight.has_value() ? &w : nullptr);
 }
 
+// A tensor's data as T (the checks have made sure of its dtype).
+template <typename T>
+const T* const_ptr(const StableTensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_ptr(const StableTensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// A C++ type as a value, for the dtype switch below.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<scalar_t>{}) for `dtype`, one of the four check_forward accepts, with scalar_t
+// the element type as the library's kernels name it: float, double, and Half and BFloat16 (CPU:
+// c10::Half and c10::BFloat16; CUDA: __half and __nv_bfloat16). `device` names the library in
+// the error a fifth dtype would meet.
+template <typename Half, typename BFloat16, typename F>
+void dispatch_dtype(ScalarType dtype, const char* op, const char* device, F&& f) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return f(TypeTag<float>{});
+    case ScalarType::Double:
+      return f(TypeTag<double>{});
+    case ScalarType::Half:
+      return f(TypeTag<Half>{});
+    case ScalarType::BFloat16:
+      return f(TypeTag<BFloat16>{});
+    default:
+      fail(op, ": no ", device, " kernel for ", dtype);
+  }
+}
+
+// A shim call's error code, raised through checks.h's fail(). Not TORCH_ERROR_CODE_CHECK: it
+// streams the line number into a std::stringstream, the failure class tests/test_checks_source.py
+// keeps out of our code (torch's stable headers still use it inside their own calls).
+inline void shim_check(AOTITorchError code, const char* call) {
+  if (code != AOTI_TORCH_SUCCESS) fail("gapkernels: the torch shim call ", call, " failed");
+}
+
 // The shim's dtype code of a tensor, and of the dtypes the results use.
 inline int32_t shim_dtype(const StableTensor& t) {
   int32_t dtype = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &dtype));
+  shim_check(aoti_torch_get_dtype(t.get(), &dtype), "aoti_torch_get_dtype");
   return dtype;
 }
 inline int32_t shim_acc_dtype(ScalarType x_dtype) {
@@ -58,10 +101,11 @@ inline int32_t shim_acc_dtype(ScalarType x_dtype) {
 inline StableTensor empty_on(const StableTensor& like, int64_t ndim, const int64_t* sizes,
                              const int64_t* strides, int32_t dtype) {
   int32_t device_type = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  shim_check(aoti_torch_get_device_type(like.get(), &device_type), "aoti_torch_get_device_type");
   AtenTensorHandle handle = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes, strides, dtype, device_type,
-                                                  like.get_device_index(), &handle));
+  shim_check(aoti_torch_empty_strided(ndim, sizes, strides, dtype, device_type,
+                                      like.get_device_index(), &handle),
+             "aoti_torch_empty_strided");
   return StableTensor(handle);
 }
 

@@ -4,11 +4,12 @@ In this order, each after the one before it:
 
 1. gapkernels/_ops.abi3.so: the op schemas (csrc/schemas.cpp), built on the LibTorch stable ABI,
    so that one build defines the ops under every torch from its target (setup.py) on.
-2. The CPU kernels, built once per instruction set into gapkernels/_cpu_<variant>.*.so
-   (setup.py), each registering the same CPU kernels; exactly one is loaded: the best this CPU
-   runs, which is the answer torch gives (`torch.backends.cpu.get_cpu_capability()`, so
-   ATEN_CPU_CAPABILITY lowers it too), or the one GAPKERNELS_CPU_CAPABILITY names. A request this
-   CPU or this build cannot honour is an error at import, not a silent fallback.
+2. The CPU kernels, built once per instruction set into gapkernels/_cpu_<variant>.abi3.so
+   (setup.py; stable ABI, needing only libtorch_cpu and libc10), each registering the same CPU
+   kernels; exactly one is loaded: the best this CPU runs, which is the answer torch gives
+   (`torch.backends.cpu.get_cpu_capability()`, so ATEN_CPU_CAPABILITY lowers it too), or the one
+   GAPKERNELS_CPU_CAPABILITY names. A request this CPU or this build cannot honour is an error at
+   import, not a silent fallback.
 3. The CUDA kernels, gapkernels/_cuda.abi3.so (stable ABI), only where torch is a CUDA build,
    since the library needs torch's libtorch_cuda.so; whether a GPU is visible does not matter.
 4. gapkernels._C, the accelerator: the ops' autograd in C++ and the public functions' eager entry
@@ -114,9 +115,9 @@ def choose_cpu_variant(
 
 
 def cpu_vector_bytes(variant: str, machine: str | None = None) -> int:
-    """The size in bytes of one at::vec::Vectorized in the CPU variant `variant` built for
-    `machine` (this one by default): ATen's VECTOR_WIDTH (ATen/cpu/vec/vec_base.h), 64 for avx512,
-    16 for the default variant on aarch64 (NEON), 32 otherwise (avx2, and the generic default of
+    """The size in bytes of one vector of the CPU kernels (csrc/cpu/simd.h's Vec,
+    GK_VECTOR_BYTES) in the CPU variant `variant` built for `machine` (this one by default): 64 for
+    avx512, 16 for the default variant on aarch64, 32 otherwise (avx2, and the default variant of
     x86_64). The CPU kernels' chunk is two such vectors of the accumulator type (csrc/cpu/vec.h,
     ChunkIO); the path tests shape their inputs from it."""
     if variant not in CPU_VARIANTS:
@@ -337,7 +338,7 @@ def unavailable_reason(dispatch_key: str) -> str | None:
     if not has_kernel(dispatch_key):
         if dispatch_key == "CPU":
             return (
-                "the gapkernels CPU kernels (gapkernels/_cpu_*.so) are not built for this CPU "
+                "the gapkernels CPU kernels (gapkernels/_cpu_*.abi3.so) are not built for this CPU "
                 f"({cpu_variant_reason}); {BUILD_HINT}"
             )
         if dispatch_key == "CUDA" and cuda_broken_reason is not None:

@@ -125,6 +125,11 @@ def report() -> str:
                 ", ".join(info["cpu_variants"])
                 if "cpu_variants" in info
                 else f"{info.get('cpu_isa')} only (chosen at build time)"
+            )
+            + (
+                f" (stable ABI for torch >= {info['cpu_stable_target']})"
+                if info.get("cpu_stable_target")
+                else ""
             ),
         ]
     lines += ["", "backends for CPU tensors:", *_backend_lines("cpu")]

@@ -76,7 +76,7 @@ CPU_MUTATIONS = [
     Mutation(
         "cpu-gem-no-eps-clamp",
         GEM,
-        "const Vec z = at::vec::clamp_min(v, eps) * inv_m;",
+        "const Vec z = clamp_min(v, eps) * inv_m;",
         "const Vec z = v * inv_m;",
         "the vector GeM skips the eps clamp",
     ),

@@ -3,15 +3,15 @@
 # under another torch: torch 2.13.0, the CPU build, in a virtual environment of its own, with the
 # checkout on PYTHONPATH (nothing is rebuilt or installed from it). It runs the CPU test subset of
 # tests/test_accel.py (autograd, torch.func, forward mode, opcheck, errors) and the CPU kernel
-# tests below, after checking that gapkernels._C (the accelerator, which only loads under the
-# torch it was built against) is not loaded and that the CPU kernels are: it cannot pass on the
+# tests below (tests/test_stable_cpu_lib.py: every variant's bad-input messages under this
+# torch), after checking that gapkernels._C (the accelerator, which only loads under the torch it
+# was built against) is not loaded and that the CPU kernels are: it cannot pass on the
 # reference backend alone. Triton is not installed there; its tests skip.
 #
-# The op schemas (gapkernels/_ops) are on the LibTorch stable ABI, so they load under any torch
-# >= 2.11. The CPU kernel libraries are still ATen code until they move to the stable ABI too
-# (issue 17): that those built against 2.14.1 load under 2.13.0 (they do today) is luck, not a
-# promise; where they do not, the run stops at the check above, after `python -m gapkernels.info`
-# has printed why. Takes about 3 minutes on 2 cores, 1 of them making the environment.
+# The op schemas (gapkernels/_ops) and the CPU kernel libraries (gapkernels/_cpu_<variant>.abi3.so)
+# are on the LibTorch stable ABI (target 2.11), so they load under any torch >= 2.11; where they
+# do not, the run stops at the check above, after `python -m gapkernels.info` has printed why.
+# Takes about 3 minutes on 2 cores, 1 of them making the environment.
 #
 # Environment: GAPKERNELS_VENV213 (default /tmp/venv213; made when missing or without the packages
 # below, GAPKERNELS_FRESH_VENV=1 remakes it), PYTHON311 (default python3.11). Extra arguments go
@@ -45,6 +45,6 @@ step "$("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 unset GAPKERNELS_NO_ACCEL GAPKERNELS_BACKEND  # _C must be turned off by the version check
 (cd /tmp && "$VENV/bin/python" -m gapkernels.info)
-"$VENV/bin/python" tests/test_accel.py \
-    tests/test_ops.py tests/test_tokens_cpu.py tests/test_nn.py tests/test_determinism.py "$@"
+"$VENV/bin/python" tests/test_accel.py tests/test_ops.py tests/test_tokens_cpu.py \
+    tests/test_nn.py tests/test_determinism.py tests/test_stable_cpu_lib.py "$@"
 step "passed"

@@ -48,8 +48,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def vector_bytes() -> int:
-    """Bytes of one at::vec::Vectorized in the CPU kernels loaded in this process (the variant
-    gapkernels/_ext.py chose: avx512 64, avx2 32, default 32, or 16 on aarch64).
+    """Bytes of one vector (csrc/cpu/simd.h's Vec) in the CPU kernels loaded in this process (the
+    variant gapkernels/_ext.py chose: avx512 64, avx2 32, default 32, or 16 on aarch64).
     tests/test_cpu_isa.py runs these tests again under GAPKERNELS_CPU_CAPABILITY for every other
     variant this machine executes: the geometry follows."""
     return _ext.cpu_vector_bytes(_ext.cpu_variant or "default")

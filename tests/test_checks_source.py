@@ -13,7 +13,9 @@ source check, which runs anywhere:
   std::cout/cerr/clog, no std::ostream or operator<<, no c10::str; checks.h's `fail` appends
   its parts to a std::string (std::to_string for integers), and its overloads reject any other
   type at compile time;
-- no STD_TORCH_CHECK, TORCH_INTERNAL_ASSERT, TORCH_WARN or AT_ERROR (they format with streams);
+- no STD_TORCH_CHECK, TORCH_INTERNAL_ASSERT, TORCH_WARN or AT_ERROR (they format with streams),
+  nor TORCH_ERROR_CODE_CHECK (its failure streams the line number; stable_common.h's shim_check
+  raises through `fail`);
 - TORCH_CHECK (and TORCH_CHECK_TYPE, ...) only in csrc/ops.cpp, the ATen-and-Python unit, and
   there with exactly one message argument that is a C string: string literals, or one
   `....c_str()` (ops.cpp's raise_error, for a message with a number in it, built with
@@ -45,7 +47,8 @@ FORBIDDEN = {
     "operator<<": re.compile(r"\boperator\s*<<"),
     "c10::str": re.compile(r"\bc10::str\s*\("),
     "a streaming torch macro": re.compile(
-        r"\b(STD_TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|TORCH_WARN\w*|AT_ERROR|AT_ASSERT\w*)\b"
+        r"\b(STD_TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|TORCH_WARN\w*|AT_ERROR|AT_ASSERT\w*"
+        r"|TORCH_ERROR_CODE_CHECK)\b"
     ),
 }
 TORCH_CHECK = re.compile(r"\bTORCH_CHECK\w*\s*\(")

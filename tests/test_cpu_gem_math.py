@@ -1,5 +1,5 @@
-"""GeM's per-element log and exp in the CPU kernels (csrc/cpu/vec.h: vec_log, vec_exp, inline
-polynomials of about 1 ulp in the AVX2 and AVX-512 variants, at::vec's functions elsewhere), held
+"""GeM's per-element log and exp in the CPU kernels (csrc/cpu/simd.h: vec_log, vec_exp, inline
+polynomials of about 1 ulp in the AVX2 and AVX-512 variants, the C library's elsewhere), held
 to float64 at a tolerance a wrong coefficient or a wrong range reduction cannot meet (the
 suite's other GeM tests use the float32 tolerances of the whole op).
 
@@ -7,8 +7,9 @@ Every path that takes a log or exp per element: the forward's log statistic (`wi
 learnable p) and a non-integral p, on the NCS run, NCS lanes and NSC chunk paths, one p or one per
 channel; the backward's (x/M)**(p-1) with a non-integral p. Inputs span many binades (so the
 mantissa reduction meets every exponent) and include values below eps (their z is tiny, its log
-near -100) and the special values that go to at::vec's functions (NaN, +-inf rows are left to
-test_gem_stable_cpu.py; here a NaN lane among finite ones, whose vector takes the fallback).
+near -100), negative ones (the backward's log of a negative z: the vector takes the polynomials'
+general form, simd.h's log_any) and the special values (NaN, +-inf rows are left to
+test_gem_stable_cpu.py; here a NaN lane among finite ones, whose vector takes the general form).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def test_backward_power_matches_float64(layout_path, p_kind):
 
 
 def test_nan_lane_takes_the_fallback():
-    """A NaN among finite values: that vector's log goes to at::vec's, and the row is NaN
+    """A NaN among finite values: that vector's log takes the general form, and the row is NaN
     (M = NaN); the other rows keep the polynomial's accuracy."""
     gen = torch.Generator().manual_seed(2)
     shape = SHAPES["run"]

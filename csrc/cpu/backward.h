@@ -81,10 +81,10 @@ struct GradMath {
     const acc_t S = static_cast<acc_t>(a.S);
     if constexpr (kGem) {
       // gem_grad_scale for kBatch rows at a time, in vectors.
-      __at_align__ acc_t big_m[kBatch];
-      __at_align__ acc_t ratio[kBatch];
-      __at_align__ acc_t exponent[kBatch];
-      __at_align__ acc_t go[kBatch];
+      GK_ALIGNED acc_t big_m[kBatch];
+      GK_ALIGNED acc_t ratio[kBatch];
+      GK_ALIGNED acc_t exponent[kBatch];
+      GK_ALIGNED acc_t go[kBatch];
       for (int64_t i = 0; i < kBatch; ++i) {
         const int64_t r = r0 + i;
         big_m[i] = i < count ? g.aux[r * g.aux_columns] : acc_t(1);
@@ -94,7 +94,7 @@ struct GradMath {
         if (++c == a.C) c = 0;
       }
       for (int64_t i = 0; i < kBatch; i += V) {
-        const Vec pw = (Vec::loadu(exponent + i) * Vec::loadu(ratio + i).log()).exp();
+        const Vec pw = vec_exp(Vec::loadu(exponent + i) * vec_log(Vec::loadu(ratio + i)));
         (Vec::loadu(go + i) * pw / Vec(S)).store(A + i);
         (Vec(acc_t(1)) / Vec::loadu(big_m + i)).store(B + i);
       }
@@ -140,7 +140,7 @@ struct GradMath {
       Vec log_z = z;
       if constexpr (kPow == kPowExp) {
         // z may underflow to 0: the clamp keeps 0**0 (p = 1) at 1.
-        log_z = at::vec::clamp_min(vec_log(z), Vec(std::numeric_limits<acc_t>::lowest()));
+        log_z = clamp_min(vec_log(z), Vec(std::numeric_limits<acc_t>::lowest()));
       }
       out[k] = (A[k] * vec_power<kPow>(z, log_z, e.vec[k], e.integral)) & (v[k] >= eps);
     }

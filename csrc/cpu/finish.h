@@ -27,12 +27,12 @@ struct Finish {
     int64_t n = r0 / a.C;
     int64_t c = r0 - n * a.C;
     const acc_t S = static_cast<acc_t>(a.S);
-    __at_align__ acc_t root[kBatch];
+    GK_ALIGNED acc_t root[kBatch];
     if constexpr (kGem) {
       // root = r ** (1/p), r = mean((y/M)**p) in [1/S, 1]: gem_value's power, kBatch rows at a
       // time in vectors.
-      __at_align__ acc_t r[kBatch];
-      __at_align__ acc_t inv_p[kBatch];
+      GK_ALIGNED acc_t r[kBatch];
+      GK_ALIGNED acc_t inv_p[kBatch];
       int64_t cc = c;
       for (int64_t i = 0; i < kBatch; ++i) {
         r[i] = i < count ? avg_value(st[i].sum, S) : acc_t(1);
@@ -40,7 +40,7 @@ struct Finish {
         if (++cc == a.C) cc = 0;
       }
       for (int64_t i = 0; i < kBatch; i += V) {
-        (Vec::loadu(inv_p + i) * Vec::loadu(r + i).log()).exp().store(root + i);
+        vec_exp(Vec::loadu(inv_p + i) * vec_log(Vec::loadu(r + i))).store(root + i);
       }
     }
     for (int64_t i = 0; i < count; ++i, ++c) {

@@ -27,33 +27,32 @@ inline namespace CPU_CAPABILITY {
 
 template <typename acc_t>
 struct GemRef {
-  Vectorized<acc_t> ref, inv, max;  // the reference, 1/ref and the exact running maximum
+  Vec<acc_t> ref, inv, max;  // the reference, 1/ref and the exact running maximum
 };
 
 template <typename acc_t>
-inline GemRef<acc_t> gem_start(const Vectorized<acc_t>& eps) {
-  return {eps, Vectorized<acc_t>(acc_t(1)) / eps, eps};
+inline GemRef<acc_t> gem_start(const Vec<acc_t>& eps) {
+  return {eps, Vec<acc_t>(acc_t(1)) / eps, eps};
 }
 
 // log(h) * p: the headroom of a new reference is 2**16 ** (1/p).
 constexpr double kGemHeadroomLog = 16 * 0.69314718055994530942;
 
 template <typename acc_t>
-inline Vectorized<acc_t> gem_headroom(const Vectorized<acc_t>& p) {
-  return (Vectorized<acc_t>(acc_t(kGemHeadroomLog)) / p).exp();
+inline Vec<acc_t> gem_headroom(const Vec<acc_t>& p) {
+  return vec_exp(Vec<acc_t>(acc_t(kGemHeadroomLog)) / p);
 }
 
 // Adds one vector's terms (lanes outside `mask` ignored when kMasked), relative to 1/inv_m.
 template <bool kMasked, int kPow, bool kLog, typename acc_t>
-C10_ALWAYS_INLINE void gem_term(const Vectorized<acc_t>& v, const Vectorized<acc_t>& mask,
-                                const Vectorized<acc_t>& inv_m, const Vectorized<acc_t>& p, int n,
-                                const Vectorized<acc_t>& eps, Vectorized<acc_t>& sum,
-                                Vectorized<acc_t>& log_sum) {
-  using Vec = Vectorized<acc_t>;
-  const Vec z = at::vec::clamp_min(v, eps) * inv_m;
+C10_ALWAYS_INLINE void gem_term(const Vec<acc_t>& v, const Vec<acc_t>& mask,
+                                const Vec<acc_t>& inv_m, const Vec<acc_t>& p, int n,
+                                const Vec<acc_t>& eps, Vec<acc_t>& sum, Vec<acc_t>& log_sum) {
+  using Vec = cpu::Vec<acc_t>;
+  const Vec z = clamp_min(v, eps) * inv_m;
   if constexpr (kLog) {
     // z may underflow to 0: the clamp keeps 0 * log(z) at 0 (and NaN stays NaN).
-    const Vec lg = at::vec::clamp_min(vec_log(z), Vec(std::numeric_limits<acc_t>::lowest()));
+    const Vec lg = clamp_min(vec_log(z), Vec(std::numeric_limits<acc_t>::lowest()));
     const Vec pw = vec_power<kPow>(z, lg, p, n);
     const Vec pw_lg = pw * lg;
     sum += kMasked ? (pw & mask) : pw;
@@ -67,13 +66,12 @@ C10_ALWAYS_INLINE void gem_term(const Vectorized<acc_t>& v, const Vectorized<acc
 // pool_math.h's gem_rescale in the lanes where `grew`, for kCount pairs of sums: from the
 // reference m0 to m1 (m0, m1 > 0 or m1 = inf; no NaN in either), with k = m0 / m1.
 template <int kPow, bool kLog, int kCount, typename acc_t>
-inline void vec_gem_rescale(const Vectorized<acc_t>& m0, const Vectorized<acc_t>& m1,
-                            const Vectorized<acc_t>& grew, const Vectorized<acc_t>& p, int n,
-                            Vectorized<acc_t> (&sum)[kCount],
-                            Vectorized<acc_t> (&log_sum)[kCount]) {
-  using Vec = Vectorized<acc_t>;
+inline void vec_gem_rescale(const Vec<acc_t>& m0, const Vec<acc_t>& m1, const Vec<acc_t>& grew,
+                            const Vec<acc_t>& p, int n, Vec<acc_t> (&sum)[kCount],
+                            Vec<acc_t> (&log_sum)[kCount]) {
+  using Vec = cpu::Vec<acc_t>;
   const Vec k = m0 / m1;
-  const Vec log_k = kPow == kPowExp || kLog ? k.log() : k;
+  const Vec log_k = kPow == kPowExp || kLog ? vec_log(k) : k;
   const Vec kp = vec_power<kPow>(k, log_k, p, n);
   for (int i = 0; i < kCount; ++i) {
     if constexpr (kLog) {
@@ -89,17 +87,17 @@ inline void vec_gem_rescale(const Vectorized<acc_t>& m0, const Vectorized<acc_t>
 // block_max is inf). A NaN in block_max leaves everything as it is. `on_grow` runs first when
 // a lane grows (NCS folds its block sums into the running ones there).
 template <int kPow, bool kLog, int kCount, typename acc_t, typename F>
-C10_ALWAYS_INLINE void gem_grow(const Vectorized<acc_t>& block_max, const Vectorized<acc_t>& p,
-                                const Vectorized<acc_t>& headroom, int n, GemRef<acc_t>& g,
-                                Vectorized<acc_t> (&sum)[kCount],
-                                Vectorized<acc_t> (&log_sum)[kCount], F&& on_grow) {
-  using Vec = Vectorized<acc_t>;
-  g.max = at::vec::clamp_min(g.max, block_max);
+C10_ALWAYS_INLINE void gem_grow(const Vec<acc_t>& block_max, const Vec<acc_t>& p,
+                                const Vec<acc_t>& headroom, int n, GemRef<acc_t>& g,
+                                Vec<acc_t> (&sum)[kCount], Vec<acc_t> (&log_sum)[kCount],
+                                F&& on_grow) {
+  using Vec = cpu::Vec<acc_t>;
+  g.max = clamp_min(g.max, block_max);
   const Vec grew = block_max > g.ref;
-  if (C10_UNLIKELY(grew.zero_mask() != kNoLane<acc_t>)) {
+  if (C10_UNLIKELY(any(grew))) {
     on_grow();
-    const Vec top = at::vec::clamp_min(block_max, Vec(std::numeric_limits<acc_t>::max()));
-    const Vec lifted = at::vec::clamp_max(block_max * headroom, top);
+    const Vec top = clamp_min(block_max, Vec(std::numeric_limits<acc_t>::max()));
+    const Vec lifted = clamp_max(block_max * headroom, top);
     const Vec ref1 = Vec::blendv(g.ref, lifted, grew);
     vec_gem_rescale<kPow, kLog, kCount>(g.ref, ref1, grew, p, n, sum, log_sum);
     g.ref = ref1;
@@ -108,18 +106,16 @@ C10_ALWAYS_INLINE void gem_grow(const Vectorized<acc_t>& block_max, const Vector
 }
 
 template <int kPow, bool kLog, int kCount, typename acc_t>
-C10_ALWAYS_INLINE void gem_grow(const Vectorized<acc_t>& block_max, const Vectorized<acc_t>& p,
-                                const Vectorized<acc_t>& headroom, int n, GemRef<acc_t>& g,
-                                Vectorized<acc_t> (&sum)[kCount],
-                                Vectorized<acc_t> (&log_sum)[kCount]) {
+C10_ALWAYS_INLINE void gem_grow(const Vec<acc_t>& block_max, const Vec<acc_t>& p,
+                                const Vec<acc_t>& headroom, int n, GemRef<acc_t>& g,
+                                Vec<acc_t> (&sum)[kCount], Vec<acc_t> (&log_sum)[kCount]) {
   gem_grow<kPow, kLog, kCount>(block_max, p, headroom, n, g, sum, log_sum, [] {});
 }
 
 // Moves the sums from the lanes' references to `target` (their maximum, or the row's).
 template <int kPow, bool kLog, int kCount, typename acc_t>
-inline void gem_to_max(const GemRef<acc_t>& g, const Vectorized<acc_t>& target,
-                       const Vectorized<acc_t>& p, int n, Vectorized<acc_t> (&sum)[kCount],
-                       Vectorized<acc_t> (&log_sum)[kCount]) {
+inline void gem_to_max(const GemRef<acc_t>& g, const Vec<acc_t>& target, const Vec<acc_t>& p, int n,
+                       Vec<acc_t> (&sum)[kCount], Vec<acc_t> (&log_sum)[kCount]) {
   vec_gem_rescale<kPow, kLog, kCount>(g.ref, target, g.ref != target, p, n, sum, log_sum);
 }
 

@@ -5,8 +5,8 @@
 //   ncs_backward.cpp, nsc_backward.cpp          backward, every mode
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include "cpu/stats.h"
 #include "pool_math.h"
@@ -16,7 +16,7 @@ namespace cpu {
 inline namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
-using ArgsOf = KernelArgs<at::opmath_type<scalar_t>>;
+using ArgsOf = KernelArgs<acc_type<scalar_t>>;
 
 // kMode: Avg, Max, Mixed or Cat.
 template <Mode kMode, typename scalar_t>

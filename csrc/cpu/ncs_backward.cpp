@@ -1,6 +1,6 @@
 // NCS backward: each (n, c) row of grad_x written once, vectorized along the row (a chunk
 // overlapping the last full one at the end); long rows in pieces. The math is backward.h's.
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,7 +41,7 @@ struct NcsBackward {
     const Vec Bv[2] = {Vec(B), Vec(B)};
     if constexpr (!kGem) {
       // One converted chunk, copied along the row, and the element at index.
-      __at_align__ scalar_t plain[W], hit[W];
+      GK_ALIGNED scalar_t plain[W], hit[W];
       Math::constant_chunks(Av, Bv, plain, hit);
       fill_run<sizeof(plain)>(gx, len, plain);
       if (kMax && index >= start && index < end) gx[index - start] = hit[0];
@@ -71,8 +71,8 @@ struct NcsBackward {
     const Pieces pieces = ncs_backward_pieces(S);
     if (pieces.count == 1) {
       const int64_t grain = std::max<int64_t>(1, kMinTaskElements / S);
-      at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-        __at_align__ acc_t A[kBatch], B[kBatch];
+      torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+        GK_ALIGNED acc_t A[kBatch], B[kBatch];
         int64_t index[kBatch];
         for (int64_t r0 = begin; r0 < end; r0 += kBatch) {
           const int64_t count = std::min(kBatch, end - r0);
@@ -90,8 +90,8 @@ struct NcsBackward {
       return;
     }
     const int64_t P = pieces.count;
-    at::parallel_for(0, R * P, 1, [&](int64_t begin, int64_t end) {
-      __at_align__ acc_t A[kBatch], B[kBatch];
+    torch::stable::parallel_for(0, R * P, 1, [&](int64_t begin, int64_t end) {
+      GK_ALIGNED acc_t A[kBatch], B[kBatch];
       int64_t index[kBatch];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r = t / P;
@@ -120,18 +120,16 @@ GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
 
 // Token pooling's run loop (cpu/token.h).
 template <Mode kMode, typename scalar_t>
-void ncs_grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end,
-                  at::opmath_type<scalar_t> A, at::opmath_type<scalar_t> B, int64_t index,
-                  int64_t c, const ArgsOf<scalar_t>& a) {
+void ncs_grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end, acc_type<scalar_t> A,
+                  acc_type<scalar_t> B, int64_t index, int64_t c, const ArgsOf<scalar_t>& a) {
   using Run = NcsBackward<kMode, scalar_t>;
   Run::grad_run(gx, x, start, end, A, B, index,
-                kMode == Mode::Gem ? a.grad_power_of(c) : ChunkPower<at::opmath_type<scalar_t>>{},
-                a);
+                kMode == Mode::Gem ? a.grad_power_of(c) : ChunkPower<acc_type<scalar_t>>{}, a);
 }
 
-#define GK_INSTANTIATE_RUN(mode, T)                                                       \
-  template void ncs_grad_run<mode, T>(T*, const T*, int64_t, int64_t, at::opmath_type<T>, \
-                                      at::opmath_type<T>, int64_t, int64_t, const ArgsOf<T>&);
+#define GK_INSTANTIATE_RUN(mode, T)                                                             \
+  template void ncs_grad_run<mode, T>(T*, const T*, int64_t, int64_t, acc_type<T>, acc_type<T>, \
+                                      int64_t, int64_t, const ArgsOf<T>&);
 #define GK_INSTANTIATE_RUN_MODES(T) GK_CPU_FOR_MODES(GK_INSTANTIATE_RUN, T)
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_RUN_MODES)
 

@@ -1,7 +1,7 @@
 // NCS forward of the sum and max modes (avg, max, mixed, cat): each (n, c) row is a contiguous
 // run, vectorized along it, or (short runs) one row per vector lane. The driver is
 // ncs_forward.h's; the max rule is pool_math.h's scan_max, per lane (vec_scan_max).
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -89,8 +89,8 @@ struct NcsSumMaxRun {
           bsum0 += v0;
           bsum1 += v1;
           if constexpr (kMax) {
-            max0 = at::vec::clamp_min(v0, max0);
-            max1 = at::vec::clamp_min(v1, max1);
+            max0 = clamp_min(v0, max0);
+            max1 = clamp_min(v1, max1);
           }
         }
         if constexpr (kSum) {
@@ -112,14 +112,14 @@ struct NcsSumMaxRun {
         }
         if constexpr (kMax) {
           probe += new0 + new1;
-          max0 = at::vec::clamp_min(masked_for_max(v0, mask[0]), max0);
-          max1 = at::vec::clamp_min(masked_for_max(v1, mask[1]), max1);
+          max0 = clamp_min(masked_for_max(v0, mask[0]), max0);
+          max1 = clamp_min(masked_for_max(v1, mask[1]), max1);
         }
       }
       if constexpr (kMax) {
-        const bool maybe_nan = probe.isnan().zero_mask() != kNoLane<acc_t>;
+        const bool maybe_nan = any(probe.isnan());
         resolve_block(x, max_block_begin, max_block_end, with_tail ? len : max_block_end,
-                      at::vec::clamp_min(max0, max1), maybe_nan, st.max, st.index);
+                      clamp_min(max0, max1), maybe_nan, st.max, st.index);
       }
     }
     if constexpr (kSum) st.sum = sum_of_lanes(sum0 + sum1);
@@ -133,7 +133,7 @@ struct NcsSumMaxRun {
     constexpr int K = kLaneVecs;
     const int64_t S = a.S;
     const LanePrefetch pf = lane_prefetch<scalar_t>(S);
-    __at_align__ acc_t sums[kBatch], maxima[kBatch], indices[kBatch];
+    GK_ALIGNED acc_t sums[kBatch], maxima[kBatch], indices[kBatch];
     const Vec zero(acc_t(0));
     Vec sum[K], ix[K], mx[K];
     for (int k = 0; k < K; ++k) {
@@ -146,7 +146,7 @@ struct NcsSumMaxRun {
     auto step = [&](const Vec& v, const Vec& cur, int k) {
       sum[k] += v;
       ix[k] = where_greater(v, mx[k], cur, ix[k]);
-      mx[k] = at::vec::clamp_min(v, mx[k]);
+      mx[k] = clamp_min(v, mx[k]);
     };
     int64_t s0 = 0;
     for (; s0 + 8 <= S; s0 += 8) {
@@ -197,14 +197,14 @@ GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
 
 // Token pooling's run loop (cpu/token.h).
 template <Mode kMode, typename scalar_t>
-Partial<at::opmath_type<scalar_t>> ncs_run_sum_max(const scalar_t* x, int64_t len, int64_t,
-                                                   const ArgsOf<scalar_t>& a) {
+Partial<acc_type<scalar_t>> ncs_run_sum_max(const scalar_t* x, int64_t len, int64_t,
+                                            const ArgsOf<scalar_t>& a) {
   return NcsSumMaxRun<kMode, scalar_t>::reduce_run(x, len, {}, a);
 }
 
-#define GK_INSTANTIATE_RUN(mode, T)                                                         \
-  template Partial<at::opmath_type<T>> ncs_run_sum_max<mode, T>(const T*, int64_t, int64_t, \
-                                                                const ArgsOf<T>&);
+#define GK_INSTANTIATE_RUN(mode, T)                                                  \
+  template Partial<acc_type<T>> ncs_run_sum_max<mode, T>(const T*, int64_t, int64_t, \
+                                                         const ArgsOf<T>&);
 #define GK_INSTANTIATE_RUN_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE_RUN, T)
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_RUN_MODES)
 

@@ -5,7 +5,7 @@
 // short rows at once (when kLanes).
 #pragma once
 
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -25,10 +25,10 @@ inline namespace CPU_CAPABILITY {
 // statistic is a vertical operation and no row pays for horizontal reductions: kBatch / V vectors
 // of V rows (two of 8 rows with 8 floats a vector, one of 16 with 16). AVG gains nothing from it
 // (measured: slower than its plain run loop).
-constexpr int64_t kLaneRows = Vectorized<float>::size();
+constexpr int64_t kLaneRows = Vec<float>::size();
 constexpr int64_t kLaneVecs = kBatch / kLaneRows;
 template <Mode kMode, typename scalar_t>
-constexpr bool kLanes = kMode != Mode::Avg && std::is_same_v<at::opmath_type<scalar_t>, float> &&
+constexpr bool kLanes = kMode != Mode::Avg && std::is_same_v<acc_type<scalar_t>, float> &&
                         (kLaneRows == 8 || kLaneRows == 16) && kBatch % kLaneRows == 0;
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -37,7 +37,7 @@ template <typename scalar_t>
 C10_ALWAYS_INLINE __m256 load_row8(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+  } else if constexpr (std::is_same_v<scalar_t, Half>) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else {
     const __m256i wide =
@@ -49,7 +49,7 @@ C10_ALWAYS_INLINE __m256 load_row8(const scalar_t* p) {
 
 // t[j] lane l = x[l * stride + j], for l < kLaneRows, j < 8.
 template <typename scalar_t>
-C10_ALWAYS_INLINE void load_tile(const scalar_t* x, int64_t stride, Vectorized<float> (&t)[8]) {
+C10_ALWAYS_INLINE void load_tile(const scalar_t* x, int64_t stride, Vec<float> (&t)[8]) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #if defined(CPU_CAPABILITY_AVX512)
   // Rows l and l + 8 side by side: the 8x8 transposes of both halves at once, then the halves'
@@ -96,11 +96,11 @@ C10_ALWAYS_INLINE void load_tile(const scalar_t* x, int64_t stride, Vectorized<f
   }
 #endif
 #else
-  __at_align__ float buf[8][kLaneRows];
+  GK_ALIGNED float buf[8][kLaneRows];
   for (int l = 0; l < kLaneRows; ++l) {
     for (int j = 0; j < 8; ++j) buf[j][l] = static_cast<float>(x[l * stride + j]);
   }
-  for (int j = 0; j < 8; ++j) t[j] = Vectorized<float>::loadu(buf[j]);
+  for (int j = 0; j < 8; ++j) t[j] = Vec<float>::loadu(buf[j]);
 #endif
 }
 
@@ -158,7 +158,7 @@ struct NcsForward {
     }
     if (pieces.count == 1) {
       const int64_t grain = std::max<int64_t>(1, kMinTaskElements / S);
-      at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
         Stats st[kBatch];
         for (int64_t r0 = begin; r0 < end; r0 += kBatch) {
           const int64_t count = std::min(kBatch, end - r0);
@@ -174,7 +174,7 @@ struct NcsForward {
     }
     const int64_t P = pieces.count;
     std::vector<Stats> parts(R * P);
-    at::parallel_for(0, R * P, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, R * P, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r = t / P;
         const int64_t start = (t - r * P) * pieces.length;
@@ -184,7 +184,7 @@ struct NcsForward {
         parts[t] = st;
       }
     });
-    at::parallel_for(0, R, kBatch, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, R, kBatch, [&](int64_t begin, int64_t end) {
       Fin::merge_and_finalize(a, o, parts, P, begin, end);
     });
   }
@@ -195,7 +195,7 @@ struct NcsForward {
     const int64_t S = a.S;
     const int64_t groups = ceil_div(R, kBatch);
     const int64_t grain = std::max<int64_t>(1, kMinTaskElements / (kBatch * S));
-    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
       Stats st[kBatch];
       for (int64_t g = begin; g < end; ++g) {
         const int64_t r0 = g * kBatch;

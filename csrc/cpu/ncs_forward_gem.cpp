@@ -1,7 +1,7 @@
 // NCS forward of GeM: each (n, c) row is a contiguous run, reduced relative to its running
 // maximum in vectors (gem.h), or (short runs) one row per vector lane. The driver is
 // ncs_forward.h's.
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -67,7 +67,7 @@ struct NcsGemRun {
         Vec v[2 * kChunks];
         for (int j = 0; j < kChunks; ++j) IO::load(xb + j * W, v[2 * j], v[2 * j + 1]);
         Vec block_max = v[0];
-        for (int j = 1; j < 2 * kChunks; ++j) block_max = at::vec::clamp_min(v[j], block_max);
+        for (int j = 1; j < 2 * kChunks; ++j) block_max = clamp_min(v[j], block_max);
         grow(block_max);
         for (int j = 0; j < 2 * kChunks; ++j) {
           gem_term<false, kPow, kLog>(v[j], zero, g.inv, p, n, eps, bsum[j & 1], blog[j & 1]);
@@ -87,7 +87,7 @@ struct NcsGemRun {
         Vec mask[2], v[2];
         tail_mask(tail, mask);
         IO::load(x + len - W, v[0], v[1]);
-        grow(at::vec::clamp_min(v[0] & mask[0], v[1] & mask[1]));
+        grow(clamp_min(v[0] & mask[0], v[1] & mask[1]));
         for (int k = 0; k < 2; ++k) {
           gem_term<true, kPow, kLog>(v[k], mask[k], g.inv, p, n, eps, sum[k], log_sum[k]);
         }
@@ -117,14 +117,14 @@ struct NcsGemRun {
     Vec p[K];
     for (int k = 0; k < K; ++k) p[k] = power.vec[0];
     if (per_lane_p) {
-      __at_align__ acc_t pl[kBatch];
+      GK_ALIGNED acc_t pl[kBatch];
       for (int64_t i = 0, c = c0; i < kBatch; ++i) {
         pl[i] = a.param(c);
         if (++c == a.C) c = 0;
       }
       for (int k = 0; k < K; ++k) p[k] = Vec::loadu(pl + k * V);
     }
-    __at_align__ acc_t sums[kBatch], log_sums[kBatch], maxima[kBatch];
+    GK_ALIGNED acc_t sums[kBatch], log_sums[kBatch], maxima[kBatch];
     Stat::with_power(power, per_lane_p, a.with_log, [&](auto pow_c, auto log_c) {
       constexpr int kPow = decltype(pow_c)::value;
       constexpr bool kLog = decltype(log_c)::value;
@@ -147,7 +147,7 @@ struct NcsGemRun {
           Vec t[8];
           load_tile(x + k * V * S + base, S, t);
           Vec block_max = t[j0];
-          for (int64_t j = j0 + 1; j < 8; ++j) block_max = at::vec::clamp_min(t[j], block_max);
+          for (int64_t j = j0 + 1; j < 8; ++j) block_max = clamp_min(t[j], block_max);
           gem_grow<kPow, kLog, 1>(block_max, p[k], headroom[k], n, g[k], sum[k], log_sum[k]);
           for (int64_t j = j0; j < 8; ++j) {
             gem_term<false, kPow, kLog>(t[j], zero, g[k].inv, p[k], n, eps, sum[k][0],
@@ -191,13 +191,13 @@ GK_CPU_FOR_DTYPES(GK_INSTANTIATE)
 
 // Token pooling's run loop (cpu/token.h).
 template <typename scalar_t>
-Partial<at::opmath_type<scalar_t>> ncs_run_gem(const scalar_t* x, int64_t len, int64_t c,
-                                               const ArgsOf<scalar_t>& a) {
+Partial<acc_type<scalar_t>> ncs_run_gem(const scalar_t* x, int64_t len, int64_t c,
+                                        const ArgsOf<scalar_t>& a) {
   return NcsGemRun<scalar_t>::reduce_run(x, len, a.power_of(c), a);
 }
 
 #define GK_INSTANTIATE_RUN(T) \
-  template Partial<at::opmath_type<T>> ncs_run_gem<T>(const T*, int64_t, int64_t, const ArgsOf<T>&);
+  template Partial<acc_type<T>> ncs_run_gem<T>(const T*, int64_t, int64_t, const ArgsOf<T>&);
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_RUN)
 
 }  // namespace CPU_CAPABILITY

@@ -1,7 +1,7 @@
 // NSC backward: grad_x written once, vectorized over C (a chunk overlapping the last full one at
 // the end of a row), in blocks of rows with the per-channel coefficients cached per sample. The
 // math is backward.h's.
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -31,7 +31,7 @@ struct NscBackward {
     const int64_t rows = blocks.length;
     // GeM's exponent p - 1, when the same for every channel.
     const Power uniform = kGem ? a.grad_power_of(0) : Power{};
-    at::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, N * blocks.count, 1, [&](int64_t begin, int64_t end) {
       // e: each channel's p - 1.
       std::vector<acc_t> A(C + kBatch), B(C + kBatch), e(kGem ? C : 0);
       std::vector<int64_t> index(C + kBatch);
@@ -75,7 +75,7 @@ struct NscBackward {
             auto convert = [&](int64_t c) {
               const Vec Av[2] = {Vec::loadu(A.data() + c), Vec::loadu(A.data() + c + V)};
               const Vec Bv[2] = {Vec::loadu(B.data() + c), Vec::loadu(B.data() + c + V)};
-              __at_align__ scalar_t hit_chunk[W];
+              GK_ALIGNED scalar_t hit_chunk[W];
               Math::constant_chunks(Av, Bv, plain.data() + c, hit_chunk);
               if constexpr (kMax) std::memcpy(hit.data() + c, hit_chunk, sizeof(hit_chunk));
             };

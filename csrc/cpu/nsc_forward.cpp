@@ -1,7 +1,7 @@
 // NSC forward of the sum and max modes (avg, max, mixed, cat): vectorized over C, with
 // per-channel accumulators in a per-task buffer. The driver is nsc_forward.h's; the max rule is
 // pool_math.h's scan_max, per lane (vec_scan_max).
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <cstdint>
 
@@ -66,14 +66,14 @@ struct NscSumMaxRun {
         probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
         const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
         ix[k] = where_greater(value, mx[k], cur, ix[k]);
-        mx[k] = at::vec::clamp_min(mx[k], value);
+        mx[k] = clamp_min(mx[k], value);
       }
     }
     if constexpr (kSum) {
       for (int k = 0; k < 2; ++k) probe[k].store(b.sum.data() + c + k * V);
     }
     const Vec nan = probe[0].isnan() | probe[1].isnan() | mx0[0].isnan() | mx0[1].isnan();
-    if (nan.zero_mask() != kNoLane<acc_t>) {
+    if (any(nan)) {
       for (int k = 0; k < 2; ++k) {
         mx[k] = mx0[k];
         ix[k] = ix0[k];
@@ -113,8 +113,7 @@ GK_CPU_FOR_DTYPES(GK_INSTANTIATE_MODES)
 // Token pooling's row loop (cpu/token.h).
 template <Mode kMode, typename scalar_t>
 void nsc_rows_sum_max(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
-                      ChannelBuffers<at::opmath_type<scalar_t>>& b,
-                      Partial<at::opmath_type<scalar_t>>* st) {
+                      ChannelBuffers<acc_type<scalar_t>>& b, Partial<acc_type<scalar_t>>* st) {
   using Run = NscSumMaxRun<kMode, scalar_t>;
   NscForward<kMode, scalar_t, Run>::reduce_rows(xn, s0, s1, a, {}, b);
   for (int64_t c = 0; c < a.C; ++c) st[c] = Run::channel_stats(b, c, xn, s0, s1, a);
@@ -122,8 +121,7 @@ void nsc_rows_sum_max(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<s
 
 #define GK_INSTANTIATE_ROWS(mode, T)                                                    \
   template void nsc_rows_sum_max<mode, T>(const T*, int64_t, int64_t, const ArgsOf<T>&, \
-                                          ChannelBuffers<at::opmath_type<T>>&,          \
-                                          Partial<at::opmath_type<T>>*);
+                                          ChannelBuffers<acc_type<T>>&, Partial<acc_type<T>>*);
 #define GK_INSTANTIATE_ROWS_MODES(T) GK_CPU_FOR_SUM_MAX_MODES(GK_INSTANTIATE_ROWS, T)
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_ROWS_MODES)
 

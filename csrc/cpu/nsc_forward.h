@@ -7,7 +7,7 @@
 // xn, s0, s1, a) reads a channel's statistics out of them.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -110,7 +110,7 @@ struct NscForward {
     const int64_t P = pieces.count;
     const Power uniform = kGem ? a.power_of(0) : Power{};
     std::vector<Stats> parts(P > 1 ? N * P * C : 0);
-    at::parallel_for(0, N * P, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, N * P, 1, [&](int64_t begin, int64_t end) {
       Buffers b(C, kGem);
       Stats st[kBatch];
       for (int64_t t = begin; t < end; ++t) {
@@ -137,7 +137,7 @@ struct NscForward {
       }
     });
     if (P > 1) {
-      at::parallel_for(0, N * C, kBatch, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, N * C, kBatch, [&](int64_t begin, int64_t end) {
         Fin::merge_and_finalize(a, o, parts, P, begin, end);
       });
     }

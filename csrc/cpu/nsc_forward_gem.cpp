@@ -1,6 +1,6 @@
 // NSC forward of GeM: vectorized over C, each channel relative to its running maximum (gem.h),
 // with per-channel accumulators in a per-task buffer. The driver is nsc_forward.h's.
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -52,7 +52,7 @@ struct NscGemRun {
         // Masked lanes (channels of the previous chunk) read 0, which never raises max >= eps.
         Vec block_max = kMasked ? v[0][k] & mask[k] : v[0][k];
         for (int i = 1; i < kRows; ++i) {
-          block_max = at::vec::clamp_min(kMasked ? v[i][k] & mask[k] : v[i][k], block_max);
+          block_max = clamp_min(kMasked ? v[i][k] & mask[k] : v[i][k], block_max);
         }
         gem_grow<kPow, kLog, 1>(block_max, p[k], headroom[k], n, g[k], sum[k], log_sum[k]);
         for (int i = 0; i < kRows; ++i) {
@@ -100,8 +100,7 @@ GK_CPU_FOR_DTYPES(GK_INSTANTIATE)
 // Token pooling's row loop (cpu/token.h).
 template <typename scalar_t>
 void nsc_rows_gem(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
-                  ChannelBuffers<at::opmath_type<scalar_t>>& b,
-                  Partial<at::opmath_type<scalar_t>>* st) {
+                  ChannelBuffers<acc_type<scalar_t>>& b, Partial<acc_type<scalar_t>>* st) {
   using Run = NscGemRun<scalar_t>;
   NscForward<Mode::Gem, scalar_t, Run>::reduce_rows(xn, s0, s1, a, a.power_of(0), b);
   for (int64_t c = 0; c < a.C; ++c) st[c] = Run::channel_stats(b, c, xn, s0, s1, a);
@@ -109,8 +108,7 @@ void nsc_rows_gem(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scala
 
 #define GK_INSTANTIATE_ROWS(T)                                                \
   template void nsc_rows_gem<T>(const T*, int64_t, int64_t, const ArgsOf<T>&, \
-                                ChannelBuffers<at::opmath_type<T>>&,          \
-                                Partial<at::opmath_type<T>>*);
+                                ChannelBuffers<acc_type<T>>&, Partial<acc_type<T>>*);
 GK_CPU_FOR_DTYPES(GK_INSTANTIATE_ROWS)
 
 }  // namespace CPU_CAPABILITY

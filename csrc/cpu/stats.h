@@ -3,8 +3,6 @@
 // pool_math.h's (scan_max, merge_max, power, gem_rescale, gem_merge).
 #pragma once
 
-#include <ATen/OpMathType.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -44,13 +42,13 @@ template <typename acc_t>
 struct ChunkPower {
   int integral;
   acc_t value;
-  Vectorized<acc_t> vec[2];
+  Vec<acc_t> vec[2];
   Exponent<acc_t> scalar() const { return {value, integral}; }
 };
 
 template <typename acc_t>
 inline ChunkPower<acc_t> chunk_power(acc_t e) {
-  return {integral_exponent(e), e, {Vectorized<acc_t>(e), Vectorized<acc_t>(e)}};
+  return {integral_exponent(e), e, {Vec<acc_t>(e), Vec<acc_t>(e)}};
 }
 
 template <typename acc_t>
@@ -72,7 +70,7 @@ struct KernelArgs {
 template <typename scalar_t>
 struct ForwardOutputs {
   scalar_t* out;
-  at::opmath_type<scalar_t>* aux;
+  acc_type<scalar_t>* aux;
   int64_t aux_columns;
   int64_t* indices;
 };
@@ -80,15 +78,15 @@ struct ForwardOutputs {
 template <typename scalar_t>
 struct GradInputs {
   const scalar_t* grad_out;
-  const at::opmath_type<scalar_t>* aux;
+  const acc_type<scalar_t>* aux;
   int64_t aux_columns;
   const int64_t* indices;
 };
 
 // The names every CPU kernel piece uses for its (mode, dtype).
 #define GK_CPU_KERNEL_TYPES(kMode, scalar_t)                           \
-  using acc_t = at::opmath_type<scalar_t>;                             \
-  using Vec = ::gapkernels::cpu::Vectorized<acc_t>;                    \
+  using acc_t = acc_type<scalar_t>;                                    \
+  using Vec = ::gapkernels::cpu::Vec<acc_t>;                           \
   using IO = ::gapkernels::cpu::ChunkIO<scalar_t>;                     \
   using Stats = ::gapkernels::cpu::Partial<acc_t>;                     \
   using Args = ::gapkernels::cpu::KernelArgs<acc_t>;                   \

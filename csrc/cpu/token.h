@@ -9,8 +9,6 @@
 // the thread count), so results do not depend on the number of threads.
 #pragma once
 
-#include <ATen/OpMathType.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <utility>
@@ -75,26 +73,24 @@ inline void collect_runs(const bool* mask, int64_t lo, int64_t hi, int64_t piece
 // Statistics of the contiguous run x[0, len) of channel c (indices relative to x): the NCS
 // forward's run loop (ncs_forward.cpp, ncs_forward_gem.cpp).
 template <Mode kMode, typename scalar_t>
-Partial<at::opmath_type<scalar_t>> ncs_run_sum_max(const scalar_t* x, int64_t len, int64_t c,
-                                                   const ArgsOf<scalar_t>& a);
+Partial<acc_type<scalar_t>> ncs_run_sum_max(const scalar_t* x, int64_t len, int64_t c,
+                                            const ArgsOf<scalar_t>& a);
 template <typename scalar_t>
-Partial<at::opmath_type<scalar_t>> ncs_run_gem(const scalar_t* x, int64_t len, int64_t c,
-                                               const ArgsOf<scalar_t>& a);
+Partial<acc_type<scalar_t>> ncs_run_gem(const scalar_t* x, int64_t len, int64_t c,
+                                        const ArgsOf<scalar_t>& a);
 
 // Per-channel statistics st[0, C) of rows [s0, s1) of sample xn (S x C; indices absolute rows):
 // the NSC forward's row loop (nsc_forward.cpp, nsc_forward_gem.cpp), with the task's buffers b.
 template <Mode kMode, typename scalar_t>
 void nsc_rows_sum_max(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
-                      ChannelBuffers<at::opmath_type<scalar_t>>& b,
-                      Partial<at::opmath_type<scalar_t>>* st);
+                      ChannelBuffers<acc_type<scalar_t>>& b, Partial<acc_type<scalar_t>>* st);
 template <typename scalar_t>
 void nsc_rows_gem(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
-                  ChannelBuffers<at::opmath_type<scalar_t>>& b,
-                  Partial<at::opmath_type<scalar_t>>* st);
+                  ChannelBuffers<acc_type<scalar_t>>& b, Partial<acc_type<scalar_t>>* st);
 
 template <Mode kMode, typename scalar_t>
-inline Partial<at::opmath_type<scalar_t>> ncs_run(const scalar_t* x, int64_t len, int64_t c,
-                                                  const ArgsOf<scalar_t>& a) {
+inline Partial<acc_type<scalar_t>> ncs_run(const scalar_t* x, int64_t len, int64_t c,
+                                           const ArgsOf<scalar_t>& a) {
   if constexpr (kMode == Mode::Gem) {
     return ncs_run_gem(x, len, c, a);
   } else {
@@ -104,8 +100,7 @@ inline Partial<at::opmath_type<scalar_t>> ncs_run(const scalar_t* x, int64_t len
 
 template <Mode kMode, typename scalar_t>
 inline void nsc_rows(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<scalar_t>& a,
-                     ChannelBuffers<at::opmath_type<scalar_t>>& b,
-                     Partial<at::opmath_type<scalar_t>>* st) {
+                     ChannelBuffers<acc_type<scalar_t>>& b, Partial<acc_type<scalar_t>>* st) {
   if constexpr (kMode == Mode::Gem) {
     nsc_rows_gem(xn, s0, s1, a, b, st);
   } else {
@@ -116,9 +111,8 @@ inline void nsc_rows(const scalar_t* xn, int64_t s0, int64_t s1, const ArgsOf<sc
 // grad_x[start, end) of one NCS row (channel c) from its coefficients (backward.h; index: the
 // max's position in the row, or -1): the NCS backward's run loop (ncs_backward.cpp).
 template <Mode kMode, typename scalar_t>
-void ncs_grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end,
-                  at::opmath_type<scalar_t> A, at::opmath_type<scalar_t> B, int64_t index,
-                  int64_t c, const ArgsOf<scalar_t>& a);
+void ncs_grad_run(scalar_t* gx, const scalar_t* x, int64_t start, int64_t end, acc_type<scalar_t> A,
+                  acc_type<scalar_t> B, int64_t index, int64_t c, const ArgsOf<scalar_t>& a);
 
 // The token units' entry points (x: the (N, C, S) view's data, NCS or NSC).
 template <Mode kMode, typename scalar_t>

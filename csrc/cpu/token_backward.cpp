@@ -6,7 +6,7 @@
 //        each channel is set (A + B) where it lies in the block.
 // Rows own: padded, the whole sample; varlen, the sequence [origin, end) (the host zeroes grad_x
 // first when the rows do not cover it).
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -47,8 +47,8 @@ struct TokenBackward {
   static void ncs(const scalar_t* x, scalar_t* gx, const TokenArgs& t, const Args& a,
                   const Grad& g) {
     const int64_t C = a.C, S = a.S;
-    at::parallel_for(0, t.B * C, kBatch, [&](int64_t begin, int64_t end) {
-      __at_align__ acc_t A[kBatch], B[kBatch];
+    torch::stable::parallel_for(0, t.B * C, kBatch, [&](int64_t begin, int64_t end) {
+      GK_ALIGNED acc_t A[kBatch], B[kBatch];
       int64_t index[kBatch];
       Runs runs;
       int64_t runs_of = -1;
@@ -137,7 +137,7 @@ struct TokenBackward {
       first[b + 1] = first[b] + std::max<int64_t>(1, ceil_div(own1 - own0, rows));
     }
     const Power uniform = kGem ? a.grad_power_of(0) : Power{};
-    at::parallel_for(0, first[t.B], 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, first[t.B], 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> A(C + kBatch), B(C + kBatch), e(kGem ? C : 0);
       std::vector<int64_t> index(C + kBatch);
       if constexpr (kGem) {

@@ -1,11 +1,10 @@
 // CPU kernels of gapkernels::token_pool_forward and gapkernels::token_pool_backward (schema in
 // ops.cpp; docs/DESIGN.md, "Token pooling"): the checks (checks.cpp's, shared with the CUDA token
-// kernels), the mode/dtype dispatch and the registration. The kernels are token_forward.cpp and
-// token_backward.cpp (cpu/token.h).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
+// kernels), the mode/dtype dispatch and the registration, on the LibTorch stable ABI
+// (stable_common.h). The kernels are token_forward.cpp and token_backward.cpp (cpu/token.h).
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -13,10 +12,11 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/host.h"
 #include "cpu/kernels.h"
 #include "cpu/token.h"
-#include "pool_common.h"
+#include "stable_common.h"
 
 namespace gapkernels {
 namespace cpu {
@@ -36,15 +36,15 @@ struct TokenForm {
   TokenArgs args;
 };
 
-TokenForm token_form(const at::Tensor& x, PoolShape shape, const at::Tensor& spans,
-                     const std::optional<at::Tensor>& mask, bool varlen, const char* op) {
+TokenForm token_form(const StableTensor& x, PoolShape shape, const StableTensor& spans,
+                     const std::optional<StableTensor>& mask, bool varlen, const char* op) {
   const bool has_mask = mask.has_value() && mask->defined();
   const TensorInfo mask_info = has_mask ? tensor_info(*mask) : TensorInfo{};
-  shape = check_token_form(tensor_info(x), shape, tensor_info(spans),
-                           has_mask ? &mask_info : nullptr, varlen, op);
+  const TensorInfo si = tensor_info(spans);
+  shape = check_token_form(tensor_info(x), shape, si, has_mask ? &mask_info : nullptr, varlen, op);
   TokenForm f{shape, {}, {}};
-  const int64_t B = spans.size(0);
-  const int64_t* sp = spans.data_ptr<int64_t>();
+  const int64_t B = si.size(0);
+  const int64_t* sp = const_ptr<int64_t>(spans);
   f.spans.resize(4 * B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t begin = std::clamp<int64_t>(sp[4 * b], 0, shape.S);
@@ -53,13 +53,13 @@ TokenForm token_form(const at::Tensor& x, PoolShape shape, const at::Tensor& spa
     f.spans[4 * b + 2] = sp[4 * b + 2];
     f.spans[4 * b + 3] = std::clamp<int64_t>(sp[4 * b + 3], 0, shape.S);
   }
-  f.args = {B, f.spans.data(), has_mask ? mask->data_ptr<bool>() : nullptr, varlen};
+  f.args = {B, f.spans.data(), has_mask ? const_ptr<bool>(*mask) : nullptr, varlen};
   return f;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_pool_forward_cpu(
-    const at::Tensor& x, const at::Tensor& spans, const std::optional<at::Tensor>& mask,
-    bool varlen, int64_t mode, const std::optional<at::Tensor>& weight, double scalar, double eps,
+std::tuple<StableTensor, StableTensor, StableTensor> token_pool_forward_cpu(
+    const StableTensor& x, const StableTensor& spans, const std::optional<StableTensor>& mask,
+    bool varlen, int64_t mode, const std::optional<StableTensor>& weight, double scalar, double eps,
     bool with_log) {
   const TokenForm f = token_form(x, check_forward_inputs(x, mode, weight, kForwardOp), spans, mask,
                                  varlen, kForwardOp);
@@ -68,18 +68,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_pool_forward_cpu(
   rows.N = f.args.B;
   auto [out, aux, indices] = allocate_forward_outputs(x, rows, m, with_log);
   if (f.args.B == 0 || f.shape.C == 0) return {out, aux, indices};
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "token_pool_forward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        dispatch_mode(m, [&](auto mode_constant) {
-          constexpr Mode kMode = decltype(mode_constant)::value;
-          const auto a = make_args<kMode, scalar_t>(f.shape, weight, scalar, eps, with_log);
-          const ForwardOutputs<scalar_t> o{
-              out.data_ptr<scalar_t>(), aux.numel() ? aux.data_ptr<acc_t>() : nullptr, aux.size(2),
-              mode_has_max(kMode) ? indices.data_ptr<int64_t>() : nullptr};
-          token_forward<kMode>(x.data_ptr<scalar_t>(), f.shape.channels_last, f.args, a, o);
-        });
-      });
+  dispatch_dtype(x.scalar_type(), kForwardOp, [&](auto type) {
+    using scalar_t = typename decltype(type)::type;
+    using acc_t = acc_type<scalar_t>;
+    dispatch_mode(m, [&](auto mode_constant) {
+      constexpr Mode kMode = decltype(mode_constant)::value;
+      const auto a = make_args<kMode, scalar_t>(f.shape, weight, scalar, eps, with_log);
+      const ForwardOutputs<scalar_t> o{
+          mutable_ptr<scalar_t>(out), aux.numel() ? mutable_ptr<acc_t>(aux) : nullptr, aux.size(2),
+          mode_has_max(kMode) ? mutable_ptr<int64_t>(indices) : nullptr};
+      token_forward<kMode>(const_ptr<scalar_t>(x), f.shape.channels_last, f.args, a, o);
+    });
+  });
   return {out, aux, indices};
 }
 
@@ -94,36 +94,37 @@ bool covers(const TokenArgs& t, int64_t total) {
   return next == total;
 }
 
-at::Tensor token_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                   const at::Tensor& spans, const std::optional<at::Tensor>& mask,
-                                   bool varlen, const at::Tensor& aux, const at::Tensor& indices,
-                                   int64_t mode, const std::optional<at::Tensor>& weight,
-                                   double scalar, double eps) {
+StableTensor token_pool_backward_cpu(const StableTensor& grad_out, const StableTensor& x,
+                                     const StableTensor& spans,
+                                     const std::optional<StableTensor>& mask, bool varlen,
+                                     const StableTensor& aux, const StableTensor& indices,
+                                     int64_t mode, const std::optional<StableTensor>& weight,
+                                     double scalar, double eps) {
   const TokenForm f = token_form(x, check_forward_inputs(x, mode, weight, kBackwardOp), spans, mask,
                                  varlen, kBackwardOp);
   const Mode m = static_cast<Mode>(mode);
   const int64_t B = f.args.B, C = f.shape.C;
   check_token_backward(tensor_info(grad_out), tensor_info(x), B, C, tensor_info(aux),
                        tensor_info(indices), m, kBackwardOp);
-  at::Tensor grad_x = allocate_grad_input(x, f.shape);
+  StableTensor grad_x = allocate_grad_input(x, f.shape);
   if (grad_x.numel() == 0) return grad_x;
-  if (B == 0 || (varlen && !covers(f.args, f.shape.S))) grad_x.zero_();
+  if (B == 0 || (varlen && !covers(f.args, f.shape.S))) torch::stable::zero_(grad_x);
   if (B == 0) return grad_x;
   advise_huge_pages(grad_x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "token_pool_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        dispatch_mode(m, [&](auto mode_constant) {
-          constexpr Mode kMode = decltype(mode_constant)::value;
-          constexpr bool kGem = kMode == Mode::Gem;
-          const auto a = make_args<kMode, scalar_t>(f.shape, weight, scalar, eps, false);
-          const GradInputs<scalar_t> g{
-              grad_out.data_ptr<scalar_t>(), kGem ? aux.data_ptr<acc_t>() : nullptr,
-              kGem ? aux.size(2) : 0, mode_has_max(kMode) ? indices.data_ptr<int64_t>() : nullptr};
-          token_backward<kMode>(x.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
-                                f.shape.channels_last, f.args, a, g);
-        });
-      });
+  dispatch_dtype(x.scalar_type(), kBackwardOp, [&](auto type) {
+    using scalar_t = typename decltype(type)::type;
+    using acc_t = acc_type<scalar_t>;
+    dispatch_mode(m, [&](auto mode_constant) {
+      constexpr Mode kMode = decltype(mode_constant)::value;
+      constexpr bool kGem = kMode == Mode::Gem;
+      const auto a = make_args<kMode, scalar_t>(f.shape, weight, scalar, eps, false);
+      const GradInputs<scalar_t> g{const_ptr<scalar_t>(grad_out),
+                                   kGem ? const_ptr<acc_t>(aux) : nullptr, kGem ? aux.size(2) : 0,
+                                   mode_has_max(kMode) ? const_ptr<int64_t>(indices) : nullptr};
+      token_backward<kMode>(const_ptr<scalar_t>(x), mutable_ptr<scalar_t>(grad_x),
+                            f.shape.channels_last, f.args, a, g);
+    });
+  });
   return grad_x;
 }
 
@@ -132,7 +133,7 @@ at::Tensor token_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
 }  // namespace cpu
 }  // namespace gapkernels
 
-TORCH_LIBRARY_IMPL(gapkernels, CPU, m) {
-  m.impl("token_pool_forward", &gapkernels::cpu::token_pool_forward_cpu);
-  m.impl("token_pool_backward", &gapkernels::cpu::token_pool_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(gapkernels, CPU, m) {
+  m.impl("token_pool_forward", TORCH_BOX(&gapkernels::cpu::token_pool_forward_cpu));
+  m.impl("token_pool_backward", TORCH_BOX(&gapkernels::cpu::token_pool_backward_cpu));
 }

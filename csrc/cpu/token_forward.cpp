@@ -5,7 +5,7 @@
 //   NSC: each (row, piece of kTokenRowsPiece rows of its span) in parallel, over all channels;
 //        pieces merged in order afterwards.
 // An empty row is written as the design says: out 0, index -1, MIXED aux 0, GEM aux (0, 1, 0).
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -81,7 +81,7 @@ struct TokenForward {
 
   static void ncs(const scalar_t* x, const TokenArgs& t, const Args& a, const Outputs& o) {
     const int64_t C = a.C, S = a.S;
-    at::parallel_for(0, t.B * C, kBatch, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, t.B * C, kBatch, [&](int64_t begin, int64_t end) {
       Stats st[kBatch];
       bool seen[kBatch];
       Runs runs;
@@ -144,7 +144,7 @@ struct TokenForward {
       parts.resize(tasks * C);
       parts_seen.resize(tasks * C);
     }
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       Buffers buf(C, kGem);
       std::vector<Stats> part(C), st(C);
       std::unique_ptr<bool[]> seen(new bool[C]);
@@ -167,7 +167,7 @@ struct TokenForward {
       }
     });
     if (tasks == t.B) return;
-    at::parallel_for(0, t.B, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, t.B, 1, [&](int64_t begin, int64_t end) {
       Stats st[kBatch];
       bool seen[kBatch];
       for (int64_t b = begin; b < end; ++b) {

@@ -15,6 +15,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/launch.h"
 #include "stable_common.h"
@@ -37,42 +38,18 @@ static_assert(sizeof(torch::headeronly::Half) == sizeof(__half) &&
 static_assert(sizeof(torch::headeronly::BFloat16) == sizeof(__nv_bfloat16) &&
               alignof(torch::headeronly::BFloat16) == alignof(__nv_bfloat16));
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls f(TypeTag<cuda_t>{}) for x's dtype, one of the four check_forward accepts.
+// Calls f(TypeTag<cuda_t>{}) for x's dtype, one of the four check_forward accepts
+// (stable_common.h's switch, with CUDA's half types).
 template <typename F>
 void dispatch_float_types(ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case ScalarType::Float:
-      return f(TypeTag<float>{});
-    case ScalarType::Double:
-      return f(TypeTag<double>{});
-    case ScalarType::Half:
-      return f(TypeTag<__half>{});
-    case ScalarType::BFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-    default:
-      fail(op, ": no CUDA kernel for ", dtype);
-  }
-}
-
-template <typename T>
-const T* const_ptr(const StableTensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
-
-template <typename T>
-T* mutable_ptr(const StableTensor& t) {
-  return static_cast<T*>(t.mutable_data_ptr());
+  dispatch_dtype<__half, __nv_bfloat16>(dtype, op, "CUDA", std::forward<F>(f));
 }
 
 // The current CUDA stream of the device (x's, under the guard).
 inline cudaStream_t current_stream(int32_t device_index) {
   void* stream = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
+  shim_check(aoti_torch_get_current_cuda_stream(device_index, &stream),
+             "aoti_torch_get_current_cuda_stream");
   return static_cast<cudaStream_t>(stream);
 }
 
