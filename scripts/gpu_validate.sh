@@ -135,71 +135,52 @@ import gapkernels
 from gapkernels import _ext, reference
 
 print("CUDA kernels:", _ext.unavailable_reason("CUDA") or "loaded")
-ops = {
-    "avg": lambda x, b: gapkernels.global_avg_pool(x, backend=b),
-    "max": lambda x, b: gapkernels.global_max_pool(x, backend=b),
-    "avgmax": lambda x, b: gapkernels.global_avgmax_pool(x, backend=b),
-    "catavgmax": lambda x, b: gapkernels.global_avgmax_pool(x, True, backend=b),
-    "mixed": lambda x, b: gapkernels.global_mixed_pool(x, 0.3, backend=b),
-    "gem": lambda x, b: gapkernels.global_gem_pool(x, 3.0, backend=b),
+ops = {  # (x, backend, keyword arguments) -> pooled
+    "avg": lambda x, b, kw: gapkernels.global_avg_pool(x, backend=b, **kw),
+    "max": lambda x, b, kw: gapkernels.global_max_pool(x, backend=b, **kw),
+    "avgmax": lambda x, b, kw: gapkernels.global_avgmax_pool(x, backend=b, **kw),
+    "catavgmax": lambda x, b, kw: gapkernels.global_avgmax_pool(x, True, backend=b, **kw),
+    "mixed": lambda x, b, kw: gapkernels.global_mixed_pool(x, 0.3, backend=b, **kw),
+    "gem": lambda x, b, kw: gapkernels.global_gem_pool(x, 3.0, backend=b, **kw),
 }
 bad = 0
+
+
+def check(label, fn, backend, x, kw, tol):
+    """One case against the reference in float64, forward and backward; prints one line."""
+    global bad
+    try:
+        x = x.detach().requires_grad_(True)
+        out = fn(x, backend, kw)
+        g = torch.randn_like(out)
+        (gx,) = torch.autograd.grad(out, x, g)
+        xr = x.detach().double().requires_grad_(True)
+        ref = fn(xr, "reference", kw)
+        (gr,) = torch.autograd.grad(ref, xr, g.double())
+        err = (out.double() - ref).abs().max().item()
+        gerr = (gx.double() - gr).abs().max().item()
+        ok = err <= tol and gerr <= tol
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} {backend:6} {label} out {err:.2e} grad {gerr:.2e}")
+    except Exception as exc:  # report every case, then fail
+        bad += 1
+        print(f"ERR {backend:6} {label}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
 for backend in ("cuda", "triton"):
     for name, fn in ops.items():
         for layout in ("contiguous", "channels_last"):
             for dtype in (torch.float32, torch.bfloat16):
-                try:
-                    x = torch.rand(6, 70, 13, 17, device="cuda", dtype=dtype) + 0.1
-                    if layout == "channels_last":
-                        x = x.to(memory_format=torch.channels_last)
-                    x.requires_grad_(True)
-                    out = fn(x, backend)
-                    g = torch.randn_like(out)
-                    (gx,) = torch.autograd.grad(out, x, g)
-                    xr = x.detach().double().requires_grad_(True)
-                    ref = fn(xr, "reference")
-                    (gr,) = torch.autograd.grad(ref, xr, g.double())
-                    err = (out.double() - ref).abs().max().item()
-                    gerr = (gx.double() - gr).abs().max().item()
-                    tol = 1e-4 if dtype == torch.float32 else 3e-2
-                    ok = err <= tol and gerr <= tol
-                    bad += not ok
-                    print(f"{'ok ' if ok else 'BAD'} {backend:6} {name:9} {layout:14} "
-                          f"{str(dtype):15} out {err:.2e} grad {gerr:.2e}")
-                except Exception as exc:  # report every case, then fail
-                    bad += 1
-                    print(f"ERR {backend:6} {name:9} {layout:14} {dtype}: "
-                          f"{type(exc).__name__}: {str(exc)[:300]}")
-# token pooling: (N, L, C) with lengths and a prefix token skipped, every op
-for backend in ("cuda", "triton"):
-    for name in ops:
-        try:
-            x = (torch.rand(5, 77, 96, device="cuda") + 0.1).requires_grad_(True)
-            lengths = torch.tensor([0, 1, 40, 77, 60], device="cuda")
-            kw = dict(input_fmt="NLC", lengths=lengths, start=1)
-            fn = {
-                "avg": lambda x, b: gapkernels.global_avg_pool(x, backend=b, **kw),
-                "max": lambda x, b: gapkernels.global_max_pool(x, backend=b, **kw),
-                "avgmax": lambda x, b: gapkernels.global_avgmax_pool(x, backend=b, **kw),
-                "catavgmax": lambda x, b: gapkernels.global_avgmax_pool(x, True, backend=b, **kw),
-                "mixed": lambda x, b: gapkernels.global_mixed_pool(x, 0.3, backend=b, **kw),
-                "gem": lambda x, b: gapkernels.global_gem_pool(x, 3.0, backend=b, **kw),
-            }[name]
-            out = fn(x, backend)
-            g = torch.randn_like(out)
-            (gx,) = torch.autograd.grad(out, x, g)
-            xr = x.detach().double().requires_grad_(True)
-            ref = fn(xr, "reference")
-            (gr,) = torch.autograd.grad(ref, xr, g.double())
-            err = (out.double() - ref).abs().max().item()
-            gerr = (gx.double() - gr).abs().max().item()
-            ok = err <= 1e-4 and gerr <= 1e-4
-            bad += not ok
-            print(f"{'ok ' if ok else 'BAD'} {backend:6} {name:9} tokens lengths+start   "
-                  f"out {err:.2e} grad {gerr:.2e}")
-        except Exception as exc:
-            bad += 1
-            print(f"ERR {backend:6} {name:9} tokens: {type(exc).__name__}: {str(exc)[:300]}")
+                x = torch.rand(6, 70, 13, 17, device="cuda", dtype=dtype) + 0.1
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                check(f"{name:9} {layout:14} {str(dtype):15}", fn, backend, x, {}, tol)
+        # token pooling: (N, L, C) with lengths (0, 1, partial, full) and a prefix token skipped
+        x = torch.rand(5, 77, 96, device="cuda") + 0.1
+        lengths = torch.tensor([0, 1, 40, 77, 60], device="cuda")
+        kw = dict(input_fmt="NLC", lengths=lengths, start=1)
+        check(f"{name:9} tokens lengths+start", fn, backend, x, kw, 1e-4)
 raise SystemExit(1 if bad else 0)
 PYEOF
 }
