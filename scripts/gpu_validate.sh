@@ -5,7 +5,7 @@
 #   bash scripts/gpu_validate.sh [STAGE...]        (default: the plan of call 1 below)
 #
 # STAGE: build | smoke | retest | test | memcheck | racecheck | initcheck | synccheck | bench
-#        | benchmore | benchcompile | profile
+#        | benchmore | benchcompile | benchtokens | profile
 #   build         pip install --no-build-isolation -e . (sm_90, the libraries built in parallel,
 #                 one CPU variant; a library that fails is reported and the rest go on)
 #   smoke         every op on both GPU backends against gapkernels.reference, one line each
@@ -20,11 +20,14 @@
 #                 rewriting auto's table from the rows merged so far (--write-auto-table)
 #   benchmore     the other PERF.md shapes, same grid
 #   benchcompile  the torch.compile peer on the (256,2048,7,7) head, every op (a separate file)
+#   benchtokens   token pooling (python -m gapkernels.bench.tokens --device cuda): PERF.md's three
+#                 token cases and a random mask, cuda and triton backends, against the
+#                 sentence-transformers formula (eager, torch.compile) and timm's global_pool_nlc
 #   profile       Nsight Compute (clocks left alone) over the cases furthest from the probe
 #                 (scripts/gpu_profile_cases.py): speed of light, launch stats, occupancy
 # A device lease is about 15 minutes in all, so the two planned calls are
 #   call 1: bash scripts/gpu_validate.sh                     (build smoke retest test bench)
-#   call 2: GK_SKIP_BUILD=1 bash scripts/gpu_validate.sh memcheck racecheck benchcompile benchmore
+#   call 2: GK_SKIP_BUILD=1 bash scripts/gpu_validate.sh memcheck racecheck benchtokens benchcompile benchmore
 # (call 2 only on the same warm machine: it reuses call 1's build).
 # Logs go to $OUT, at most 8 files per call: summary.txt, build.log, smoke.log, pytest.log,
 # junit.xml (junit-retest.xml), bench.tgz (the results and auto_table.json), one .log per
@@ -295,6 +298,13 @@ for stage in "${STAGES[@]}"; do
             run_logged benchcompile "$OUT/bench.log" 150 "$PY" -m gapkernels.bench \
                 --device cuda --out "$BENCH_DIR/compile" --no-plots --shapes resnet50-head \
                 --dtypes bfloat16,float32 --passes fwd || status=1
+            pack_bench
+            ;;
+        benchtokens)
+            mkdir -p "$BENCH_DIR"
+            run_logged benchtokens "$OUT/bench.log" 120 "$PY" -m gapkernels.bench.tokens \
+                --device cuda --backends cuda,triton --reps 3 \
+                --out "$BENCH_DIR/tokens_gpu.md" || status=1
             pack_bench
             ;;
         profile)

@@ -42,6 +42,8 @@ REQUIRED = (
     "frac_sum",
     "sum_f32_gbps",
     "frac_sum_f32",
+    "clone_f32_gbps",
+    "frac_clone_f32",
     "frac_target",
     "device_name",
 )
@@ -81,6 +83,11 @@ def test_cli_runs_without_compile(tmp_path):
     result = _run(tmp_path, "--passes", "fwd,fwdbwd", "--no-compile")
     ops = {r["op"] for r in result["rows"]}
     assert ops == set(bench_cases.OPS)
+    # PERF.md's CPU yardsticks: the float32 sum for a forward, the float32 clone for fwd+bwd.
+    for row in result["rows"]:
+        probe = row["sum_f32_gbps"] if row["pass"] == "fwd" else row["clone_f32_gbps"]
+        assert row["frac_target"] == pytest.approx(row["gbps"] / probe), row
+    assert {r["pass"] for r in result["rows"]} == {"fwd", "fwdbwd"}
     for row in result["rows"]:
         assert row["compile_us"] is None
         assert _filled(row["timm_us"]) == (

@@ -110,7 +110,9 @@ PROBE_MIN_RUN_TIME = 0.5
 
 def probe_bandwidth(dtypes: list[str], config: TimingConfig) -> dict[str, dict[str, float]]:
     """GB/s of the probes per dtype name, float32 always included: {"sum": ...} on every device,
-    plus {"copy": ...} (bytes read + written) on a GPU."""
+    plus {"copy": ...} (`y.copy_(x)`, bytes read + written) on a GPU and {"clone": ...}
+    (`x.clone()` into a fresh tensor, bytes read + written: PERF.md's yardstick for a CPU
+    forward+backward) on the CPU."""
     device = config.device
     probe_bytes = GPU_PROBE_BYTES if device == "cuda" else config.cpu_probe_bytes
     # Every row is divided by the probe: it gets a longer CPU measurement than a case.
@@ -127,6 +129,8 @@ def probe_bandwidth(dtypes: list[str], config: TimingConfig) -> dict[str, dict[s
         if device == "cuda":
             timed = median_seconds(functools.partial(torch.empty_like(x).copy_, x), config)
             results[name]["copy"] = 2 * nbytes / timed / 1e9
+        else:
+            results[name]["clone"] = 2 * nbytes / median_seconds(x.clone, config) / 1e9
     return results
 
 
@@ -225,13 +229,25 @@ def _scaled(value: float | None, factor: float) -> float | None:
 
 def add_probe_fractions(row: dict, probes: dict[str, dict[str, float]], device: str) -> dict:
     """Probe GB/s and the row's fraction of each. `frac_target` is against PERF.md's yardstick:
-    the same dtype's copy on a GPU, the float32 sum on the CPU."""
+    the same dtype's copy on a GPU; on the CPU the float32 sum for a forward and the float32
+    clone (read + write) for a forward+backward."""
     same = probes[row["dtype"]]
     row["sum_gbps"] = same["sum"]
     row["sum_f32_gbps"] = probes["float32"]["sum"]
     row["copy_gbps"] = same.get("copy")
-    for kind in ("sum", "sum_f32", "copy"):
+    row["clone_f32_gbps"] = probes["float32"].get("clone")
+    for kind in ("sum", "sum_f32", "copy", "clone_f32"):
         probe, gbps = row[f"{kind}_gbps"], row["gbps"]
         row[f"frac_{kind}"] = None if probe is None or gbps is None else gbps / probe
-    row["frac_target"] = row["frac_copy"] if device == "cuda" else row["frac_sum_f32"]
+    if device == "cuda":
+        row["frac_target"] = row["frac_copy"]
+    else:
+        row["frac_target"] = row["frac_sum_f32"] if row["pass"] == "fwd" else row["frac_clone_f32"]
     return row
+
+
+def target_probe_name(device: str) -> str:
+    """What `frac_target` (the tables' "% probe") is against, in words."""
+    if device == "cuda":
+        return "copy (same dtype)"
+    return "sum (float32) for fwd, clone (float32) for fwdbwd"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import gapkernels
+from gapkernels.bench import harness
 
 # (heading, row -> cell text) of the compact table.
 DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
@@ -87,7 +88,7 @@ def make_header(device: str, mode: str, backend_names: list[str], probes: dict) 
         "mode": mode,
         "backends": backend_names,
         "probes_gbps": probes,
-        "target_probe": "copy (same dtype)" if device == "cuda" else "sum (float32)",
+        "target_probe": harness.target_probe_name(device),
     }
 
 
@@ -301,8 +302,13 @@ def plot_gbps(path: Path, header: dict, rows: list[dict]) -> None:
         _bars(ax, labels, series)
         probes = header["probes_gbps"]
         on_gpu = header["device"] == "cuda"
-        target = probes[dtype]["copy"] if on_gpu else probes["float32"]["sum"]
-        ax.axhline(target, color="k", linestyle="--", label=f"probe: {header['target_probe']}")
+        if on_gpu:
+            target, target_name = probes[dtype]["copy"], f"copy ({dtype})"
+        elif pass_ == "fwd" or "clone" not in probes["float32"]:
+            target, target_name = probes["float32"]["sum"], "sum (float32)"
+        else:
+            target, target_name = probes["float32"]["clone"], "clone (float32)"
+        ax.axhline(target, color="k", linestyle="--", label=f"probe: {target_name}")
         if probes[dtype]["sum"] != target:
             ax.axhline(probes[dtype]["sum"], color="gray", linestyle=":", label=f"sum ({dtype})")
         ax.set_title(f"{dtype}, {pass_}", fontsize=9)

@@ -2,18 +2,25 @@
 in eager torch and under torch.compile, and timm's `global_pool_nlc`.
 
     python -m gapkernels.bench.tokens [--reps 3] [--dtypes float32,bfloat16] [--passes fwd,fwdbwd]
-                                      [--cases st_lengths,vit_prefix,quarter] [--out bench/results]
+                                      [--cases st_lengths,vit_prefix,quarter,random_mask]
+                                      [--out FILE]
+                                      [--device cpu|cuda] [--backends auto,cuda,triton]
 
 Cases (NLC input, mean pooling):
   st_lengths  (128, 512, 768), lengths uniform in [32, 512] (sentence-transformers' batch);
   vit_prefix  (32, 197, 768), one prefix token skipped (ViT-B/16's class token; timm's peer);
-  quarter     (16, 4096, 1024), a quarter of the tokens valid (lengths 1024).
+  quarter     (16, 4096, 1024), a quarter of the tokens valid (lengths 1024);
+  random_mask (128, 512, 768), each token valid with probability 1/2, independently (a mask that
+              lengths cannot express: runs of 2 tokens on average; not in PERF.md's list).
 gapkernels runs with `lengths=` / `start=` (and, for the padded cases, with the equivalent
 `mask=` as sentence-transformers passes it); the peers get the attention mask (sentence-
 transformers) or the prefix count (timm). GB/s is over the bytes that must be moved: forward, the
 valid tokens read and the output written; forward+backward adds grad_out read and the whole grad_x
-written (zeros included). `% probe` is against the float32 `x.sum()` of a tensor as large as the
-case's input (harness.probe_bandwidth), the higher of the probes before and after the cases.
+written (zeros included). `% probe` is against PERF.md's yardstick, measured on a float32 tensor
+as large as the largest case's input (harness.probe_bandwidth), the higher of the probes before
+and after the cases: on the CPU `x.sum()` for a forward and `x.clone()` (read + write) for a
+forward+backward; on a GPU `y.copy_(x)` for both. Each gapkernels backend in `--backends` is
+timed (`auto` is what a user gets); the speedup column is against the first.
 Implementations and cases are interleaved and the whole sweep repeated `--reps` times; the
 table gives the median over repeats and the spread (min-max) in percent of the median.
 """
@@ -23,9 +30,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 
 import torch
@@ -40,8 +49,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class TokenCase:
     name: str
     shape: tuple[int, int, int]
-    lengths: torch.Tensor | None  # (N,) int64, or None (prefix case)
+    lengths: torch.Tensor | None  # (N,) int64, or None (prefix and random-mask cases)
     start: int
+    mask: torch.Tensor | None = None  # (N, S) bool, the random-mask case only
 
 
 def make_case(name: str, gen: torch.Generator) -> TokenCase:
@@ -53,6 +63,9 @@ def make_case(name: str, gen: torch.Generator) -> TokenCase:
     if name == "quarter":
         n, s, c = 16, 4096, 1024
         return TokenCase(name, (n, s, c), torch.full((n,), s // 4, dtype=torch.int64), 0)
+    if name == "random_mask":
+        n, s, c = 128, 512, 768
+        return TokenCase(name, (n, s, c), None, 0, torch.rand(n, s, generator=gen) < 0.5)
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -68,27 +81,43 @@ def timm_avg(x: torch.Tensor) -> torch.Tensor:
     return global_pool_nlc(x, "avg", num_prefix_tokens=1)
 
 
-def implementations(case: TokenCase, compile_: bool) -> dict[str, Callable]:
+def _ours(backend: str) -> str:
+    return "gapkernels" if backend == "auto" else f"gapkernels/{backend}"
+
+
+def _add_ours(impls: dict, backends: tuple[str, ...], kind: str, **kw) -> None:
+    """gapkernels' mean pooling with the token argument `kind` (kw), on each backend."""
+    for b in backends:
+        impls[f"{_ours(b)} {kind}"] = functools.partial(
+            gapkernels.global_avg_pool, input_fmt="NLC", backend=b, **kw
+        )
+
+
+def _add_st_peers(impls: dict, mask: torch.Tensor, compile_: bool) -> None:
+    """sentence-transformers' formula with `mask` as its attention mask, eager and compiled."""
+    impls["st eager"] = lambda x: st_mean(x, mask)
+    if compile_:
+        compiled = torch.compile(st_mean, dynamic=False)
+        impls["st compile"] = lambda x: compiled(x, mask)
+
+
+def implementations(
+    case: TokenCase, compile_: bool, device: str = "cpu", backends: tuple[str, ...] = ("auto",)
+) -> dict[str, Callable]:
     impls: dict[str, Callable] = {}
-    if case.lengths is not None:
-        lengths = case.lengths
-        n, s, _ = case.shape
-        mask = torch.arange(s).view(1, -1) < lengths.view(-1, 1)
-        impls["gapkernels lengths"] = lambda x: gapkernels.global_avg_pool(
-            x, input_fmt="NLC", lengths=lengths
-        )
-        impls["gapkernels mask"] = lambda x: gapkernels.global_avg_pool(
-            x, input_fmt="NLC", mask=mask
-        )
-        impls["st eager"] = lambda x: st_mean(x, mask)
-        if compile_:
-            compiled = torch.compile(st_mean, dynamic=False)
-            impls["st compile"] = lambda x: compiled(x, mask)
+    if case.mask is not None:
+        mask = case.mask.to(device)
+        _add_ours(impls, backends, "mask", mask=mask)
+        _add_st_peers(impls, mask, compile_)
+    elif case.lengths is not None:
+        lengths = case.lengths.to(device)
+        s = case.shape[1]
+        mask = torch.arange(s, device=device).view(1, -1) < lengths.view(-1, 1)
+        _add_ours(impls, backends, "lengths", lengths=lengths)
+        _add_ours(impls, backends, "mask", mask=mask)
+        _add_st_peers(impls, mask, compile_)
     else:
-        start = case.start
-        impls["gapkernels start"] = lambda x: gapkernels.global_avg_pool(
-            x, input_fmt="NLC", start=start
-        )
+        _add_ours(impls, backends, "start", start=case.start)
         try:
             import timm.layers  # noqa: F401
 
@@ -103,7 +132,12 @@ def implementations(case: TokenCase, compile_: bool) -> dict[str, Callable]:
 def moved_bytes(case: TokenCase, dtype: torch.dtype, pass_: str) -> int:
     n, s, c = case.shape
     es = torch.empty((), dtype=dtype).element_size()
-    valid = int(case.lengths.sum()) if case.lengths is not None else n * (s - case.start)
+    if case.mask is not None:
+        valid = int(case.mask.sum())
+    elif case.lengths is not None:
+        valid = int(case.lengths.sum())
+    else:
+        valid = n * (s - case.start)
     fwd = valid * c * es + n * c * es
     return fwd if pass_ == "fwd" else fwd + n * c * es + n * s * c * es
 
@@ -112,7 +146,7 @@ def step(fn: Callable, x: torch.Tensor, pass_: str) -> Callable[[], object]:
     if pass_ == "fwd":
         return lambda: fn(x)
     xg = x.detach().requires_grad_()
-    grad_out = torch.ones(x.shape[0], x.shape[2], dtype=x.dtype)
+    grad_out = torch.ones(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
     return lambda: torch.autograd.grad(fn(xg), xg, grad_out)
 
 
@@ -126,9 +160,12 @@ def check(impls: dict[str, Callable], x: torch.Tensor) -> None:
 
 def run(args) -> str:
     threads = harness.use_all_cores()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     gen = torch.Generator().manual_seed(0)
     cases = [make_case(name, gen) for name in args.cases]
-    config = harness.TimingConfig("cpu", cpu_min_run_time=args.min_run_time)
+    config = harness.TimingConfig(device, cpu_min_run_time=args.min_run_time)
     largest = max(4 * n * s * c for n, s, c in (case.shape for case in cases))
     probe_config = dataclasses.replace(config, cpu_probe_bytes=largest)
     probes_before = harness.probe_bandwidth(["float32"], probe_config)
@@ -136,8 +173,8 @@ def run(args) -> str:
     cells: list[Cell] = []
     for case in cases:
         for dname in args.dtypes:
-            x = torch.randn(case.shape, generator=gen).to(DTYPES[dname])
-            impls = implementations(case, not args.no_compile)
+            x = torch.randn(case.shape, generator=gen).to(device=device, dtype=DTYPES[dname])
+            impls = implementations(case, not args.no_compile, device, tuple(args.backends))
             check(impls, x)
             for pass_ in args.passes:
                 calls = {name: step(fn, x, pass_) for name, fn in impls.items()}
@@ -147,13 +184,24 @@ def run(args) -> str:
             for name, timed in cell_calls.items():
                 times[name].append(harness.median_seconds(timed, config))
     probes = harness.best_probes(probes_before, harness.probe_bandwidth(["float32"], probe_config))
-    probe = probes["float32"]["sum"]
+    f32 = probes["float32"]
+    if device == "cuda":
+        probe = {"fwd": f32["copy"], "fwdbwd": f32["copy"]}
+        where = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+        probe_text = f"`y.copy_(x)` {f32['copy']:.1f} GB/s"
+    else:
+        probe = {"fwd": f32["sum"], "fwdbwd": f32["clone"]}
+        where = f"{cpu_model()}, {threads} threads"
+        probe_text = (
+            f"`x.sum()` {f32['sum']:.1f} GB/s (fwd), `x.clone()` {f32['clone']:.1f} GB/s (fwdbwd)"
+        )
+    argv = " ".join(args.argv) if args.argv else f"--reps {args.reps}"
     lines = [
-        f"# Token pooling on the CPU: {cpu_model()}, {threads} threads",
+        f"# Token pooling on {'the GPU' if device == 'cuda' else 'the CPU'}: {where}",
         "",
-        f"`python -m gapkernels.bench.tokens --reps {args.reps}` on "
+        f"`python -m gapkernels.bench.tokens {argv}` on "
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
-        f"git {git_commit()}. Probe (float32 `x.sum()`, {largest >> 20} MB): {probe:.1f} GB/s. "
+        f"git {git_commit()}. Probes (float32, {largest >> 20} MB): {probe_text}. "
         "Time: median of the repeats (each a blocked_autorange median), spread = (max - min) / "
         "median over the repeats; GB/s over the bytes that must be moved (see "
         "gapkernels/bench/tokens.py); speedup = peer time / gapkernels time (lengths/start).",
@@ -171,7 +219,8 @@ def run(args) -> str:
             gbps = nbytes / med / 1e9
             lines.append(
                 f"| {case.name} {case.shape} | {dname} | {pass_} | {name} | {med * 1e3:.2f} | "
-                f"{spread:.0f}% | {gbps:.1f} | {gbps / probe * 100:.0f}% | {med / ours:.2f}x |"
+                f"{spread:.0f}% | {gbps:.1f} | {gbps / probe[pass_] * 100:.0f}% | "
+                f"{med / ours:.2f}x |"
             )
     return "\n".join(lines) + "\n"
 
@@ -204,17 +253,23 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="st_lengths,vit_prefix,quarter")
+    parser.add_argument("--cases", default="st_lengths,vit_prefix,quarter,random_mask")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", default=None, help="write the table to this file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--backends", default="auto", help="gapkernels backends to time, comma-separated"
+    )
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.cases = args.cases.split(",")
     args.dtypes = args.dtypes.split(",")
     args.passes = args.passes.split(",")
+    args.backends = args.backends.split(",")
     table = run(args)
     print(table)
     if args.out:
