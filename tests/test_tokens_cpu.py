@@ -114,6 +114,42 @@ def test_cpu_max_rules_at_boundaries(layout, gen):
             )
 
 
+@pytest.mark.parametrize("op", TOKEN_OPS)
+def test_cpu_scattered_and_long_runs(op, gen):
+    """NSC masks of every run structure: scattered positions (gathered 64 rows at a time, the
+    gathered rows' max index mapped back), runs of 64 or more (reduced in place) between them,
+    gathers that cross a piece boundary, and a mask equal to lengths (the same bits as lengths)."""
+    n, s, c = 4, 1200, 21
+    x = torch.randn(n, s, c, generator=gen)
+    x[:, ::7] = x[:, ::7].round()  # ties
+    mask = torch.zeros(n, s, dtype=torch.bool)
+    mask[0] = torch.rand(s, generator=gen) < 0.5
+    mask[0, 100:180] = True  # a long run among scattered ones
+    mask[0, 1000:1100] = True  # across the piece boundary at 1024
+    mask[1, ::3] = True
+    mask[2, 5:69] = True  # exactly 64
+    mask[2, 300:363] = True  # 63: gathered
+    mask[2, 1010:1040] = torch.rand(30, generator=gen) < 0.7
+    mask[3, :777] = True  # a prefix
+    y = x.abs() + 0.1 if op == "gem" else x
+    w = weight_for(op, c)
+    got = call(op, gapkernels, y, w, input_fmt="NLC", mask=mask, backend="cpu")
+    want = call(op, reference, y, w, input_fmt="NLC", mask=mask)
+    assert_close(got, want, torch.float32)
+    if op == "max":
+        values, index = gapkernels.global_max_pool(
+            y, True, input_fmt="NLC", mask=mask, backend="cpu"
+        )
+        ref_values, ref_index = reference.global_max_pool(y, True, input_fmt="NLC", mask=mask)
+        assert torch.equal(index, ref_index)
+        assert_bitwise_equal(values, ref_values)
+    lengths = torch.tensor([777])
+    assert_bitwise_equal(
+        call(op, gapkernels, y[3:], w, input_fmt="NLC", mask=mask[3:], backend="cpu"),
+        call(op, gapkernels, y[3:], w, input_fmt="NLC", lengths=lengths, backend="cpu"),
+    )
+
+
 @pytest.mark.parametrize("pool_type", TOKEN_OPS)
 def test_cpu_varlen(pool_type, gen):
     # A sequence of 2100 tokens is cut into NSC pieces of 1024 rows.

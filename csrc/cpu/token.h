@@ -41,6 +41,9 @@ struct TokenArgs {
 constexpr int64_t kTokenRunPiece = kMaxRunPiece;
 // NSC pieces: rows of a span per task.
 constexpr int64_t kTokenRowsPiece = kMaxRowsPiece;
+// NSC: runs of positions shorter than this (a scattered mask) are gathered into a buffer of this
+// many rows and reduced together (token_forward.cpp).
+constexpr int64_t kCompactRows = 64;
 
 // Calls f(s0, s1) for each maximal run of positions of [p0, p1) that take part, in order.
 template <typename F>

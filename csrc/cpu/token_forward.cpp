@@ -3,7 +3,10 @@
 //   NCS: each (row, channel) in parallel; its span's runs of positions that take part (the
 //        whole span without a mask) are reduced in order, cut at kTokenRunPiece.
 //   NSC: each (row, piece of kTokenRowsPiece rows of its span) in parallel, over all channels;
-//        pieces merged in order afterwards.
+//        pieces merged in order afterwards. Within a piece, a run of kCompactRows positions or
+//        more is reduced where it lies; shorter runs (a scattered mask) are copied, in order,
+//        into a buffer of kCompactRows rows that is reduced when full (and at the end), so that
+//        the per-channel merge is paid once per kCompactRows positions, not once per run.
 // An empty row is written as the design says: out 0, index -1, MIXED aux 0, GEM aux (0, 1, 0).
 #include <torch/csrc/stable/ops.h>
 
@@ -111,21 +114,52 @@ struct TokenForward {
     });
   }
 
+  // The short runs' rows gathered for one reduction, with the positions they came from.
+  struct Compact {
+    std::vector<scalar_t> rows;  // kCompactRows x C
+    int64_t positions[kCompactRows];
+    int64_t count = 0;
+  };
+
   // Channels [0, C) of rows [p0, p1) of row b's sample into st / seen (indices from origin).
   static void nsc_piece(const scalar_t* x, const TokenArgs& t, const Args& a, int64_t b, int64_t p0,
-                        int64_t p1, Buffers& buf, Stats* part, Stats* st, bool* seen) {
+                        int64_t p1, Buffers& buf, Stats* part, Stats* st, bool* seen,
+                        Compact& compact) {
     const int64_t C = a.C, S = a.S;
     const int64_t n = t.sample(b);
     const scalar_t* xn = x + n * S * C;
     const bool* mask = t.mask ? t.mask + n * S : nullptr;
+    const int64_t origin = t.origin(b);
     std::fill(seen, seen + C, false);
-    for_each_run(mask, p0, p1, [&](int64_t s0, int64_t s1) {
-      nsc_rows<kMode>(xn, s0, s1, a, buf, part);
+    // Reduces rows [s0, s1) of rows (positions[r] is row r's position, or rows is xn) and merges.
+    auto reduce = [&](const scalar_t* rows, int64_t s0, int64_t s1, const int64_t* positions) {
+      nsc_rows<kMode>(rows, s0, s1, a, buf, part);
       for (int64_t c = 0; c < C; ++c) {
-        part[c].index -= t.origin(b);
+        int64_t index = part[c].index;
+        if (positions != nullptr && index >= 0 && index < s1) index = positions[index];
+        part[c].index = index - origin;
         merge(st[c], seen[c], part[c], c, a);
       }
+    };
+    auto flush = [&]() {
+      if (compact.count == 0) return;
+      reduce(compact.rows.data(), 0, compact.count, compact.positions);
+      compact.count = 0;
+    };
+    for_each_run(mask, p0, p1, [&](int64_t s0, int64_t s1) {
+      if (s1 - s0 >= kCompactRows || (mask == nullptr)) {
+        flush();
+        reduce(xn, s0, s1, nullptr);
+        return;
+      }
+      if (compact.rows.empty()) compact.rows.resize(kCompactRows * C);
+      for (int64_t s = s0; s < s1; ++s) {
+        if (compact.count == kCompactRows) flush();
+        std::copy(xn + s * C, xn + (s + 1) * C, compact.rows.data() + compact.count * C);
+        compact.positions[compact.count++] = s;
+      }
     });
+    flush();
   }
 
   static void nsc(const scalar_t* x, const TokenArgs& t, const Args& a, const Outputs& o) {
@@ -148,13 +182,14 @@ struct TokenForward {
       Buffers buf(C, kGem);
       std::vector<Stats> part(C), st(C);
       std::unique_ptr<bool[]> seen(new bool[C]);
+      Compact compact;
       int64_t b = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
       for (int64_t task = begin; task < end; ++task) {
         while (first[b + 1] <= task) ++b;
         const int64_t k = task - first[b];
         const int64_t p0 = t.begin(b) + k * kTokenRowsPiece;
         const int64_t p1 = std::min(t.end(b), p0 + kTokenRowsPiece);
-        nsc_piece(x, t, a, b, p0, p1, buf, part.data(), st.data(), seen.get());
+        nsc_piece(x, t, a, b, p0, p1, buf, part.data(), st.data(), seen.get(), compact);
         if (first[b + 1] - first[b] == 1) {
           for (int64_t c0 = 0; c0 < C; c0 += kBatch) {
             finish(a, o, b, t.count(b), c0, std::min(kBatch, C - c0), st.data() + c0,
