@@ -7,6 +7,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST      GPU architectures; when set, it is used as given. Default: Ampere to
                             Hopper (8.0;8.6;8.9;9.0), plus Blackwell (10.0;12.0) when nvcc is 12.8
                             or newer, with +PTX on the newest so that later GPUs still run
+  GAPKERNELS_NO_ACCEL=1     leave out gapkernels._C, the accelerator (torch's unstable API):
+                            every library is then on the stable ABI, and a wheel is tagged abi3
+                            (cp310-abi3), one wheel for every CPython >= 3.10 and torch >= 2.11
   GAPKERNELS_CPU_VARIANTS   which CPU kernel variants to build, comma-separated (default: all
                             that the machine architecture has: default,avx2,avx512 on x86-64,
                             default elsewhere). Restricting it only shortens the build (coverage
@@ -136,6 +139,10 @@ def cpu_variants(machine: str | None = None) -> list[str]:
 # every ATen/c10 header refuse to compile, so nothing outside the stable surface can slip in.
 STABLE_TARGET = "2.11"
 STABLE_TARGET_FLAG = "-DTORCH_TARGET_VERSION=0x020b000000000000"
+# The libraries on the stable ABI use no Python API (py_limited_api: cpp_extension builds them
+# with Py_LIMITED_API for CPython 3.10, the oldest this package supports); a wheel that holds
+# only them is tagged for it (GAPKERNELS_NO_ACCEL=1, with_accel()).
+LIMITED_API_TAG = "cp310"
 
 # The CPU libraries' link: torch_cpu (the stable C shim: registration, allocation,
 # torch_parallel_for) and c10 (which cpp_extension always links; unused). Neither torch_python
@@ -339,13 +346,30 @@ def remove_unstable_cpu_libraries(folder: str) -> None:
         os.remove(path)
 
 
-if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
-    setup(
-        ext_modules=[
+def with_accel() -> bool:
+    """Whether to build gapkernels._C, the accelerator (torch's unstable C++ API). Without it
+    (GAPKERNELS_NO_ACCEL=1 at build time, the same variable that keeps it from loading) every
+    library is on the stable ABI and Python's limited API, so the wheel is tagged abi3: one wheel
+    for every CPython from 3.10 and every torch from STABLE_TARGET on."""
+    return os.environ.get("GAPKERNELS_NO_ACCEL", "0") != "1"
+
+
+def setup_arguments() -> dict:
+    """setup()'s arguments for this environment (the libraries to build, the wheel's tag)."""
+    accel = with_accel()
+    arguments: dict = {
+        "ext_modules": [
             ops_extension(),
-            extension(),
+            *([extension()] if accel else []),
             *cpu_extensions(),
             *[ext for ext in [cuda_extension()] if ext is not None],
         ],
-        cmdclass={"build_ext": BuildExtensionWithInfo},
-    )
+        "cmdclass": {"build_ext": BuildExtensionWithInfo},
+    }
+    if not accel:
+        arguments["options"] = {"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}}
+    return arguments
+
+
+if __name__ == "__main__":  # every build frontend runs this file as __main__; tests import it
+    setup(**setup_arguments())

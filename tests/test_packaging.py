@@ -161,6 +161,27 @@ def test_users_arch_list_wins(setup_py, monkeypatch):
     assert _cuda_extension_env(setup_py, monkeypatch, "9.0") == "9.0"
 
 
+@pytest.mark.parametrize("no_accel", [False, True])
+def test_abi3_only_build_without_the_accelerator(setup_py, monkeypatch, no_accel):
+    # GAPKERNELS_NO_ACCEL=1 at build time: no gapkernels._C, every library on the limited API,
+    # and the wheel tagged cp310-abi3; without it, _C is built and the wheel keeps its CPython tag.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("GAPKERNELS_NO_CUDA", "1")
+    if no_accel:
+        monkeypatch.setenv("GAPKERNELS_NO_ACCEL", "1")
+    else:
+        monkeypatch.delenv("GAPKERNELS_NO_ACCEL", raising=False)
+    arguments = setup_py["setup_arguments"]()
+    names = [ext.name for ext in arguments["ext_modules"]]
+    assert "gapkernels._ops" in names and any(n.startswith("gapkernels._cpu_") for n in names)
+    assert ("gapkernels._C" in names) != no_accel
+    if no_accel:
+        assert all(ext.py_limited_api for ext in arguments["ext_modules"]), names
+        assert arguments["options"] == {"bdist_wheel": {"py_limited_api": "cp310"}}
+    else:
+        assert "options" not in arguments
+
+
 # --- MANIFEST.in -------------------------------------------------------------------------------
 
 
