@@ -34,7 +34,7 @@ import torch
 
 from gapkernels.bench import cases as bench_cases
 from gapkernels.bench import harness
-from gapkernels.bench.tokens import cpu_model, git_commit
+from gapkernels.bench.report import cpu_model, git_commit
 
 
 def hot_shape(shape: tuple[int, ...], hot_bytes: int) -> tuple[int, ...]:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "git_commit": git_commit(),
+        "git_commit": git_commit() or "unknown",
         "command": "python scripts/cpu_limits.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "cold_bytes_f32": cold_bytes,

@@ -57,7 +57,7 @@ def _version(module_name: str) -> str | None:
     return getattr(module, "__version__", None)
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -82,7 +82,7 @@ def make_header(device: str, mode: str, backend_names: list[str], probes: dict) 
         "cuda": torch.version.cuda,
         "timm": _version("timm"),
         "gapkernels": gapkernels.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
         "mode": mode,

@@ -31,8 +31,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import os
-import platform
 import statistics
 import sys
 from collections.abc import Callable
@@ -41,6 +39,7 @@ import torch
 
 import gapkernels
 from gapkernels.bench import harness
+from gapkernels.bench.report import cpu_model, git_commit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -185,6 +184,7 @@ def run(args) -> str:
                 times[name].append(harness.median_seconds(timed, config))
     probes = harness.best_probes(probes_before, harness.probe_bandwidth(["float32"], probe_config))
     f32 = probes["float32"]
+    probe_bytes = harness.GPU_PROBE_BYTES if device == "cuda" else largest
     if device == "cuda":
         probe = {"fwd": f32["copy"], "fwdbwd": f32["copy"]}
         where = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
@@ -201,7 +201,8 @@ def run(args) -> str:
         "",
         f"`python -m gapkernels.bench.tokens {argv}` on "
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
-        f"git {git_commit()}. Probes (float32, {largest >> 20} MB): {probe_text}. "
+        f"git {git_commit() or 'unknown'}. Probes (float32, {probe_bytes >> 20} MB): "
+        f"{probe_text}. "
         "Time: median of the repeats (each a blocked_autorange median), spread = (max - min) / "
         "median over the repeats; GB/s over the bytes that must be moved (see "
         "gapkernels/bench/tokens.py); speedup = peer time / gapkernels time (lengths/start).",
@@ -223,32 +224,6 @@ def run(args) -> str:
                 f"{med / ours:.2f}x |"
             )
     return "\n".join(lines) + "\n"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def git_commit() -> str:
-    try:
-        import subprocess
-
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
