@@ -4,7 +4,8 @@
 # (pyproject.toml's build requirements: torch>=2.11), and the result is installed next to another
 # torch. Here that other torch is 2.13.0, the CPU build (the environment scripts/test_torch213.sh
 # makes and reuses, GAPKERNELS_VENV213), while the build environment gets the newest torch pip
-# finds (2.14.1 on this project's machines). The stable-ABI libraries (op schemas, CPU kernels)
+# finds (2.14.1 on this project's machines) where the disk has room for it, else the same torch
+# (GAPKERNELS_ISOLATED_BUILD_TORCH below). The stable-ABI libraries (op schemas, CPU kernels)
 # must load and pass the CPU tests; the accelerator gapkernels._C, built against the build
 # environment's torch, must be skipped by its version check with the reason, not crash.
 #
@@ -23,6 +24,16 @@
 # library loads only where torch is a CUDA build, which the 2.13.0 environment is not, and its
 # compile would add about 10 minutes. Takes about 10 minutes on 2 cores: the build environment's
 # torch (a few GB from the machine's wheel folder) and three CPU kernel builds.
+#
+# Which torch the build environment gets, GAPKERNELS_ISOLATED_BUILD_TORCH:
+#   newest  pip's own choice, as a plain `pip install .` makes it (2.14.1, a CUDA build: about 6 GB
+#           installed in pip's temporary build environment); _C must then be skipped;
+#   same    the torch it is installed next to, pinned with a build constraint (PIP_CONSTRAINT and
+#           PIP_BUILD_CONSTRAINT, `torch==<version>`, as the README suggests); _C must then load,
+#           and the subset runs with it (test_accel.py --with-accel);
+#   auto    (the default) newest where the temporary folder's disk has GAPKERNELS_ISOLATED_MIN_GB
+#           (default 12) GB free, else same: CI's machine has run out of disk in the newest build
+#           environment, after the project's .venv and the 2.13.0 one.
 # GAPKERNELS_NO_ACCEL=1 builds without the accelerator (setup.py): the wheel must then be tagged
 # cp310-abi3 and hold no gapkernels._C. GAPKERNELS_KEEP_DIST=1 keeps the temporary folder. Extra
 # arguments go to pytest.
@@ -56,10 +67,27 @@ find "$TMP/run/tests" -name __pycache__ -prune -exec rm -rf {} +
 NO_CUDA=1
 [ "${GAPKERNELS_ISOLATED_CUDA:-0}" = 1 ] && NO_CUDA=0
 NO_ACCEL=${GAPKERNELS_NO_ACCEL:-0}
-step "pip wheel (build isolation on) for torch $RUN_TORCH; GAPKERNELS_NO_CUDA=$NO_CUDA" \
-    "GAPKERNELS_NO_ACCEL=$NO_ACCEL"
-# No PIP_NO_BUILD_ISOLATION from the caller's environment: isolation is the point.
-if ! (cd "$TMP" && env -u PIP_NO_BUILD_ISOLATION GAPKERNELS_NO_CUDA=$NO_CUDA \
+BUILD_TORCH_MODE=${GAPKERNELS_ISOLATED_BUILD_TORCH:-auto}
+FREE_GB=$(( $(df -Pk "$TMP" | awk 'NR == 2 {print $4}') / 1048576 ))
+MIN_GB=${GAPKERNELS_ISOLATED_MIN_GB:-12}
+case "$BUILD_TORCH_MODE" in
+    newest | same) WHY="GAPKERNELS_ISOLATED_BUILD_TORCH=$BUILD_TORCH_MODE" ;;
+    auto)
+        if [ "$FREE_GB" -ge "$MIN_GB" ]; then BUILD_TORCH_MODE=newest; else BUILD_TORCH_MODE=same; fi
+        WHY="$FREE_GB GB free in $TMP, newest needs $MIN_GB" ;;
+    *) fail "GAPKERNELS_ISOLATED_BUILD_TORCH=$BUILD_TORCH_MODE: expected newest, same or auto" ;;
+esac
+# No PIP_NO_BUILD_ISOLATION from the caller's environment: isolation is the point; no pip cache.
+BUILD_ENV=(env -u PIP_NO_BUILD_ISOLATION PIP_NO_CACHE_DIR=1)
+if [ "$BUILD_TORCH_MODE" = same ]; then
+    echo "torch==$RUN_TORCH" >"$TMP/build-constraints.txt"
+    # pip < 26.2 applies PIP_CONSTRAINT to build environments, later ones PIP_BUILD_CONSTRAINT.
+    BUILD_ENV+=(PIP_CONSTRAINT="$TMP/build-constraints.txt"
+        PIP_BUILD_CONSTRAINT="$TMP/build-constraints.txt")
+fi
+step "pip wheel (build isolation on) for torch $RUN_TORCH; build environment's torch:" \
+    "$BUILD_TORCH_MODE ($WHY); GAPKERNELS_NO_CUDA=$NO_CUDA GAPKERNELS_NO_ACCEL=$NO_ACCEL"
+if ! (cd "$TMP" && "${BUILD_ENV[@]}" GAPKERNELS_NO_CUDA=$NO_CUDA \
         GAPKERNELS_NO_ACCEL="$NO_ACCEL" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         "$PY" -m pip wheel -v --no-deps -w "$TMP/wheels" "$TMP/checkout") >"$TMP/build.log" 2>&1
 then
@@ -72,6 +100,9 @@ WHEEL=${WHEELS[0]}
 BUILD_TORCH=$(grep -o -E "Successfully installed .*" "$TMP/build.log" \
     | grep -o -m1 -E " torch-[0-9][^ ]*" | tr -d ' ' || true)
 step "built $(basename "$WHEEL"); the build environment had ${BUILD_TORCH:-a torch the log does not name}"
+if [ "$BUILD_TORCH_MODE" = same ] && [ "$BUILD_TORCH" != "torch-$RUN_TORCH" ]; then
+    fail "the build constraint torch==$RUN_TORCH did not hold: the build environment had $BUILD_TORCH"
+fi
 if [ "$NO_ACCEL" = 1 ]; then
     case "$WHEEL" in *-cp310-abi3-*.whl) ;; *) fail "without the accelerator the wheel is not cp310-abi3: $WHEEL" ;; esac
     if "$PY" -m zipfile -l "$WHEEL" | grep -q "gapkernels/_C\."; then
@@ -81,7 +112,7 @@ fi
 "$PY" -m pip install -q --no-deps --no-index --target "$TMP/site" "$WHEEL"
 
 cd "$TMP/run"
-export PYTHONPATH="$TMP/site" SITE="$TMP/site"
+export PYTHONPATH="$TMP/site" SITE="$TMP/site" BUILD_TORCH_MODE
 unset GAPKERNELS_NO_ACCEL GAPKERNELS_BACKEND GAPKERNELS_CPU_CAPABILITY
 "$PY" -m gapkernels.info
 "$PY" - <<'PYEOF'
@@ -108,8 +139,15 @@ if glob.glob(os.path.join(os.path.dirname(where), "_C.*")) == []:
 elif str(built_torch).split("+")[0] != torch.__version__.split("+")[0]:
     assert not _ext.accel_loaded(), "the accelerator loaded under a torch it was not built for"
     assert "built against torch" in (_ext.accel_reason or ""), _ext.accel_reason
+elif os.environ["BUILD_TORCH_MODE"] == "same":
+    assert built_torch == torch.__version__, (built_torch, torch.__version__)
+    assert _ext.accel_loaded(), f"built against this torch, yet: {_ext.accel_reason}"
 PYEOF
 # tests/test_accel.py as a script: its subset of the CPU tests (autograd, torch.func, forward mode,
-# opcheck, errors) after checking that _C is not loaded and the CPU kernels are, plus these files.
-"$PY" tests/test_accel.py tests/test_ops.py tests/test_tokens_cpu.py tests/test_accel.py "$@"
+# opcheck, errors) after checking that the CPU kernels are loaded and _C is not (or is, when the
+# build had this torch and the accelerator), plus these files.
+WITH_ACCEL=()
+if [ "$BUILD_TORCH_MODE" = same ] && [ "$NO_ACCEL" != 1 ]; then WITH_ACCEL=(--with-accel); fi
+"$PY" tests/test_accel.py "${WITH_ACCEL[@]}" tests/test_ops.py tests/test_tokens_cpu.py \
+    tests/test_accel.py "$@"
 step "passed"

@@ -8,6 +8,8 @@ torch.func, forward mode, opcheck and the public functions' eager route pass wit
 checking that the accelerator is not loaded and the CPU kernels are (so that it cannot pass on the
 reference alone): test_cpu_subset_without_the_accelerator runs it with GAPKERNELS_NO_ACCEL=1, and
 scripts/test_torch213.sh under another torch, where the version check turns _C off.
+`python tests/test_accel.py --with-accel [...]` runs the same subset but requires the accelerator
+loaded instead (scripts/check_isolated_install.sh, when its build environment had the same torch).
 """
 
 from __future__ import annotations
@@ -37,23 +39,30 @@ SUBSET = [
 DESELECT = "not triton and not cuda and not gradgradcheck and not gradcheck_float64 and not compile"
 
 
-def run_subset(extra: list[str]) -> int:
+def run_subset(extra: list[str], with_accel: bool = False) -> int:
     """Runs SUBSET (and `extra`, more test paths or pytest arguments) in this process, after
-    checking that the accelerator is not loaded and the CPU kernels are."""
+    checking that the CPU kernels are loaded and the accelerator is not (or is, `with_accel`)."""
     from gapkernels import _ext
 
-    if _ext.accel_loaded():
+    if with_accel and not _ext.accel_loaded():
+        sys.exit(f"gapkernels._C is not loaded: {_ext.accel_reason}")
+    if not with_accel and _ext.accel_loaded():
         sys.exit(f"gapkernels._C is loaded ({_ext._C}): the subset would not test its absence")
     if not _ext.has_kernel("CPU"):
         sys.exit(f"the CPU kernels are not loaded: {_ext.unavailable_reason('CPU')}")
-    print(f"gapkernels._C not loaded: {_ext.accel_reason}")
+    if with_accel:
+        print(f"gapkernels._C loaded: {_ext._C}")
+    else:
+        print(f"gapkernels._C not loaded: {_ext.accel_reason}")
     print(f"CPU kernels: {_ext.cpu_library}")
     return pytest.main(["-q", "-p", "no:cacheprovider", "-k", DESELECT, *SUBSET, *extra])
 
 
 if __name__ == "__main__":
     os.chdir(ROOT)
-    sys.exit(run_subset(sys.argv[1:]))
+    ARGS = sys.argv[1:]
+    WITH_ACCEL = "--with-accel" in ARGS
+    sys.exit(run_subset([a for a in ARGS if a != "--with-accel"], with_accel=WITH_ACCEL))
 
 
 from gapkernels import _ext, info  # noqa: E402
