@@ -52,6 +52,27 @@ CPU_MUTATIONS = [
         "the contiguous run ignores its tail (len % W elements)",
     ),
     Mutation(
+        "cpu-ncs-rows16-order",
+        NCS_FORWARD_H,
+        "return fold(fold(quad[0], quad[1]), fold(quad[2], quad[3]));",
+        "return fold(fold(quad[1], quad[0]), fold(quad[2], quad[3]));",
+        "AVX-512's 16-row reduction hands rows 0-3 the results of rows 4-7 and back",
+    ),
+    Mutation(
+        "cpu-ncs-rows16-last-index",
+        NCS_FORWARD_H,
+        "first, [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); })",
+        "first, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); })",
+        "AVX-512's rows give the last index of a tied maximum",
+    ),
+    Mutation(
+        "cpu-ncs-rows16-rest-max-zero",
+        NCS_FORWARD_H,
+        "m1 = _mm512_max_ps(m1, _mm512_mask_blend_ps(rest, neg_inf, v));",
+        "m1 = _mm512_max_ps(m1, v);",
+        "AVX-512's rows take the masked-out lanes of a row's last vector (0) into its max",
+    ),
+    Mutation(
         "cpu-ncs-piece-boundary",
         NCS_FORWARD_H,
         "const int64_t len = std::min(S, start + pieces.length) - start;",

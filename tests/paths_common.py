@@ -37,6 +37,7 @@ K_SUM_BLOCK_CHUNKS = 16
 K_ROW_BLOCK = 16
 K_BATCH = 16
 K_MAX_LANE_RUN = 256
+K_MIN_ROWS_MAX_RUN = 128
 K_BACKWARD_NCS_PIECE = 1 << 18
 K_BACKWARD_NSC_ELEMENTS = 1 << 20
 # ncs_forward_pieces rounds its piece length up to a multiple of 16 elements, whatever W is.
@@ -96,12 +97,21 @@ def nsc_backward_rows(c: int, s: int) -> int:
     return min(s, max(cdiv(K_BACKWARD_NSC_ELEMENTS, c), 1))
 
 
+def uses_rows16(op: str, dtype: torch.dtype, s: int) -> bool:
+    """Whether reduce_lanes goes row by row (short_rows16, first_equal_rows16) rather than one
+    row per lane: avx512 only; AVG always, the modes with a max in float16/bfloat16 from
+    K_MIN_ROWS_MAX_RUN on."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return vector_bytes() == 64 and (op == "avg" or (half and s >= K_MIN_ROWS_MAX_RUN))
+
+
 def uses_lanes(op: str, dtype: torch.dtype, rows: int, s: int) -> bool:
-    """forward_ncs_lanes: 16 rows per vector lane (every mode but AVG, float accumulators, in the
-    variants with 8- or 16-float vectors)."""
+    """forward_ncs_lanes: 16 rows at a time (reduce_lanes: one row per vector lane, or avx512's
+    rows, uses_rows16) for every mode but AVG (AVG too with avx512), float accumulators, in the
+    variants with 8- or 16-float vectors."""
     return (
         has_lanes()
-        and op != "avg"
+        and (op != "avg" or vector_bytes() == 64)
         and dtype != torch.float64
         and ncs_forward_piece_len(rows, s) >= s
         and 8 <= s <= K_MAX_LANE_RUN
@@ -119,6 +129,8 @@ def run_boundaries(s: int, dtype: torch.dtype) -> list[int]:
         cuts |= {s - s % w, s - w}
     if s >= 8 and has_lanes():
         cuts |= {s - s % 8, s - 8}
+    if vector_bytes() == 64 and s >= 16:
+        cuts |= {s - s % 16, s - 16}  # avx512's rows: 16-element vectors, a masked rest
     return sorted(b for b in cuts if 0 < b < s)
 
 

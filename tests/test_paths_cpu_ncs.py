@@ -3,8 +3,9 @@ that makes the path matter (docs/PATHS.md lists them; the geometry and the check
 tests/paths_common.py): reduce_run (scalar runs below W, vector body, masked tail chunk, max
 blocks and resolve_block), forward_ncs_lanes / reduce_lanes (16 rows per lane, overlapping last
 tile, partial last group, NaN fallback: 8x8 tiles with 8-float vectors, 16x8 with 16-float
-ones), split rows merged in order, and backward: grad_run (scalar, body, overlapping tail), rows
-in pieces."""
+ones; avx512's rows: AVG, and from K_MIN_ROWS_MAX_RUN the modes with a max in 16-bit dtypes),
+split rows merged in order, and backward: grad_run (scalar, body, overlapping tail), rows in
+pieces."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from paths_common import (  # noqa: F401  (threads: a fixture)
     K_BACKWARD_NCS_PIECE,
     K_BATCH,
     K_MAX_BLOCK_CHUNKS,
+    K_MIN_ROWS_MAX_RUN,
     K_MIN_TASK_ELEMENTS,
     OP_LIST,
     cdiv,
@@ -27,6 +29,8 @@ from paths_common import (  # noqa: F401  (threads: a fixture)
     run_boundaries,
     threads,
     uses_lanes,
+    uses_rows16,
+    vector_bytes,
     width,
 )
 
@@ -66,21 +70,32 @@ def test_ncs_runs_body_tail_blocks(op, length, dtype, gen):
 )
 @pytest.mark.usefixtures("threads")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("s", [8, 13, 49, 256])
+@pytest.mark.parametrize("s", [8, 13, 49, K_MIN_ROWS_MAX_RUN - 1, K_MIN_ROWS_MAX_RUN + 2, 256])
 @pytest.mark.parametrize(
-    "op,wkind", [("max", None), ("mixed", "channel"), ("mixed", "scalar"), ("catavgmax", None)]
+    "op,wkind",
+    [
+        ("max", None),
+        ("mixed", "channel"),
+        ("mixed", "scalar"),
+        ("catavgmax", None),
+        ("avg", None),
+    ],
 )
 def test_ncs_lanes_groups_and_threads(op, wkind, s, dtype, gen):
     """forward_ncs_lanes: N*C = 16 * k + 5 rows, so that full groups (reduce_lanes) and the
     partial last group (reduce_run) both run, with enough groups that 2 threads split them. A
     row with a NaN or with +inf and -inf is reduced again by reduce_run (exact rule); ties must
-    keep the first index (the lanes' strict compare). On an AVX-512 machine the avx2 and default
-    variants run it (tests/test_cpu_isa.py)."""
+    keep the first index (the lanes' strict compare; avx512's rows, bfloat16 from
+    K_MIN_ROWS_MAX_RUN on: the smallest matching index). On an AVX-512 machine the avx2 and
+    default variants run it (tests/test_cpu_isa.py). AVG takes this path with avx512 only (the
+    run loop otherwise)."""
     groups = max(3, 2 * cdiv(K_MIN_TASK_ELEMENTS, K_BATCH * s))
     rows = K_BATCH * groups + 5
     c = 7
     n = cdiv(rows, c)
-    assert uses_lanes(op, dtype, n * c, s)
+    assert uses_lanes(op, dtype, n * c, s) or (op == "avg" and vector_bytes() != 64)
+    if s > K_MIN_ROWS_MAX_RUN and dtype == torch.bfloat16 and vector_bytes() == 64:
+        assert uses_rows16(op, dtype, s)
     x = make_ncs(n, c, s, dtype, gen, run_boundaries(s, dtype))
     check(op, x, default_weight(op, c, gen, wkind), gen, msg=f"S={s}")
 

@@ -128,8 +128,39 @@ struct NcsSumMaxRun {
 
   // Statistics of the kBatch rows x[0, kBatch * S), row r0 first, S >= 8, one row per lane. The
   // max is tracked with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and
-  // -inf) is reduced again by reduce_run, which applies the exact rule.
+  // -inf) is reduced again by reduce_run, which applies the exact rule. AVX-512: AVG, and the
+  // modes with a max in float16/bfloat16 from kMinRowsMaxRun on, row by row (short_rows16,
+  // first_equal_rows16) instead of one row per lane, with the same NaN rule.
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr bool kHalf = sizeof(scalar_t) == 2;  // float16, bfloat16
+    if (std::is_same_v<acc_t, float> && (kMode == Mode::Avg || (kHalf && a.S >= kMinRowsMaxRun))) {
+      const int64_t S = a.S;
+      GK_ALIGNED float sums[kBatch], maxima[kBatch];
+      int64_t indices[kBatch];
+      short_rows16<kMax>(x, S, sums, maxima);
+      if constexpr (kMax) {
+        // A NaN row's max is NaN-blind here; it is reduced again below.
+        for (int64_t i = 0; i < kBatch; ++i) maxima[i] = is_nan(sums[i]) ? 0.0f : maxima[i];
+        first_equal_rows16(x, S, maxima, indices);
+      }
+      for (int64_t i = 0; i < kBatch; ++i) {
+        st[i] = empty_partial<acc_t>();
+        if constexpr (kSum) st[i].sum = sums[i];
+        if constexpr (kMax) {
+          const scalar_t* row = x + i * S;
+          if (is_nan(sums[i])) {
+            st[i] = reduce_run(row, S, Power{}, a);
+          } else {
+            // The value at the first occurrence: of -0 and 0, the one the scan keeps.
+            st[i].index = indices[i];
+            st[i].max = static_cast<acc_t>(row[indices[i]]);
+          }
+        }
+      }
+      return;
+    }
+#endif
     constexpr int K = kLaneVecs;
     const int64_t S = a.S;
     const LanePrefetch pf = lane_prefetch<scalar_t>(S);

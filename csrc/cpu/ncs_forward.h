@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -23,13 +24,135 @@ inline namespace CPU_CAPABILITY {
 
 // Short runs are reduced kBatch rows at a time with one row per vector lane, so that every
 // statistic is a vertical operation and no row pays for horizontal reductions: kBatch / V vectors
-// of V rows (two of 8 rows with 8 floats a vector, one of 16 with 16). AVG gains nothing from it
-// (measured: slower than its plain run loop).
+// of V rows (two of 8 rows with 8 floats a vector, one of 16 with 16). AVG gains nothing from the
+// transposed tiles (measured: slower than its plain run loop). With AVX-512, AVG, and the modes
+// with a max in float16/bfloat16 on runs of kMinRowsMaxRun or more, do without them: each row is
+// reduced along itself into one vector (a masked load for the rest of the row) and the 16 rows'
+// vectors together (reduce_rows16); the max's index is then found again in the rows, which are in
+// L1 (first_equal_rows16).
 constexpr int64_t kLaneRows = Vec<float>::size();
 constexpr int64_t kLaneVecs = kBatch / kLaneRows;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kAvgRows = kBatch == 16;
+#else
+constexpr bool kAvgRows = false;
+#endif
 template <Mode kMode, typename scalar_t>
-constexpr bool kLanes = kMode != Mode::Avg && std::is_same_v<acc_type<scalar_t>, float> &&
-                        (kLaneRows == 8 || kLaneRows == 16) && kBatch % kLaneRows == 0;
+constexpr bool kLanes =
+    (kMode != Mode::Avg || kAvgRows) && std::is_same_v<acc_type<scalar_t>, float> &&
+    (kLaneRows == 8 || kLaneRows == 16) && kBatch % kLaneRows == 0;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The 16 elements at p as floats, lanes outside `keep` 0 (and not read: a masked load never
+// faults).
+template <typename scalar_t>
+C10_ALWAYS_INLINE __m512 load_row16(const scalar_t* p, __mmask16 keep) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(keep, p);
+  } else if constexpr (std::is_same_v<scalar_t, Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, p));
+  } else {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+
+// Lane r of the result: v[r]'s lanes reduced with op (an add, or a max), 45 operations for the
+// 16 rows where 16 horizontal reductions take about 128. Pairs of vectors are combined half
+// against half (within 128-bit blocks, then across them), each step serving two rows at once.
+template <typename Op>
+C10_ALWAYS_INLINE __m512 reduce_rows16(const __m512 (&v)[16], Op op) {
+  __m512 pair[8], quad[4];
+  for (int i = 0; i < 8; ++i) {
+    // per block: (a0 . a2, b0 . b2, a1 . a3, b1 . b3) of rows a = 2i, b = 2i + 1
+    pair[i] =
+        op(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    // per block: one partial of each of rows 4i .. 4i + 3, in that order
+    const __m512d lo = _mm512_castps_pd(pair[2 * i]), hi = _mm512_castps_pd(pair[2 * i + 1]);
+    quad[i] = op(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)),
+                 _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
+  }
+  // Blocks (0 . 1, 2 . 3) of quad[2i] and of quad[2i + 1], then of those: block i, rows 4i ..
+  constexpr int kEven = _MM_SHUFFLE(2, 0, 2, 0), kOdd = _MM_SHUFFLE(3, 1, 3, 1);
+  auto fold = [&](__m512 a, __m512 b) {
+    return op(_mm512_shuffle_f32x4(a, b, kEven), _mm512_shuffle_f32x4(a, b, kOdd));
+  };
+  return fold(fold(quad[0], quad[1]), fold(quad[2], quad[3]));
+}
+
+// The sums (and, kWithMax, the NaN-blind maxima) of the 16 rows x[r * S, (r + 1) * S), r < 16:
+// each row along itself in two vectors, its last S % 16 elements with a masked load (read as -inf
+// for the max), then reduce_rows16.
+template <bool kWithMax, typename scalar_t>
+C10_ALWAYS_INLINE void short_rows16(const scalar_t* x, int64_t S, float* sums, float* maxima) {
+  const int64_t full = S / 16;
+  const auto rest = static_cast<__mmask16>((1u << (S % 16)) - 1u);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 row_sum[16], row_max[16];
+  for (int r = 0; r < 16; ++r) {
+    const scalar_t* p = x + r * S;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), m0 = neg_inf, m1 = neg_inf;
+    auto take = [&](__m512 v, __m512& s, __m512& m) {
+      s = _mm512_add_ps(s, v);
+      if constexpr (kWithMax) m = _mm512_max_ps(m, v);
+    };
+    int64_t j = 0;
+    for (; j + 2 <= full; j += 2) {
+      take(load_row16(p + 16 * j, 0xffff), s0, m0);
+      take(load_row16(p + 16 * j + 16, 0xffff), s1, m1);
+    }
+    if (j < full) take(load_row16(p + 16 * j, 0xffff), s0, m0);
+    if (rest) {
+      const __m512 v = load_row16(p + 16 * full, rest);
+      s1 = _mm512_add_ps(s1, v);
+      if constexpr (kWithMax) m1 = _mm512_max_ps(m1, _mm512_mask_blend_ps(rest, neg_inf, v));
+    }
+    row_sum[r] = _mm512_add_ps(s0, s1);
+    if constexpr (kWithMax) row_max[r] = _mm512_max_ps(m0, m1);
+  }
+  _mm512_store_ps(sums,
+                  reduce_rows16(row_sum, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); }));
+  if constexpr (kWithMax) {
+    _mm512_store_ps(maxima,
+                    reduce_rows16(row_max, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); }));
+  }
+}
+
+// indices[r]: the first i < S with x[r * S + i] == maxima[r] (which occurs in the row, and is not
+// NaN), for the 16 rows: per row, the smallest lane index among the matches of every vector (no
+// branches), then reduce_rows16 with min. The rows are in L1 from short_rows16.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void first_equal_rows16(const scalar_t* x, int64_t S, const float* maxima,
+                                          int64_t* indices) {
+  const int64_t full = S / 16;
+  const auto rest = static_cast<__mmask16>((1u << (S % 16)) - 1u);
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 step = _mm512_set1_ps(16.0f);
+  __m512 first[16];
+  for (int r = 0; r < 16; ++r) {
+    const scalar_t* p = x + r * S;
+    const __m512 target = _mm512_set1_ps(maxima[r]);
+    __m512 best = _mm512_set1_ps(static_cast<float>(S)), at = lanes;
+    for (int64_t k = 0; k < full; ++k) {
+      const __mmask16 hits = _mm512_cmp_ps_mask(load_row16(p + 16 * k, 0xffff), target, _CMP_EQ_OQ);
+      best = _mm512_mask_min_ps(best, hits, best, at);
+      at = _mm512_add_ps(at, step);
+    }
+    if (rest) {
+      const __mmask16 hits =
+          _mm512_mask_cmp_ps_mask(rest, load_row16(p + 16 * full, rest), target, _CMP_EQ_OQ);
+      best = _mm512_mask_min_ps(best, hits, best, at);
+    }
+    first[r] = best;
+  }
+  GK_ALIGNED int32_t found[16];
+  _mm512_store_si512(found, _mm512_cvttps_epi32(reduce_rows16(
+                                first, [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); })));
+  for (int r = 0; r < 16; ++r) indices[r] = found[r];
+}
+#endif
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // 8 elements of a row as floats.
