@@ -254,8 +254,14 @@ def main() -> int:
         say(f"| {'mutation':34} | result   | build | time  | first failing test |")
         say(f"| {'-' * 34} | -------- | ----- | ----- | ------------------ |")
         survivors = []
+        skipped = []
         for m in mutations:
             t0 = time.time()
+            if m.variants and VARIANT not in m.variants:
+                skipped.append(m.name)
+                needs = " or ".join(m.variants)
+                say(f"| {m.name:34} | skipped  |    0s |    0s | needs the {needs} variant |")
+                continue
             path = work / m.file
             original = path.read_text()
             stamp = path.stat()
@@ -286,9 +292,12 @@ def main() -> int:
                 f"| {summary[:110]} |"
             )
         say("")
+        ran = len(mutations) - len(skipped)
         say(
-            f"{len(mutations) - len(survivors)} of {len(mutations)} killed; "
-            f"survivors: {', '.join(survivors) or 'none'}; {time.time() - start:.0f} s in all"
+            f"{ran - len(survivors)} of {ran} killed; "
+            f"survivors: {', '.join(survivors) or 'none'}; "
+            f"skipped (another CPU variant): {', '.join(skipped) or 'none'}; "
+            f"{time.time() - start:.0f} s in all"
         )
         return 1 if survivors else 0
     finally:

@@ -13,3 +13,6 @@ class Mutation:
     new: str
     why: str
     tests: tuple[str, ...] = ()
+    # The CPU variants whose code holds the mutated text (empty: every one). mutate.py skips the
+    # mutation, and says so, when it builds another variant: the mutant would not be compiled.
+    variants: tuple[str, ...] = ()

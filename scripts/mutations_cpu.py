@@ -19,8 +19,9 @@ NSC_BACKWARD = "csrc/cpu/nsc_backward.cpp"
 # every unit that includes it (pool_math.h, vec.h: all of them), one of a .cpp only that unit.
 # Cheap ones first (a .cpp file or a header few units include), the headers every unit
 # includes (vec.h, pool_math.h: a rebuild of the whole variant each) last; issue 19's merge_max
-# tie first. Only the variant this machine loads is built and tested (mutate.py), so a path that
-# exists in another variant only (the NCS 8x8 tile path: 8-float vectors, AVX2) has no mutation.
+# tie first. Only the variant this machine loads is built and tested (mutate.py; choose one with
+# GAPKERNELS_CPU_CAPABILITY), so a mutation of one variant's code names it (`variants`) and is
+# skipped under another. The NCS 8x8 tile path (8-float vectors: AVX2 and default) has none.
 CPU_MUTATIONS = [
     Mutation(
         "cpu-merge-max-tie-last",
@@ -57,6 +58,7 @@ CPU_MUTATIONS = [
         "return fold(fold(quad[0], quad[1]), fold(quad[2], quad[3]));",
         "return fold(fold(quad[1], quad[0]), fold(quad[2], quad[3]));",
         "AVX-512's 16-row reduction hands rows 0-3 the results of rows 4-7 and back",
+        variants=("avx512",),
     ),
     Mutation(
         "cpu-ncs-rows16-last-index",
@@ -64,6 +66,7 @@ CPU_MUTATIONS = [
         "first, [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); })",
         "first, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); })",
         "AVX-512's rows give the last index of a tied maximum",
+        variants=("avx512",),
     ),
     Mutation(
         "cpu-ncs-rows16-rest-max-zero",
@@ -71,6 +74,23 @@ CPU_MUTATIONS = [
         "m1 = _mm512_max_ps(m1, _mm512_mask_blend_ps(rest, neg_inf, v));",
         "m1 = _mm512_max_ps(m1, v);",
         "AVX-512's rows take the masked-out lanes of a row's last vector (0) into its max",
+        variants=("avx512",),
+    ),
+    Mutation(
+        "cpu-ncs-rows8-order",
+        NCS_FORWARD_H,
+        "return _mm256_add_ps(_mm256_permute2f128_ps(quad[0], quad[1], 0x20),",
+        "return _mm256_add_ps(_mm256_permute2f128_ps(quad[1], quad[0], 0x20),",
+        "AVX2's 8-row sum hands rows 0-3 half of the sums of rows 4-7 and back",
+        variants=("avx2",),
+    ),
+    Mutation(
+        "cpu-ncs-rows8-rest-lane-lost",
+        NCS_FORWARD_H,
+        "_mm256_set1_epi32(7 - rest)",
+        "_mm256_set1_epi32(8 - rest)",
+        "AVX2's 8-row sum drops the first element of a row's rest (S % 8)",
+        variants=("avx2",),
     ),
     Mutation(
         "cpu-ncs-piece-boundary",

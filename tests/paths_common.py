@@ -105,13 +105,19 @@ def uses_rows16(op: str, dtype: torch.dtype, s: int) -> bool:
     return vector_bytes() == 64 and (op == "avg" or (half and s >= K_MIN_ROWS_MAX_RUN))
 
 
+def avg_rows() -> bool:
+    """Whether AVG takes forward_ncs_lanes (row by row: avx512's short_rows16, avx2's
+    sum_short_rows8); in the default variant it takes the run loop."""
+    return _ext.cpu_variant in ("avx2", "avx512")
+
+
 def uses_lanes(op: str, dtype: torch.dtype, rows: int, s: int) -> bool:
-    """forward_ncs_lanes: 16 rows at a time (reduce_lanes: one row per vector lane, or avx512's
-    rows, uses_rows16) for every mode but AVG (AVG too with avx512), float accumulators, in the
-    variants with 8- or 16-float vectors."""
+    """forward_ncs_lanes: 16 rows at a time (reduce_lanes: one row per vector lane, or row by row:
+    uses_rows16, avg_rows) for every mode but AVG (AVG too with avx2 and avx512), float
+    accumulators, in the variants with 8- or 16-float vectors."""
     return (
         has_lanes()
-        and (op != "avg" or vector_bytes() == 64)
+        and (op != "avg" or avg_rows())
         and dtype != torch.float64
         and ncs_forward_piece_len(rows, s) >= s
         and 8 <= s <= K_MAX_LANE_RUN

@@ -19,6 +19,7 @@ from paths_common import (  # noqa: F401  (threads: a fixture)
     K_MIN_ROWS_MAX_RUN,
     K_MIN_TASK_ELEMENTS,
     OP_LIST,
+    avg_rows,
     cdiv,
     check,
     default_weight,
@@ -87,13 +88,13 @@ def test_ncs_lanes_groups_and_threads(op, wkind, s, dtype, gen):
     row with a NaN or with +inf and -inf is reduced again by reduce_run (exact rule); ties must
     keep the first index (the lanes' strict compare; avx512's rows, bfloat16 from
     K_MIN_ROWS_MAX_RUN on: the smallest matching index). On an AVX-512 machine the avx2 and
-    default variants run it (tests/test_cpu_isa.py). AVG takes this path with avx512 only (the
-    run loop otherwise)."""
+    default variants run it (tests/test_cpu_isa.py). AVG takes this path with avx2 and avx512
+    (row by row), the run loop in the default variant."""
     groups = max(3, 2 * cdiv(K_MIN_TASK_ELEMENTS, K_BATCH * s))
     rows = K_BATCH * groups + 5
     c = 7
     n = cdiv(rows, c)
-    assert uses_lanes(op, dtype, n * c, s) or (op == "avg" and vector_bytes() != 64)
+    assert uses_lanes(op, dtype, n * c, s) or (op == "avg" and not avg_rows())
     if s > K_MIN_ROWS_MAX_RUN and dtype == torch.bfloat16 and vector_bytes() == 64:
         assert uses_rows16(op, dtype, s)
     x = make_ncs(n, c, s, dtype, gen, run_boundaries(s, dtype))

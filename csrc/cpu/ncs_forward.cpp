@@ -130,7 +130,8 @@ struct NcsSumMaxRun {
   // max is tracked with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and
   // -inf) is reduced again by reduce_run, which applies the exact rule. AVX-512: AVG, and the
   // modes with a max in float16/bfloat16 from kMinRowsMaxRun on, row by row (short_rows16,
-  // first_equal_rows16) instead of one row per lane, with the same NaN rule.
+  // first_equal_rows16) instead of one row per lane, with the same NaN rule. AVX2: AVG 8 rows
+  // at a time (sum_short_rows8).
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
 #if defined(CPU_CAPABILITY_AVX512)
     constexpr bool kHalf = sizeof(scalar_t) == 2;  // float16, bfloat16
@@ -157,6 +158,16 @@ struct NcsSumMaxRun {
             st[i].max = static_cast<acc_t>(row[indices[i]]);
           }
         }
+      }
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kMode == Mode::Avg) {
+      GK_ALIGNED float sums[kBatch];
+      for (int64_t g = 0; g < kBatch; g += 8) sum_short_rows8(x + g * a.S, a.S, sums + g);
+      for (int64_t i = 0; i < kBatch; ++i) {
+        st[i] = empty_partial<acc_t>();
+        st[i].sum = sums[i];
       }
       return;
     }

@@ -29,11 +29,14 @@ inline namespace CPU_CAPABILITY {
 // with a max in float16/bfloat16 on runs of kMinRowsMaxRun or more, do without them: each row is
 // reduced along itself into one vector (a masked load for the rest of the row) and the 16 rows'
 // vectors together (reduce_rows16); the max's index is then found again in the rows, which are in
-// L1 (first_equal_rows16).
+// L1 (first_equal_rows16). With AVX2, AVG does the same 8 rows at a time (sum_short_rows8), the
+// rest of a row read as the overlapping last 8 elements with the lanes already counted masked.
 constexpr int64_t kLaneRows = Vec<float>::size();
 constexpr int64_t kLaneVecs = kBatch / kLaneRows;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kAvgRows = kBatch == 16;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kAvgRows = kBatch % 8 == 0;  // sum_short_rows8, kBatch / 8 times
 #else
 constexpr bool kAvgRows = false;
 #endif
@@ -167,6 +170,50 @@ C10_ALWAYS_INLINE __m256 load_row8(const scalar_t* p) {
         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Lane r of the result: the sum of v[r]'s lanes, for 8 rows (21 operations): as reduce_rows16,
+// pairs within 128-bit blocks, then the two blocks.
+C10_ALWAYS_INLINE __m256 sum_rows8(const __m256 (&v)[8]) {
+  __m256 pair[4], quad[2];
+  for (int i = 0; i < 4; ++i) {
+    pair[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                            _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 2; ++i) {
+    const __m256d lo = _mm256_castps_pd(pair[2 * i]), hi = _mm256_castps_pd(pair[2 * i + 1]);
+    quad[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(lo, hi)),
+                            _mm256_castpd_ps(_mm256_unpackhi_pd(lo, hi)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(quad[0], quad[1], 0x20),
+                       _mm256_permute2f128_ps(quad[0], quad[1], 0x31));
+}
+
+// The sums of the 8 rows x[r * S, (r + 1) * S), r < 8, S >= 8, into sums[8]: each row along
+// itself in two vectors; its last S % 8 elements as the row's last 8, the lanes before them
+// (already counted) masked off.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void sum_short_rows8(const scalar_t* x, int64_t S, float* sums) {
+  const int64_t full = S / 8;
+  const int rest = static_cast<int>(S % 8);
+  const __m256 keep = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(7 - rest)));
+  __m256 row[8];
+  for (int r = 0; r < 8; ++r) {
+    const scalar_t* p = x + r * S;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= full; j += 2) {
+      s0 = _mm256_add_ps(s0, load_row8(p + 8 * j));
+      s1 = _mm256_add_ps(s1, load_row8(p + 8 * j + 8));
+    }
+    if (j < full) s0 = _mm256_add_ps(s0, load_row8(p + 8 * j));
+    if (rest) s1 = _mm256_add_ps(s1, _mm256_and_ps(load_row8(p + S - 8), keep));
+    row[r] = _mm256_add_ps(s0, s1);
+  }
+  _mm256_store_ps(sums, sum_rows8(row));
 }
 #endif
 
