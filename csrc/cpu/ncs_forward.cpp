@@ -134,8 +134,9 @@ struct NcsSumMaxRun {
   // at a time (sum_short_rows8).
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
 #if defined(CPU_CAPABILITY_AVX512)
+    // (kLanes: float accumulators only.)
     constexpr bool kHalf = sizeof(scalar_t) == 2;  // float16, bfloat16
-    if (std::is_same_v<acc_t, float> && (kMode == Mode::Avg || (kHalf && a.S >= kMinRowsMaxRun))) {
+    if (kMode == Mode::Avg || (kHalf && a.S >= kMinRowsMaxRun)) {
       const int64_t S = a.S;
       GK_ALIGNED float sums[kBatch], maxima[kBatch];
       int64_t indices[kBatch];
