@@ -103,7 +103,9 @@ PoolShape check_backward(const TensorInfo& grad_out, const TensorInfo& x, const 
   if (mode_has_max(m)) {
     if (!(indices.dtype == ScalarType::Long && indices.dim == 2 && indices.size(0) == s.N &&
           indices.size(1) == s.C && indices.contiguous)) {
-      fail(op, ": indices must be contiguous int64 (N, C)");
+      fail(op,
+           ": indices must be contiguous int64 (N, C), as pool_forward returns them with "
+           "with_index=True");
     }
   }
   if (m == Mode::Gem) {
@@ -167,14 +169,14 @@ void check_token_backward(const TensorInfo& grad_out, const TensorInfo& x, int64
   }
 }
 
-ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log) {
+ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log, bool with_index) {
   ForwardSizes r{};
   r.out[0] = s.N;
   r.out[1] = mode == Mode::Cat ? 2 * s.C : s.C;
   r.aux[0] = s.N;
   r.aux[1] = s.C;
   r.aux[2] = aux_columns(mode, with_log);
-  if (mode_has_max(mode)) {
+  if (mode_has_max(mode) && with_index) {
     r.indices[0] = s.N;
     r.indices[1] = s.C;
     r.indices_dim = 2;

@@ -116,14 +116,14 @@ void check_token_backward(const TensorInfo& grad_out, const TensorInfo& x, int64
                           Mode mode, const char* op);
 
 // The sizes of pool_forward's results (docs/DESIGN.md): out (N, C or 2C), aux (N, C, K) of
-// acc_dtype, indices (N, C) int64 for the modes with a max, else (0,).
+// acc_dtype, indices (N, C) int64 for the modes with a max when with_index, else (0,).
 struct ForwardSizes {
   int64_t out[2];
   int64_t aux[3];
   int64_t indices[2];
   int64_t indices_dim;
 };
-ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log);
+ForwardSizes forward_sizes(const PoolShape& s, Mode mode, bool with_log, bool with_index = true);
 
 // grad_x's strides: x's layout (NCS contiguous, or NSC).
 void grad_input_strides(const PoolShape& s, int64_t strides[3]);

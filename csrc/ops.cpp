@@ -78,14 +78,14 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardResult call_forward(const at::Tensor& x, int64_t mode,
                            const std::optional<at::Tensor>& weight, double scalar, double eps,
-                           bool with_log) {
+                           bool with_log, bool with_index) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("gapkernels::pool_forward", "")
           .typed<ForwardResult(const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double,
-                               double, bool)>();
+                               double, bool, bool)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(x, mode, weight, scalar, eps, with_log);
+  return op.call(x, mode, weight, scalar, eps, with_log, with_index);
 }
 
 at::Tensor call_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& aux,
@@ -220,9 +220,9 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t layout,
                                int64_t mode, const std::optional<at::Tensor>& weight, double scalar,
-                               double eps, bool with_log) {
+                               double eps, bool with_log, bool with_index) {
     const auto x3 = as_3d(x, static_cast<Layout>(layout));
-    auto [out, aux, indices] = call_forward(x3, mode, weight, scalar, eps, with_log);
+    auto [out, aux, indices] = call_forward(x3, mode, weight, scalar, eps, with_log, with_index);
     // x3 for the fused kernel; x for the Python route, which takes the view again where autograd
     // sees it (a differentiated backward then reaches x through it).
     ctx->save_for_backward({x3, aux, indices, weight.value_or(at::Tensor()), x});
@@ -240,7 +240,7 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) {  // nothing reached out (materialize_grads is off)
-      return variable_list(7);
+      return variable_list(8);
     }
     const auto saved = ctx->get_saved_variables();
     const auto layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
@@ -269,18 +269,21 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
       }
     }
     grad_x = from_3d(grad_x, layout, ctx->saved_data["sizes"].toIntVector());
-    return {grad_x, at::Tensor(), at::Tensor(), grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_x,       at::Tensor(), at::Tensor(), grad_w,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
+// with_index: whether the caller wants the max's indices; they are found in any case when the
+// call is differentiated (the backward reads them, and a differentiated backward too).
 ForwardResult forward_with_autograd(const at::Tensor& x, Layout layout, int64_t mode,
                                     const std::optional<at::Tensor>& weight, double scalar,
-                                    double eps, bool with_log) {
+                                    double eps, bool with_log, bool with_index) {
   if (!requires_grad(x, weight)) {
-    return call_forward(as_3d(x, layout), mode, weight, scalar, eps, with_log);
+    return call_forward(as_3d(x, layout), mode, weight, scalar, eps, with_log, with_index);
   }
   auto outs = PoolForwardFunction::apply(x, static_cast<int64_t>(layout), mode, weight, scalar, eps,
-                                         with_log);
+                                         with_log, /*with_index=*/true);
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -316,9 +319,12 @@ void set_tangent(const at::Tensor& out, const at::Tensor& aux, const at::Tensor&
 
 ForwardResult pool_forward_autograd(const at::Tensor& x, int64_t mode,
                                     const std::optional<at::Tensor>& weight, double scalar,
-                                    double eps, bool with_log) {
-  auto result = forward_with_autograd(x, Layout::Op, mode, weight, scalar, eps, with_log);
-  if (has_tangent(x) || (weight.has_value() && has_tangent(*weight))) {
+                                    double eps, bool with_log, bool with_index) {
+  // Forward mode reads the indices too.
+  const bool tangents = has_tangent(x) || (weight.has_value() && has_tangent(*weight));
+  auto result = forward_with_autograd(x, Layout::Op, mode, weight, scalar, eps, with_log,
+                                      with_index || tangents);
+  if (tangents) {
     set_tangent(std::get<0>(result), std::get<1>(result), std::get<2>(result), x, mode, weight,
                 scalar, eps);
   }
@@ -363,13 +369,14 @@ at::Tensor pool_backward_autograd(const at::Tensor& grad_out, const at::Tensor& 
 
 }  // namespace
 
-// _C.pool(x, nhwc, mode, weight, scalar, eps, with_log) -> (out, aux, indices): pool_forward of
-// the (N, C, S) view of x (rank >= 3; channels at dim 1, or last with nhwc), the view taken here
-// and recorded by no autograd node. The public functions' eager path, for a plain tensor x that
-// they have checked and whose backend is the C++ one; it costs a fraction of a torch.ops call.
+// _C.pool(x, nhwc, mode, weight, scalar, eps, with_log, with_index) -> (out, aux, indices):
+// pool_forward of the (N, C, S) view of x (rank >= 3; channels at dim 1, or last with nhwc), the
+// view taken here and recorded by no autograd node. The public functions' eager path, for a plain
+// tensor x that they have checked and whose backend is the C++ one; it costs a fraction of a
+// torch.ops call.
 PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 7) raise_error("_C.pool takes 7 arguments, got " + std::to_string(nargs));
+  if (nargs != 8) raise_error("_C.pool takes 8 arguments, got " + std::to_string(nargs));
   TORCH_CHECK_TYPE(THPVariable_Check(args[0]), "_C.pool: x must be a tensor");
   TORCH_CHECK_TYPE(args[3] == Py_None || THPVariable_Check(args[3]),
                    "_C.pool: weight must be a tensor or None");
@@ -383,6 +390,7 @@ PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
   const double scalar = PyFloat_AsDouble(args[4]);
   const double eps = PyFloat_AsDouble(args[5]);
   const bool with_log = PyObject_IsTrue(args[6]);
+  const bool with_index = PyObject_IsTrue(args[7]);
   if (PyErr_Occurred()) {
     return nullptr;
   }
@@ -390,7 +398,7 @@ PyObject* pool_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
   ForwardResult result;
   {
     pybind11::gil_scoped_release no_gil;
-    result = forward_with_autograd(x, layout, mode, weight, scalar, eps, with_log);
+    result = forward_with_autograd(x, layout, mode, weight, scalar, eps, with_log, with_index);
   }
   PyObject* tuple = PyTuple_New(3);
   if (tuple == nullptr) {

@@ -9,8 +9,8 @@
 
 STABLE_TORCH_LIBRARY(gapkernels, m) {
   m.def(
-      "pool_forward(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
-      "-> (Tensor, Tensor, Tensor)");
+      "pool_forward(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log, "
+      "bool with_index=True) -> (Tensor, Tensor, Tensor)");
   m.def(
       "pool_backward(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
       "Tensor? weight, float scalar, float eps) -> Tensor");

@@ -123,11 +123,18 @@ inline StableTensor empty_contiguous_on(const StableTensor& like, int64_t ndim,
 
 // (out, aux, indices), shaped as in docs/DESIGN.md.
 inline std::tuple<StableTensor, StableTensor, StableTensor> allocate_forward_outputs(
-    const StableTensor& x, const PoolShape& shape, Mode mode, bool with_log) {
-  const ForwardSizes z = forward_sizes(shape, mode, with_log);
+    const StableTensor& x, const PoolShape& shape, Mode mode, bool with_log,
+    bool with_index = true) {
+  const ForwardSizes z = forward_sizes(shape, mode, with_log, with_index);
   return {empty_contiguous_on(x, 2, z.out, shim_dtype(x)),
           empty_contiguous_on(x, 3, z.aux, shim_acc_dtype(x.scalar_type())),
           empty_contiguous_on(x, z.indices_dim, z.indices, aoti_torch_dtype_int64())};
+}
+
+// pool_forward's indices without with_index: (0,) int64 on x's device.
+inline StableTensor empty_indices(const StableTensor& x) {
+  const int64_t size[1] = {0};
+  return empty_contiguous_on(x, 1, size, aoti_torch_dtype_int64());
 }
 
 // grad_x: same shape, dtype and strides (NCS or NSC) as x.

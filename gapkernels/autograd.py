@@ -156,6 +156,8 @@ def pool_grads(pair: OpPair, x3, aux, indices, mode, weight, scalar, eps, g, nee
 
 def pool_tangent(x3, aux, indices, mode, weight, scalar, eps, t_x, t_w):
     """Forward mode: the tangent of `out` for tangents `t_x` of x3 and `t_w` of the weight."""
+    if t_x is not None:
+        require_indices(mode, indices, "forward mode")
     acc = acc_dtype(x3.dtype)
     w = _per_channel(weight, scalar)
     tangent = None
@@ -203,9 +205,19 @@ def save_pool_context(ctx, inputs, output) -> tuple:
     return x3, aux, indices, weight
 
 
+def require_indices(mode: int, indices: torch.Tensor, what: str) -> None:
+    """Raises when a derivative of a mode with a max lacks the forward's indices."""
+    if mode in MAX_MODES and indices.dim() != 2:
+        raise RuntimeError(
+            f"gapkernels: {what} of a pooling with a max needs the indices: run pool_forward "
+            "with with_index=True"
+        )
+
+
 def grads_from_context(ctx, pair: OpPair, grad_out):
     """(grad_x, grad_weight) from what `save_pool_context` saved."""
     x3, aux, indices, weight = ctx.saved_tensors
+    require_indices(ctx.mode, indices, "the backward")
     return pool_grads(
         pair,
         x3,
@@ -258,7 +270,8 @@ def _no_accel(*args):
 # Whether the C++ ops' autograd and the eager entry are the accelerator's (gapkernels._C).
 ACCEL = _ext.accel_loaded()
 _CPP_FORWARD: Callable[..., Any] = _no_accel
-# _C.pool(x, nhwc, mode, weight, scalar, eps, with_log): see entry_applies and csrc/ops.cpp.
+# _C.pool(x, nhwc, mode, weight, scalar, eps, with_log, with_index): see entry_applies and
+# csrc/ops.cpp.
 cpp_entry: Callable[..., Any] = _no_accel
 if _ext._C is not None:
     _ext._C._set_python_callbacks(cpp_op_grads, pool_tangent)
@@ -270,23 +283,25 @@ class PoolFunction(torch.autograd.Function):
     """out, aux, indices = pool_forward(x3, ...) on `backend`, with autograd and torch.func."""
 
     @staticmethod
-    def forward(x3, mode, weight, scalar, eps, with_log, backend):
+    def forward(x3, mode, weight, scalar, eps, with_log, with_index, backend):
         # Below the Autograd key: the op's own autograd has nothing to do here (and a C++
         # autograd kernel would refuse nested torch.func transforms).
-        return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
+        return _below_autograd(
+            _pair(backend)[0], x3, mode, weight, scalar, eps, with_log, with_index
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_forward(*save_pool_context(ctx, inputs, output))
-        ctx.backend = inputs[6]
+        ctx.backend = inputs[7]
 
     @staticmethod
     def backward(ctx, grad_out, _grad_aux, _grad_indices):
         grad_x, grad_w = grads_from_context(ctx, _pair(ctx.backend), grad_out)
-        return grad_x, None, grad_w, None, None, None, None
+        return grad_x, None, grad_w, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x3, mode, weight, scalar, eps, with_log, backend):
+    def vmap(info, in_dims, x3, mode, weight, scalar, eps, with_log, with_index, backend):
         """Folds the vmapped dimension into N (one launch), or loops when the weight is batched."""
         x_dim, _, w_dim = in_dims[:3]
         size = info.batch_size
@@ -299,6 +314,7 @@ class PoolFunction(torch.autograd.Function):
                     scalar,
                     eps,
                     with_log,
+                    with_index,
                     backend,
                 )
                 for b in range(size)
@@ -312,7 +328,9 @@ class PoolFunction(torch.autograd.Function):
         folded = x3.reshape(size * n, c, s)
         if not (folded.is_contiguous() or folded.transpose(1, 2).is_contiguous()):
             folded = folded.contiguous()
-        out, aux, indices = pool_apply(folded, mode, weight, scalar, eps, with_log, backend)
+        out, aux, indices = pool_apply(
+            folded, mode, weight, scalar, eps, with_log, with_index, backend
+        )
         out = out.view(size, n, -1)
         aux = aux.view(size, n, c, -1)
         indices = indices.view(size, n, c) if indices.numel() else indices.new_empty((size, 0))
@@ -328,9 +346,9 @@ class PoolFunctionFwdAD(PoolFunction):
         # `*args`: Function.apply binds the arguments to this signature on every call, and a
         # single var-positional parameter is the cheapest to bind (Dynamo needs named ones).
         # Below the Autograd key: the op's own (Python) autograd kernel has nothing to do here.
-        x3, mode, weight, scalar, eps, with_log, backend = args
+        x3, mode, weight, scalar, eps, with_log, with_index, backend = args
         with torch._C._AutoDispatchBelowAutograd():
-            return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+            return _pair(backend)[0](x3, mode, weight, scalar, eps, with_log, with_index)
 
     @staticmethod
     def jvp(ctx, t_x, _t_mode, t_w, *_):
@@ -349,9 +367,9 @@ class _PoolFunctionEager(torch.autograd.Function):
     kernel)."""
 
     @staticmethod
-    def forward(ctx, x3, mode, weight, scalar, eps, with_log, backend):
+    def forward(ctx, x3, mode, weight, scalar, eps, with_log, with_index, backend):
         with torch._C._AutoDispatchBelowAutograd():
-            output = _pair(backend)[0](x3, mode, weight, scalar, eps, with_log)
+            output = _pair(backend)[0](x3, mode, weight, scalar, eps, with_log, with_index)
         ctx.save_for_forward(*save_pool_context(ctx, (x3, mode, weight, scalar, eps), output))
         ctx.backend = backend
         # No zero gradients made for aux and indices (non-differentiable, never read), as in
@@ -362,7 +380,7 @@ class _PoolFunctionEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_aux, _grad_indices):
         if grad_out is None:  # nothing reached out (materialize_grads is off)
-            return (None,) * 7
+            return (None,) * 8
         return PoolFunction.backward(ctx, grad_out, None, None)
 
     jvp = PoolFunctionFwdAD.jvp
@@ -419,10 +437,11 @@ class _BackwardOpFunction(torch.autograd.Function):
         raise RuntimeError(f"gapkernels::pool_backward: {BACKWARD_OP_NOT_DIFFERENTIABLE}")
 
 
-def _pool_forward_autograd(keyset, x3, mode, weight, scalar, eps, with_log):
+def _pool_forward_autograd(keyset, x3, mode, weight, scalar, eps, with_log, with_index=True):
     """pool_forward at the Autograd key, without the accelerator, as csrc/ops.cpp's: reverse
     mode through _PoolFunctionEager (forward mode too, when both are asked for), forward mode
-    alone (torch.autograd.forward_ad, torch.func.jvp / jacfwd) from pool_tangent, set on `out`."""
+    alone (torch.autograd.forward_ad, torch.func.jvp / jacfwd) from pool_tangent, set on `out`.
+    Either mode finds the indices whatever with_index says (their formulas read them)."""
     if torch.is_grad_enabled() and (
         x3.requires_grad or (weight is not None and weight.requires_grad)
     ):
@@ -434,10 +453,21 @@ def _pool_forward_autograd(keyset, x3, mode, weight, scalar, eps, with_log):
                 "jacrev, hessian) of the op itself are not supported; gapkernels' functions "
                 "support every torch.func transform"
             )
-        return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, "cpu")
+        return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, True, "cpu")
+    with_index = with_index or (
+        fwAD._current_level >= 0
+        and any(_dual_parts(t)[1] is not None for t in (x3, weight) if t is not None)
+    )
     with torch._C._AutoDispatchBelowAutograd():
         out, aux, indices = torch.ops.gapkernels.pool_forward.default.redispatch(
-            keyset & torch._C._after_autograd_keyset, x3, mode, weight, scalar, eps, with_log
+            keyset & torch._C._after_autograd_keyset,
+            x3,
+            mode,
+            weight,
+            scalar,
+            eps,
+            with_log,
+            with_index,
         )
     if fwAD._current_level >= 0:
         x_primal, t_x = _dual_parts(x3)
@@ -488,9 +518,11 @@ if _ext.loaded():
     register_op_autograd()
 
 
-def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
+def pool_apply(x3, mode, weight, scalar, eps, with_log, with_index, backend):
     """The differentiable (out, aux, indices) of one pool op on `backend` ("cpu"/"cuda" use the
-    C++ ops, "triton" the Triton ones).
+    C++ ops, "triton" the Triton ones). `with_index`: whether the caller wants the indices of the
+    modes with a max; a call that can be differentiated finds them in any case (the backward
+    reads them), and the ops' own autograd does the same for its calls.
 
     A plain eager call of the C++ ops with the accelerator is the op itself: their autograd is
     in C++ (csrc/ops.cpp), cheaper than `autograd.Function.apply`, which binds its arguments with
@@ -500,11 +532,15 @@ def pool_apply(x3, mode, weight, scalar, eps, with_log, backend):
     nothing can differentiate of an op whose autograd is Python (Triton's, and the C++ ones
     without the accelerator) skips autograd entirely."""
     if torch.compiler.is_compiling():
-        return PoolFunction.apply(x3, mode, weight, scalar, eps, with_log, backend)
+        with_index = with_index or (
+            torch.is_grad_enabled()
+            and (x3.requires_grad or (weight is not None and weight.requires_grad))
+        )
+        return PoolFunction.apply(x3, mode, weight, scalar, eps, with_log, with_index, backend)
     if ACCEL and backend != "triton" and not _transformed():
-        return _CPP_FORWARD(x3, mode, weight, scalar, eps, with_log)
+        return _CPP_FORWARD(x3, mode, weight, scalar, eps, with_log, with_index)
     if _differentiable(x3, weight):
         if backend != "triton" and not torch._C._are_functorch_transforms_active():
-            return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, backend)
-        return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, backend)
-    return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log)
+            return _PoolFunctionEager.apply(x3, mode, weight, scalar, eps, with_log, True, backend)
+        return PoolFunctionFwdAD.apply(x3, mode, weight, scalar, eps, with_log, True, backend)
+    return _below_autograd(_pair(backend)[0], x3, mode, weight, scalar, eps, with_log, with_index)

@@ -128,7 +128,7 @@ def global_gem_pool(x, p=3.0, eps=1e-6, *, keepdim=False, input_fmt="NCHW"):
 # --- Programs exported with the kernels --------------------------------------------------------
 
 
-def _pool_forward_decomposition(x, mode, weight, scalar, eps, with_log):
+def _pool_forward_decomposition(x, mode, weight, scalar, eps, with_log, with_index=True):
     """gapkernels' pool_forward (docs/DESIGN.md) in plain torch ops: (out, aux, indices) of an
     (N, C, S) input, for programs that torch.export captured with the kernels in them."""
     from gapkernels.ops import MODE_AVG, MODE_CAT, MODE_GEM, MODE_MAX, MODE_MIXED, aux_columns
@@ -151,7 +151,8 @@ def _pool_forward_decomposition(x, mode, weight, scalar, eps, with_log):
         if with_log:
             stats.append((ratio * (y / big_m.unsqueeze(-1)).log()).mean(dim=2))
         return out.to(x.dtype), torch.stack(stats, dim=-1), no_indices
-    avg, mx, indices = xf.mean(dim=2), xf.amax(dim=2), xf.argmax(dim=2)
+    avg, mx = xf.mean(dim=2), xf.amax(dim=2)
+    indices = xf.argmax(dim=2) if with_index else no_indices
     if mode == MODE_MAX:
         return mx.to(x.dtype), no_aux, indices
     if mode == MODE_CAT:

@@ -170,10 +170,12 @@ def _run(
         and not torch._C._is_torch_function_mode_enabled()
     ):
         nhwc = input_fmt == "NHWC"
-        out, _, indices = autograd.cpp_entry(x, nhwc, mode, w_tensor, scalar, eps, with_log)
+        out, _, indices = autograd.cpp_entry(
+            x, nhwc, mode, w_tensor, scalar, eps, with_log, want_indices
+        )
     else:
         x3 = _as_3d(x, input_fmt)
-        out, _, indices = pool_apply(x3, mode, w_tensor, scalar, eps, with_log, name)
+        out, _, indices = pool_apply(x3, mode, w_tensor, scalar, eps, with_log, want_indices, name)
     if keepdim:
         out = _finish(out, x, keepdim, input_fmt)
     return out, indices
@@ -196,7 +198,9 @@ def _run_traced(x, mode, weight, eps, keepdim, input_fmt, backend, fn, want_indi
     w_tensor, scalar, with_log = (
         (None, 0.5, False) if weight is None else _op_weight(x, mode, weight)
     )
-    out, _, indices = pool_apply(_as_3d(x, input_fmt), mode, w_tensor, scalar, eps, with_log, name)
+    out, _, indices = pool_apply(
+        _as_3d(x, input_fmt), mode, w_tensor, scalar, eps, with_log, want_indices, name
+    )
     if keepdim:
         out = _finish(out, x, keepdim, input_fmt)
     return out, indices

@@ -19,8 +19,8 @@ MODES = {"avg": MODE_AVG, "max": MODE_MAX, "mixed": MODE_MIXED, "cat": MODE_CAT,
 # The op schemas (without the namespace), defined here for the Triton ops; csrc/ops.cpp registers
 # the same text for the C++ ops, and tests/test_definitions.py compares the two.
 FORWARD_SCHEMA = (
-    "(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log) "
-    "-> (Tensor, Tensor, Tensor)"
+    "(Tensor x, int mode, Tensor? weight, float scalar, float eps, bool with_log, "
+    "bool with_index=True) -> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor aux, Tensor indices, int mode, "
@@ -41,11 +41,16 @@ def aux_columns(mode: int, with_log: bool) -> int:
     return 0
 
 
-def pool_forward_fake(x, mode, weight, scalar, eps, with_log):
+def indices_shape(n: int, c: int, mode: int, with_index: bool) -> tuple[int, ...]:
+    """pool_forward's indices: (N, C) for the modes with a max when with_index, else (0,)."""
+    return (n, c) if mode in MAX_MODES and with_index else (0,)
+
+
+def pool_forward_fake(x, mode, weight, scalar, eps, with_log, with_index=True):
     n, c, _ = x.shape
     out = x.new_empty((n, 2 * c if mode == MODE_CAT else c))
     aux = x.new_empty((n, c, aux_columns(mode, with_log)), dtype=acc_dtype(x.dtype))
-    indices = x.new_empty((n, c) if mode in MAX_MODES else (0,), dtype=torch.int64)
+    indices = x.new_empty(indices_shape(n, c, mode, with_index), dtype=torch.int64)
     return out, aux, indices
 
 
@@ -115,7 +120,7 @@ def register_pool_ops(forward_op, backward_op, autograd: bool = True) -> None:
         from gapkernels.autograd import grads_from_context
 
         grad_x, grad_weight = grads_from_context(ctx, (forward_op, backward_op), grad_out)
-        return grad_x, None, grad_weight, None, None, None
+        return grad_x, None, grad_weight, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -286,7 +286,8 @@ def default_weight(op, c, gen, kind="channel"):
 
 def check(op, x, weight, gen, grad_weight=False, msg="", backend="cpu"):
     """Forward and backward of `op` with the CPU kernels against gapkernels.reference on the same
-    input: values (and, for max, the indices, exactly), grad_x (whose every element is compared,
+    input: values with and without grad (the forward without its index: with_index=False), for
+    max the indices, exactly, grad_x (whose every element is compared,
     so an unwritten or misplaced element fails), and optionally the gradient to the weight.
     The output gradient is +-U(0.5, 1.5): never so small that a misplaced arg-max hides."""
     dtype = x.dtype
@@ -300,6 +301,10 @@ def check(op, x, weight, gen, grad_weight=False, msg="", backend="cpu"):
     ref = OPS[op](reference, xr, wr)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, dtype, msg=f"{msg} {op} forward")
+    # Nothing to differentiate: the modes with a max then skip their index (with_index=False).
+    with torch.no_grad():
+        out_nograd = OPS[op](_Backend(backend), x.detach(), weight)
+    assert_close(out_nograd, ref, dtype, msg=f"{msg} {op} forward without grad")
     if op == "max":
         _, idx = gapkernels.global_max_pool(x.detach(), True, backend=backend)
         _, idx_ref = reference.global_max_pool(x.detach(), True)

@@ -116,11 +116,11 @@ def test_entry_reports_the_ops_errors():
     """A bad weight reaches the op's own check, raised as the same error type."""
     x = torch.randn(2, 3, 4)
     with pytest.raises(RuntimeError, match="weight must be 1-D"):
-        gk_autograd.cpp_entry(x, False, 2, torch.ones(2), 0.5, 0.0, False)
+        gk_autograd.cpp_entry(x, False, 2, torch.ones(2), 0.5, 0.0, False, False)
     with pytest.raises(RuntimeError, match="mode must be"):
-        gk_autograd.cpp_entry(x, False, 9, None, 0.5, 0.0, False)
+        gk_autograd.cpp_entry(x, False, 9, None, 0.5, 0.0, False, False)
     with pytest.raises(TypeError):
-        gk_autograd.cpp_entry(x.numpy(), False, MODE_AVG, None, 0.5, 0.0, False)
+        gk_autograd.cpp_entry(x.numpy(), False, MODE_AVG, None, 0.5, 0.0, False, False)
 
 
 def test_backend_choice_is_cached_and_env_still_read(monkeypatch):

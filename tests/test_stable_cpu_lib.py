@@ -191,7 +191,8 @@ EXPECTED = {
     "grad_dtype": B + "grad_out must be Float, got Double",
     "grad_strides": B + "grad_out must be contiguous",
     "device": B + "every tensor must be on cpu",
-    "indices": B + "indices must be contiguous int64 (N, C)",
+    "indices": B
+    + "indices must be contiguous int64 (N, C), as pool_forward returns them with with_index=True",
     "aux": B + "aux must be the contiguous (N, C, K>=2) tensor pool_forward returned",
     "token_mode": TF + "mode must be 0 (avg), 1 (max), 2 (mixed), 3 (cat) or 4 (gem), got 9",
     "spans_dtype": TF + "spans must be int64 (B, 4), got Int [2, 4]",

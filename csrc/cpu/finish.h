@@ -50,7 +50,7 @@ struct Finish {
       }
       const int64_t r = r0 + i;
       const Stats& s = st[i];
-      if constexpr (kMax) o.indices[r] = s.index;
+      if (kMax && o.indices) o.indices[r] = s.index;
       if constexpr (kMode == Mode::Avg) {
         o.out[r] = static_cast<scalar_t>(avg_value(s.sum, S));
       } else if constexpr (kMode == Mode::Max) {

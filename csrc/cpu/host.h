@@ -41,7 +41,7 @@ inline void advise_huge_pages(const StableTensor& t) {
 
 template <Mode kMode, typename scalar_t>
 ArgsOf<scalar_t> make_args(const PoolShape& shape, const std::optional<StableTensor>& weight,
-                           double scalar, double eps, bool with_log) {
+                           double scalar, double eps, bool with_log, bool with_index = true) {
   using acc_t = acc_type<scalar_t>;
   ArgsOf<scalar_t> a{};
   a.N = shape.N;
@@ -53,6 +53,7 @@ ArgsOf<scalar_t> make_args(const PoolShape& shape, const std::optional<StableTen
   a.scalar = static_cast<acc_t>(scalar);
   a.eps = static_cast<acc_t>(eps);
   a.with_log = kMode == Mode::Gem && with_log;
+  a.with_index = mode_has_max(kMode) && with_index;
   a.uniform_p = true;
   if (a.weight && a.weight_numel > 1) {
     a.uniform_p =

@@ -27,11 +27,11 @@ struct NcsSumMaxRun {
   // Moves the running (max, index) of a run past x[b, e) (a multiple of W long), given the
   // block's lane maxima (NaN-blind) and whether its NaN probe (a sum of its elements) is NaN:
   // a block with a NaN hands over its last NaN; otherwise a block whose max beats the running
-  // one hands over its first occurrence of it. With the run's tail, [e, tail_end) follows, read
-  // as the chunk at tail_end - W.
+  // one hands over its first occurrence of it (without with_index, only the value). With the
+  // run's tail, [e, tail_end) follows, read as the chunk at tail_end - W.
   static inline void resolve_block(const scalar_t* x, int64_t b, int64_t e, int64_t tail_end,
-                                   const Vec& block_max, bool maybe_nan, acc_t& run_max,
-                                   int64_t& run_index) {
+                                   const Vec& block_max, bool maybe_nan, bool with_index,
+                                   acc_t& run_max, int64_t& run_index) {
     if (maybe_nan) {
       // A NaN probe without a NaN (inf - inf) finds none here and goes on as without.
       for (int64_t k = tail_end - 1; k >= b; --k) {
@@ -46,6 +46,7 @@ struct NcsSumMaxRun {
     const acc_t m = max_of_lanes(block_max);
     if (!(m > run_max)) return;
     run_max = m;
+    if (!with_index) return;
     const Vec target(m);
     for (int64_t j = b; j < tail_end; j = j + W < e || j + W == tail_end ? j + W : tail_end - W) {
       Vec v[2];
@@ -119,7 +120,7 @@ struct NcsSumMaxRun {
       if constexpr (kMax) {
         const bool maybe_nan = any(probe.isnan());
         resolve_block(x, max_block_begin, max_block_end, with_tail ? len : max_block_end,
-                      clamp_min(max0, max1), maybe_nan, st.max, st.index);
+                      clamp_min(max0, max1), maybe_nan, a.with_index, st.max, st.index);
       }
     }
     if constexpr (kSum) st.sum = sum_of_lanes(sum0 + sum1);
@@ -128,24 +129,34 @@ struct NcsSumMaxRun {
 
   // Statistics of the kBatch rows x[0, kBatch * S), row r0 first, S >= 8, one row per lane. The
   // max is tracked with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and
-  // -inf) is reduced again by reduce_run, which applies the exact rule. AVX-512: AVG, and the
-  // modes with a max in float16/bfloat16 from kMinRowsMaxRun on, row by row (short_rows16,
-  // first_equal_rows16) instead of one row per lane, with the same NaN rule. AVX2: AVG 8 rows
-  // at a time (sum_short_rows8).
+  // -inf) is reduced again by reduce_run, which applies the exact rule. Row by row instead
+  // (short_rows16 / short_rows8, the rows' vectors reduced together), with the same NaN rule:
+  // AVG, and the modes with a max without with_index; with AVX-512 also those with the index in
+  // float16/bfloat16 from kMinRowsMaxRun on, found again in the rows (first_equal_rows16).
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     // (kLanes: float accumulators only.)
+#if defined(CPU_CAPABILITY_AVX512)
     constexpr bool kHalf = sizeof(scalar_t) == 2;  // float16, bfloat16
-    if (kMode == Mode::Avg || (kHalf && a.S >= kMinRowsMaxRun)) {
+    const bool find_index = kMax && a.with_index;
+    if (!find_index || (kHalf && a.S >= kMinRowsMaxRun)) {
+#else
+    constexpr bool find_index = false;
+    if (!kMax || !a.with_index) {
+#endif
       const int64_t S = a.S;
       GK_ALIGNED float sums[kBatch], maxima[kBatch];
       int64_t indices[kBatch];
+#if defined(CPU_CAPABILITY_AVX512)
       short_rows16<kMax>(x, S, sums, maxima);
-      if constexpr (kMax) {
+      if (find_index) {
         // A NaN row's max is NaN-blind here; it is reduced again below.
         for (int64_t i = 0; i < kBatch; ++i) maxima[i] = is_nan(sums[i]) ? 0.0f : maxima[i];
         first_equal_rows16(x, S, maxima, indices);
       }
+#else
+      for (int64_t g = 0; g < kBatch; g += 8) short_rows8<kMax>(x + g * S, S, sums + g, maxima + g);
+#endif
       for (int64_t i = 0; i < kBatch; ++i) {
         st[i] = empty_partial<acc_t>();
         if constexpr (kSum) st[i].sum = sums[i];
@@ -153,22 +164,14 @@ struct NcsSumMaxRun {
           const scalar_t* row = x + i * S;
           if (is_nan(sums[i])) {
             st[i] = reduce_run(row, S, Power{}, a);
-          } else {
+          } else if (find_index) {
             // The value at the first occurrence: of -0 and 0, the one the scan keeps.
             st[i].index = indices[i];
             st[i].max = static_cast<acc_t>(row[indices[i]]);
+          } else {
+            st[i].max = maxima[i];
           }
         }
-      }
-      return;
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (kMode == Mode::Avg) {
-      GK_ALIGNED float sums[kBatch];
-      for (int64_t g = 0; g < kBatch; g += 8) sum_short_rows8(x + g * a.S, a.S, sums + g);
-      for (int64_t i = 0; i < kBatch; ++i) {
-        st[i] = empty_partial<acc_t>();
-        st[i].sum = sums[i];
       }
       return;
     }

@@ -174,46 +174,63 @@ C10_ALWAYS_INLINE __m256 load_row8(const scalar_t* p) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX2)
-// Lane r of the result: the sum of v[r]'s lanes, for 8 rows (21 operations): as reduce_rows16,
-// pairs within 128-bit blocks, then the two blocks.
-C10_ALWAYS_INLINE __m256 sum_rows8(const __m256 (&v)[8]) {
+// Lane r of the result: v[r]'s lanes reduced with op (an add, or a max), for 8 rows (21
+// operations): as reduce_rows16, pairs within 128-bit blocks, then the two blocks.
+template <typename Op>
+C10_ALWAYS_INLINE __m256 reduce_rows8(const __m256 (&v)[8], Op op) {
   __m256 pair[4], quad[2];
   for (int i = 0; i < 4; ++i) {
-    pair[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                            _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    pair[i] =
+        op(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   }
   for (int i = 0; i < 2; ++i) {
     const __m256d lo = _mm256_castps_pd(pair[2 * i]), hi = _mm256_castps_pd(pair[2 * i + 1]);
-    quad[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(lo, hi)),
-                            _mm256_castpd_ps(_mm256_unpackhi_pd(lo, hi)));
+    quad[i] = op(_mm256_castpd_ps(_mm256_unpacklo_pd(lo, hi)),
+                 _mm256_castpd_ps(_mm256_unpackhi_pd(lo, hi)));
   }
-  return _mm256_add_ps(_mm256_permute2f128_ps(quad[0], quad[1], 0x20),
-                       _mm256_permute2f128_ps(quad[0], quad[1], 0x31));
+  return op(_mm256_permute2f128_ps(quad[0], quad[1], 0x20),
+            _mm256_permute2f128_ps(quad[0], quad[1], 0x31));
 }
 
-// The sums of the 8 rows x[r * S, (r + 1) * S), r < 8, S >= 8, into sums[8]: each row along
-// itself in two vectors; its last S % 8 elements as the row's last 8, the lanes before them
-// (already counted) masked off.
-template <typename scalar_t>
-C10_ALWAYS_INLINE void sum_short_rows8(const scalar_t* x, int64_t S, float* sums) {
+// The sums (and, kWithMax, the NaN-blind maxima) of the 8 rows x[r * S, (r + 1) * S), r < 8,
+// S >= 8, into sums[8] (maxima[8]): each row along itself in two vectors; its last S % 8
+// elements as the row's last 8, the lanes before them (already counted) masked off the sum (a
+// max may count them twice).
+template <bool kWithMax, typename scalar_t>
+C10_ALWAYS_INLINE void short_rows8(const scalar_t* x, int64_t S, float* sums, float* maxima) {
   const int64_t full = S / 8;
   const int rest = static_cast<int>(S % 8);
   const __m256 keep = _mm256_castsi256_ps(
       _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(7 - rest)));
-  __m256 row[8];
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 row_sum[8], row_max[8];
   for (int r = 0; r < 8; ++r) {
     const scalar_t* p = x + r * S;
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), m0 = neg_inf, m1 = neg_inf;
+    auto take = [&](__m256 v, __m256& s, __m256& m) {
+      s = _mm256_add_ps(s, v);
+      if constexpr (kWithMax) m = _mm256_max_ps(m, v);
+    };
     int64_t j = 0;
     for (; j + 2 <= full; j += 2) {
-      s0 = _mm256_add_ps(s0, load_row8(p + 8 * j));
-      s1 = _mm256_add_ps(s1, load_row8(p + 8 * j + 8));
+      take(load_row8(p + 8 * j), s0, m0);
+      take(load_row8(p + 8 * j + 8), s1, m1);
     }
-    if (j < full) s0 = _mm256_add_ps(s0, load_row8(p + 8 * j));
-    if (rest) s1 = _mm256_add_ps(s1, _mm256_and_ps(load_row8(p + S - 8), keep));
-    row[r] = _mm256_add_ps(s0, s1);
+    if (j < full) take(load_row8(p + 8 * j), s0, m0);
+    if (rest) {
+      const __m256 v = load_row8(p + S - 8);
+      s1 = _mm256_add_ps(s1, _mm256_and_ps(v, keep));
+      if constexpr (kWithMax) m1 = _mm256_max_ps(m1, v);
+    }
+    row_sum[r] = _mm256_add_ps(s0, s1);
+    if constexpr (kWithMax) row_max[r] = _mm256_max_ps(m0, m1);
   }
-  _mm256_store_ps(sums, sum_rows8(row));
+  _mm256_store_ps(sums,
+                  reduce_rows8(row_sum, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }));
+  if constexpr (kWithMax) {
+    _mm256_store_ps(maxima,
+                    reduce_rows8(row_max, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }));
+  }
 }
 #endif
 

@@ -4,6 +4,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/layout.h"
@@ -30,7 +31,7 @@ struct NscSumMaxRun {
                               int64_t c, const Vec (&mask)[2], const Args& a, const Power&,
                               Buffers& b) {
     if constexpr (kMax) {
-      reduce_channels_max<kMasked>(xn, piece_start, s0, s1, c, mask, a.C, b);
+      reduce_channels_max<kMasked>(xn, piece_start, s0, s1, c, mask, a.C, a.with_index, b);
     } else {
       const int64_t C = a.C;
       Vec sum[2];
@@ -47,10 +48,12 @@ struct NscSumMaxRun {
   // The max modes' version. Without NaNs the scan step is a strict compare, a max keeping the
   // old value on ties and an index blend; a NaN probe (a sum, which any NaN turns into NaN; a
   // false alarm only costs time) or a NaN running max tells when the block (now in L1) must be
-  // scanned again with the exact rule, from the state before it.
+  // scanned again with the exact rule, from the state before it. Without with_index the blend is
+  // left out (the indices stay as they were).
   template <bool kMasked>
   static void reduce_channels_max(const scalar_t* xn, int64_t piece_start, int64_t s0, int64_t s1,
-                                  int64_t c, const Vec (&mask)[2], int64_t C, Buffers& b) {
+                                  int64_t c, const Vec (&mask)[2], int64_t C, bool with_index,
+                                  Buffers& b) {
     Vec probe[2], mx[2], ix[2];
     for (int k = 0; k < 2; ++k) {
       probe[k] = kSum ? Vec::loadu(b.sum.data() + c + k * V) : Vec(acc_t(0));
@@ -59,15 +62,23 @@ struct NscSumMaxRun {
     }
     const Vec mx0[2] = {mx[0], mx[1]}, ix0[2] = {ix[0], ix[1]};
     Vec v[2];
-    for (int64_t r = s0; r < s1; ++r) {
-      IO::load(xn + r * C + c, v[0], v[1]);
-      const Vec cur(static_cast<acc_t>(r - piece_start));
-      for (int k = 0; k < 2; ++k) {
-        probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
-        const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
-        ix[k] = where_greater(value, mx[k], cur, ix[k]);
-        mx[k] = clamp_min(mx[k], value);
+    auto scan = [&](auto index_constant) {
+      constexpr bool kIndex = decltype(index_constant)::value;
+      for (int64_t r = s0; r < s1; ++r) {
+        IO::load(xn + r * C + c, v[0], v[1]);
+        const Vec cur(static_cast<acc_t>(r - piece_start));
+        for (int k = 0; k < 2; ++k) {
+          probe[k] += kMasked ? (v[k] & mask[k]) : v[k];
+          const Vec value = kMasked ? masked_for_max(v[k], mask[k]) : v[k];
+          if constexpr (kIndex) ix[k] = where_greater(value, mx[k], cur, ix[k]);
+          mx[k] = clamp_min(mx[k], value);
+        }
       }
+    };
+    if (with_index) {
+      scan(std::true_type{});
+    } else {
+      scan(std::false_type{});
     }
     if constexpr (kSum) {
       for (int k = 0; k < 2; ++k) probe[k].store(b.sum.data() + c + k * V);

@@ -29,12 +29,13 @@ namespace {
 template <Mode kMode, typename scalar_t>
 void forward(const StableTensor& x, const PoolShape& shape,
              const std::optional<StableTensor>& weight, double scalar, double eps, bool with_log,
-             const StableTensor& out, const StableTensor& aux, const StableTensor& indices) {
+             bool with_index, const StableTensor& out, const StableTensor& aux,
+             const StableTensor& indices) {
   using acc_t = acc_type<scalar_t>;
-  const auto a = make_args<kMode, scalar_t>(shape, weight, scalar, eps, with_log);
+  const auto a = make_args<kMode, scalar_t>(shape, weight, scalar, eps, with_log, with_index);
   const ForwardOutputs<scalar_t> o{mutable_ptr<scalar_t>(out),
                                    aux.numel() ? mutable_ptr<acc_t>(aux) : nullptr, aux.size(2),
-                                   mode_has_max(kMode) ? mutable_ptr<int64_t>(indices) : nullptr};
+                                   a.with_index ? mutable_ptr<int64_t>(indices) : nullptr};
   const scalar_t* xp = const_ptr<scalar_t>(x);
   if constexpr (kMode == Mode::Gem) {
     shape.channels_last ? nsc_forward_gem(xp, a, o) : ncs_forward_gem(xp, a, o);
@@ -66,17 +67,17 @@ void backward(const StableTensor& grad_out, const StableTensor& x, const StableT
 
 std::tuple<StableTensor, StableTensor, StableTensor> pool_forward_cpu(
     const StableTensor& x, int64_t mode, const std::optional<StableTensor>& weight, double scalar,
-    double eps, bool with_log) {
+    double eps, bool with_log, bool with_index) {
   constexpr const char* kOp = "gapkernels::pool_forward";
   const PoolShape shape = check_forward_inputs(x, mode, weight, kOp);
   const Mode m = static_cast<Mode>(mode);
-  auto [out, aux, indices] = allocate_forward_outputs(x, shape, m, with_log);
+  auto [out, aux, indices] = allocate_forward_outputs(x, shape, m, with_log, with_index);
   if (shape.N == 0 || shape.C == 0) return {out, aux, indices};
   dispatch_dtype(x.scalar_type(), kOp, [&](auto type) {
     using scalar_t = typename decltype(type)::type;
     dispatch_mode(m, [&](auto mode_constant) {
       forward<decltype(mode_constant)::value, scalar_t>(x, shape, weight, scalar, eps, with_log,
-                                                        out, aux, indices);
+                                                        with_index, out, aux, indices);
     });
   });
   return {out, aux, indices};

@@ -59,6 +59,9 @@ struct KernelArgs {
   acc_t scalar;
   acc_t eps;
   bool with_log;
+  // The modes with a max: whether the max's index is wanted (ForwardOutputs::indices is null
+  // without it, and the kernels may skip finding it).
+  bool with_index;
   // GEM with one p for every channel (scalar, 1-element weight, or all weights equal).
   bool uniform_p;
   acc_t param(int64_t c) const { return weight ? weight[weight_numel == 1 ? 0 : c] : scalar; }

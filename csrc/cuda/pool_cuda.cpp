@@ -22,16 +22,18 @@ namespace {
 
 std::tuple<StableTensor, StableTensor, StableTensor> pool_forward_cuda(
     const StableTensor& x, int64_t mode_value, const std::optional<StableTensor>& weight,
-    double scalar, double eps, bool with_log) {
+    double scalar, double eps, bool with_log, bool with_index) {
   const char* op = "gapkernels::pool_forward";
   const PoolShape shape = check_forward_inputs(x, mode_value, weight, op);
   if (!x.is_cuda()) fail(op, ": x must be a CUDA tensor");
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Mode mode = static_cast<Mode>(mode_value);
+  // The CUDA kernels find the max's index in any case (not yet tuned without it): without
+  // with_index it goes to a scratch tensor, and the (0,) one is returned.
   auto [out, aux, indices] = allocate_forward_outputs(x, shape, mode, with_log);
-  if (shape.N == 0 || shape.C == 0) return {out, aux, indices};
+  if (shape.N == 0 || shape.C == 0) return {out, aux, with_index ? indices : empty_indices(x)};
   run_forward(x, shape, mode, weight, scalar, eps, with_log, out, aux, indices, AllPositions{}, op);
-  return {out, aux, indices};
+  return {out, aux, with_index ? indices : empty_indices(x)};
 }
 
 StableTensor pool_backward_cuda(const StableTensor& grad_out, const StableTensor& x,

@@ -135,7 +135,8 @@ def check_backward_inputs(
             and tuple(indices.shape) == (n, c)
             and indices.is_contiguous(),
             op,
-            "indices must be contiguous int64 (N, C)",
+            "indices must be contiguous int64 (N, C), as pool_forward returns them with "
+            "with_index=True",
         )
     if mode == MODE_GEM:
         _check(

@@ -115,15 +115,19 @@ def pool_forward(
     scalar: float,
     eps: float,
     with_log: bool,
+    with_index: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     channels_last = checks.check_forward_inputs(x, mode, weight)
     n, c, s = x.shape
     with_log = with_log and mode == MODE_GEM
     out = torch.empty((n, 2 * c if mode == MODE_CAT else c), dtype=x.dtype, device=x.device)
     aux = torch.empty((n, c, aux_columns(mode, with_log)), dtype=torch.float32, device=x.device)
+    # The kernel finds the max's index in any case (not yet tuned without it): without
+    # with_index it goes to a scratch tensor, and a (0,) one is returned.
     indices = torch.empty((n, c) if mode in MAX_MODES else (0,), dtype=torch.int64, device=x.device)
+    returned = indices if with_index else indices.new_empty((0,))
     if n == 0 or c == 0:
-        return out, aux, indices
+        return out, aux, returned
     # Tensors a mode does not use are passed as `x`: never read or written (constexpr-pruned).
     weight_arg, weight_stride, weight_kind = _weight_args(weight, mode, x)
     aux_arg = aux if aux.numel() else x
@@ -168,7 +172,7 @@ def pool_forward(
                 mode,
                 with_log,
             )
-    return out, aux, indices
+    return out, aux, returned
 
 
 @triton_op("gapkernels_triton::pool_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
