@@ -81,16 +81,17 @@ CPU_MUTATIONS = [
         NCS_FORWARD_H,
         "return op(_mm256_permute2f128_ps(quad[0], quad[1], 0x20),",
         "return op(_mm256_permute2f128_ps(quad[1], quad[0], 0x20),",
-        "AVX2's 8-row sum hands rows 0-3 half of the sums of rows 4-7 and back",
-        variants=("avx2",),
+        "the 8-row sum (AVX2; AVX-512 below 64 elements) hands rows 0-3 half of the sums of rows "
+        "4-7 and back",
+        variants=("avx2", "avx512"),
     ),
     Mutation(
         "cpu-ncs-rows8-rest-max-lost",
         NCS_FORWARD_H,
         "if constexpr (kWithMax) m1 = _mm256_max_ps(m1, v);",
         "",
-        "AVX2's rows without the index leave a row's last S % 8 elements out of its max",
-        variants=("avx2",),
+        "the 8-row reduction without the index leaves a row's last S % 8 elements out of its max",
+        variants=("avx2", "avx512"),
     ),
     Mutation(
         "cpu-ncs-rows-noindex-swap",
@@ -119,8 +120,9 @@ CPU_MUTATIONS = [
         NCS_FORWARD_H,
         "_mm256_set1_epi32(7 - rest)",
         "_mm256_set1_epi32(8 - rest)",
-        "AVX2's 8-row sum drops the first element of a row's rest (S % 8)",
-        variants=("avx2",),
+        "the 8-row sum (AVX2; AVX-512 below 64 elements) drops the first element of a row's rest "
+        "(S % 8)",
+        variants=("avx2", "avx512"),
     ),
     Mutation(
         "cpu-ncs-piece-boundary",

@@ -38,6 +38,7 @@ K_ROW_BLOCK = 16
 K_BATCH = 16
 K_MAX_LANE_RUN = 256
 K_MIN_ROWS_MAX_RUN = 128
+K_MIN_ROWS16_RUN = 64
 K_BACKWARD_NCS_PIECE = 1 << 18
 K_BACKWARD_NSC_ELEMENTS = 1 << 20
 # ncs_forward_pieces rounds its piece length up to a multiple of 16 elements, whatever W is.
@@ -99,8 +100,10 @@ def nsc_backward_rows(c: int, s: int) -> int:
 
 def uses_rows16(op: str, dtype: torch.dtype, s: int) -> bool:
     """Whether reduce_lanes goes row by row (short_rows16, first_equal_rows16) rather than one
-    row per lane: avx512 only; AVG always, the modes with a max in float16/bfloat16 from
-    K_MIN_ROWS_MAX_RUN on."""
+    row per lane, with the max's index: avx512 only; AVG always, the modes with a max in
+    float16/bfloat16 from K_MIN_ROWS_MAX_RUN on. (Without the index, the forward without grad of
+    paths_common.check, the modes with a max go row by row too: avx512 16 rows at a time, or 8
+    below K_MIN_ROWS16_RUN; avx2 8 at a time.)"""
     half = dtype in (torch.float16, torch.bfloat16)
     return vector_bytes() == 64 and (op == "avg" or (half and s >= K_MIN_ROWS_MAX_RUN))
 

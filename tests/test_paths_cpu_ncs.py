@@ -16,6 +16,7 @@ from paths_common import (  # noqa: F401  (threads: a fixture)
     K_BACKWARD_NCS_PIECE,
     K_BATCH,
     K_MAX_BLOCK_CHUNKS,
+    K_MIN_ROWS16_RUN,
     K_MIN_ROWS_MAX_RUN,
     K_MIN_TASK_ELEMENTS,
     OP_LIST,
@@ -71,7 +72,19 @@ def test_ncs_runs_body_tail_blocks(op, length, dtype, gen):
 )
 @pytest.mark.usefixtures("threads")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("s", [8, 13, 49, K_MIN_ROWS_MAX_RUN - 1, K_MIN_ROWS_MAX_RUN + 2, 256])
+@pytest.mark.parametrize(
+    "s",
+    [
+        8,
+        13,
+        49,
+        K_MIN_ROWS16_RUN - 1,
+        K_MIN_ROWS16_RUN,
+        K_MIN_ROWS_MAX_RUN - 1,
+        K_MIN_ROWS_MAX_RUN + 2,
+        256,
+    ],
+)
 @pytest.mark.parametrize(
     "op,wkind",
     [

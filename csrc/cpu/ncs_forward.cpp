@@ -130,7 +130,8 @@ struct NcsSumMaxRun {
   // Statistics of the kBatch rows x[0, kBatch * S), row r0 first, S >= 8, one row per lane. The
   // max is tracked with a NaN-blind maximum; a row whose sum turns out NaN (a NaN, or inf and
   // -inf) is reduced again by reduce_run, which applies the exact rule. Row by row instead
-  // (short_rows16 / short_rows8, the rows' vectors reduced together), with the same NaN rule:
+  // (short_rows16, or short_rows8 with AVX2 and for AVX-512's rows shorter than kMinRows16Run;
+  // the rows' vectors reduced together), with the same NaN rule:
   // AVG, and the modes with a max without with_index; with AVX-512 also those with the index in
   // float16/bfloat16 from kMinRowsMaxRun on, found again in the rows (first_equal_rows16).
   static void reduce_lanes(const scalar_t* x, int64_t r0, const Args& a, Stats* st) {
@@ -148,7 +149,13 @@ struct NcsSumMaxRun {
       GK_ALIGNED float sums[kBatch], maxima[kBatch];
       int64_t indices[kBatch];
 #if defined(CPU_CAPABILITY_AVX512)
-      short_rows16<kMax>(x, S, sums, maxima);
+      if (S < kMinRows16Run) {  // (without the index: find_index needs S >= kMinRowsMaxRun)
+        for (int64_t g = 0; g < kBatch; g += 8) {
+          short_rows8<kMax>(x + g * S, S, sums + g, maxima + g);
+        }
+      } else {
+        short_rows16<kMax>(x, S, sums, maxima);
+      }
       if (find_index) {
         // A NaN row's max is NaN-blind here; it is reduced again below.
         for (int64_t i = 0; i < kBatch; ++i) maxima[i] = is_nan(sums[i]) ? 0.0f : maxima[i];

@@ -25,12 +25,14 @@ inline namespace CPU_CAPABILITY {
 // Short runs are reduced kBatch rows at a time with one row per vector lane, so that every
 // statistic is a vertical operation and no row pays for horizontal reductions: kBatch / V vectors
 // of V rows (two of 8 rows with 8 floats a vector, one of 16 with 16). AVG gains nothing from the
-// transposed tiles (measured: slower than its plain run loop). With AVX-512, AVG, and the modes
-// with a max in float16/bfloat16 on runs of kMinRowsMaxRun or more, do without them: each row is
-// reduced along itself into one vector (a masked load for the rest of the row) and the 16 rows'
-// vectors together (reduce_rows16); the max's index is then found again in the rows, which are in
-// L1 (first_equal_rows16). With AVX2, AVG does the same 8 rows at a time (sum_short_rows8), the
-// rest of a row read as the overlapping last 8 elements with the lanes already counted masked.
+// transposed tiles (measured: slower than its plain run loop). With AVX-512, AVG, the modes with
+// a max without their index (with_index false), and those with it in float16/bfloat16 on runs of
+// kMinRowsMaxRun or more, do without them: each row is reduced along itself into one vector (a
+// masked load for the rest of the row) and the 16 rows' vectors together (reduce_rows16); the
+// max's index is then found again in the rows, which are in L1 (first_equal_rows16). With AVX2,
+// AVG and the modes with a max without their index do the same 8 rows at a time (short_rows8),
+// the rest of a row read as the overlapping last 8 elements with the lanes already counted masked
+// off the sum; AVX-512 does too below kMinRows16Run.
 constexpr int64_t kLaneRows = Vec<float>::size();
 constexpr int64_t kLaneVecs = kBatch / kLaneRows;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -173,7 +175,7 @@ C10_ALWAYS_INLINE __m256 load_row8(const scalar_t* p) {
 }
 #endif
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // Lane r of the result: v[r]'s lanes reduced with op (an add, or a max), for 8 rows (21
 // operations): as reduce_rows16, pairs within 128-bit blocks, then the two blocks.
 template <typename Op>
