@@ -49,8 +49,8 @@ constexpr int64_t kMinRowsMaxRun = 128;
 // With AVX-512, rows shorter than this (without the max's index) are reduced 8 at a time in
 // 8-float vectors (AVX2's short_rows8) rather than 16 in 16-float ones: at S = 49 a 16-float row
 // wastes 15 lanes of its last vector. Measured on AMD EPYC, one thread, interleaved: 7x7 avg, max
-// and mixed 0.87-0.95x the time (bfloat16 max and mixed 0.87x, noise 2%), 13x17 and 14x14
-// unchanged (0.96-1.07x).
+// and mixed 0.87-0.95x the time (bfloat16 max and mixed 0.87x, noise 2%); 13x17 and 14x14
+// unchanged within noise (0.88-1.07x; the lowest, avg float32, with 15-23% noise).
 constexpr int64_t kMinRows16Run = 64;
 // GeM's register blocks: NCS chunks (2 vectors each), NSC rows (2 vectors each).
 constexpr int kGemBlockChunks = 4;
