@@ -149,20 +149,23 @@ struct NcsSumMaxRun {
       GK_ALIGNED float sums[kBatch], maxima[kBatch];
       int64_t indices[kBatch];
 #if defined(CPU_CAPABILITY_AVX512)
-      if (S < kMinRows16Run) {  // (without the index: find_index needs S >= kMinRowsMaxRun)
+      // (Below kMinRows16Run there is no index to find: find_index needs kMinRowsMaxRun.)
+      const bool rows16 = S >= kMinRows16Run;
+      if (rows16) short_rows16<kMax>(x, S, sums, maxima);
+#else
+      constexpr bool rows16 = false;
+#endif
+      if (!rows16) {
         for (int64_t g = 0; g < kBatch; g += 8) {
           short_rows8<kMax>(x + g * S, S, sums + g, maxima + g);
         }
-      } else {
-        short_rows16<kMax>(x, S, sums, maxima);
       }
+#if defined(CPU_CAPABILITY_AVX512)
       if (find_index) {
         // A NaN row's max is NaN-blind here; it is reduced again below.
         for (int64_t i = 0; i < kBatch; ++i) maxima[i] = is_nan(sums[i]) ? 0.0f : maxima[i];
         first_equal_rows16(x, S, maxima, indices);
       }
-#else
-      for (int64_t g = 0; g < kBatch; g += 8) short_rows8<kMax>(x + g * S, S, sums + g, maxima + g);
 #endif
       for (int64_t i = 0; i < kBatch; ++i) {
         st[i] = empty_partial<acc_t>();
